@@ -1,0 +1,166 @@
+//! Which gemm backend this build runs, as the library itself reports it.
+
+use std::fmt;
+
+/// A description of the linked gemm backend, from [`backend`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Backend {
+    /// `"openblas"`, `"blis"`, `"netlib"`, `"intel-mkl"`, `"accelerate"`, or `"pure-rust"`.
+    pub name: &'static str,
+    /// How build.rs chose it, e.g. `openblas (system, pkg-config 0.3.21)`.
+    pub build: &'static str,
+    /// The library's own configuration string, when it tells (OpenBLAS does).
+    pub config: Option<String>,
+    /// The compute kernel the library picked for this CPU, when it tells (OpenBLAS's core name).
+    pub core: Option<String>,
+    /// The library's thread count, when it tells.
+    pub threads: Option<usize>,
+    /// Set when the backend runs a kernel older than this CPU supports (e.g. OpenBLAS picking
+    /// `Prescott` on an AVX-512 machine), with the fix.
+    pub warning: Option<String>,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.build)?;
+        if let Some(core) = &self.core {
+            write!(f, ", core {core}")?;
+        }
+        if let Some(t) = self.threads {
+            write!(f, ", {t} thread{}", if t == 1 { "" } else { "s" })?;
+        }
+        if let Some(w) = &self.warning {
+            write!(f, "\nwarning: {w}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Describes the gemm backend this build links, and warns about a slow kernel choice.
+///
+/// ```
+/// let b = ndlora::backend();
+/// println!("{b}");
+/// assert!(!b.name.is_empty());
+/// ```
+pub fn backend() -> Backend {
+    let build = env!("NDLORA_BACKEND_DETAIL");
+    if !crate::gemm::HAS_BLAS {
+        return Backend {
+            name: "pure-rust",
+            build,
+            config: None,
+            core: None,
+            threads: None,
+            warning: None,
+        };
+    }
+    #[cfg(ndlora_backend = "openblas")]
+    if let Some((config, core, threads)) = crate::gemm::openblas_info() {
+        let warning = openblas_core_warning(&core);
+        return Backend {
+            name: "openblas",
+            build,
+            config: Some(config),
+            core: Some(core),
+            threads: Some(threads),
+            warning,
+        };
+    }
+    Backend {
+        name: build.split_whitespace().next().unwrap_or("blas"),
+        build,
+        config: None,
+        core: None,
+        threads: None,
+        warning: None,
+    }
+}
+
+/// Sets the BLAS library's thread count (OpenBLAS only); returns whether it could.
+/// Benchmarks use it to measure one thread; `OPENBLAS_NUM_THREADS` does the same from outside.
+pub fn set_blas_threads(threads: usize) -> bool {
+    crate::gemm::set_threads(threads)
+}
+
+/// OpenBLAS kernels that use neither AVX2 nor AVX-512.
+#[cfg_attr(not(ndlora_backend = "openblas"), allow(dead_code))]
+const PRE_AVX2_CORES: [&str; 20] = [
+    "prescott",
+    "katmai",
+    "coppermine",
+    "northwood",
+    "banias",
+    "core2",
+    "penryn",
+    "dunnington",
+    "nehalem",
+    "sandybridge",
+    "atom",
+    "athlon",
+    "opteron",
+    "opteron_sse3",
+    "barcelona",
+    "bobcat",
+    "bulldozer",
+    "piledriver",
+    "steamroller",
+    "nano",
+];
+
+/// The warning for an OpenBLAS core that underuses this CPU, if any.
+#[cfg_attr(not(ndlora_backend = "openblas"), allow(dead_code))]
+fn openblas_core_warning(core: &str) -> Option<String> {
+    let (avx2, avx512) = cpu_vector_level();
+    let core_lc = core.to_ascii_lowercase();
+    let generic = PRE_AVX2_CORES.contains(&core_lc.as_str());
+    let wanted = if avx512 {
+        "SkylakeX"
+    } else if avx2 {
+        "Haswell"
+    } else {
+        return None;
+    };
+    let only_avx2 = matches!(core_lc.as_str(), "haswell" | "zen" | "excavator");
+    if generic || (avx512 && only_avx2 && !core_lc.starts_with("zen")) {
+        Some(format!(
+            "OpenBLAS runs its {core} kernel although this CPU has {}; sgemm is several times \
+             slower than it could be. Start the program with OPENBLAS_CORETYPE={wanted} \
+             (it is read when the library loads) or link a newer OpenBLAS.",
+            if avx512 { "AVX-512" } else { "AVX2" }
+        ))
+    } else {
+        None
+    }
+}
+
+/// (AVX2+FMA, AVX-512F) on this CPU.
+fn cpu_vector_level() -> (bool, bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        (
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            is_x86_feature_detected!("avx512f"),
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        (false, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generic_kernel_on_a_vector_cpu_warns() {
+        let (avx2, _) = cpu_vector_level();
+        assert_eq!(openblas_core_warning("Prescott").is_some(), avx2);
+        assert!(openblas_core_warning("SkylakeX").is_none());
+        if let Some(w) = openblas_core_warning("Prescott") {
+            assert!(w.contains("OPENBLAS_CORETYPE="), "{w}");
+        }
+    }
+}

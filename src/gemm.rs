@@ -1,0 +1,407 @@
+//! The one place that talks to BLAS.
+//!
+//! [`gemm`] computes C ← α·A·B + β·C for any strides. Views whose memory is a row- or
+//! column-major matrix (unit stride on one axis, leading dimension ≥ the other extent) go
+//! straight to `cblas_?gemm` with the matching transpose flag; only views with no such layout
+//! (negative or doubly-strided) are copied first. Without BLAS (`NDLORA_BLAS=none`, or none
+//! found) the same entry point runs ndarray's pure-Rust `general_mat_mul`.
+
+use std::cell::Cell;
+
+use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2, LinalgScalar};
+
+thread_local! {
+    static COUNTERS: Cell<GemmCounters> = const { Cell::new(GemmCounters::ZERO) };
+}
+
+/// How this thread's matrix products were executed (see [`gemm_counters`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GemmCounters {
+    /// Calls that reached BLAS `?gemm`.
+    pub blas_calls: u64,
+    /// Calls computed by the pure-Rust fallback.
+    pub fallback_calls: u64,
+    /// Operands copied because their strides had no BLAS-compatible layout.
+    pub layout_copies: u64,
+}
+
+impl GemmCounters {
+    const ZERO: Self = Self {
+        blas_calls: 0,
+        fallback_calls: 0,
+        layout_copies: 0,
+    };
+}
+
+/// The counts of matrix products run on the calling thread since it started (or since
+/// [`reset_gemm_counters`]). Lets you check that your array layouts reach BLAS without copies.
+///
+/// ```
+/// use ndarray::Array2;
+/// use ndlora::{LoraConfig, LoraLayer};
+///
+/// let layer = LoraLayer::new(Array2::<f32>::ones((8, 16)), LoraConfig { rank: 2, ..Default::default() })?;
+/// ndlora::reset_gemm_counters();
+/// layer.forward(Array2::<f32>::ones((4, 16)).view())?;
+/// let c = ndlora::gemm_counters();
+/// assert_eq!(c.blas_calls + c.fallback_calls, 3); // X Wᵀ, X Aᵀ, (X Aᵀ) Bᵀ
+/// assert_eq!(c.layout_copies, 0);
+/// # Ok::<(), ndlora::LoraError>(())
+/// ```
+pub fn gemm_counters() -> GemmCounters {
+    COUNTERS.with(Cell::get)
+}
+
+/// Sets this thread's [`gemm_counters`] back to zero.
+pub fn reset_gemm_counters() {
+    COUNTERS.with(|c| c.set(GemmCounters::ZERO));
+}
+
+fn count(f: impl FnOnce(&mut GemmCounters)) {
+    COUNTERS.with(|c| {
+        let mut v = c.get();
+        f(&mut v);
+        c.set(v);
+    });
+}
+
+/// Scalars the gemm module can multiply: `f32` and `f64`. Sealed (lives in a private module).
+pub trait GemmScalar: LinalgScalar + PartialEq {
+    /// `cblas_sgemm` or `cblas_dgemm`, row-major.
+    ///
+    /// # Safety
+    /// The pointers and leading dimensions must describe valid row-major operands of the
+    /// given sizes (BLAS's own contract); `c` must not alias `a` or `b`.
+    #[cfg(ndlora_blas)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn cblas_gemm(
+        ta: bool,
+        tb: bool,
+        dims: [i32; 3],
+        alpha: Self,
+        a: (*const Self, i32),
+        b: (*const Self, i32),
+        beta: Self,
+        c: (*mut Self, i32),
+    );
+}
+
+macro_rules! impl_gemm_scalar {
+    ($t:ty, $f:ident) => {
+        impl GemmScalar for $t {
+            #[cfg(ndlora_blas)]
+            unsafe fn cblas_gemm(
+                ta: bool,
+                tb: bool,
+                [m, n, k]: [i32; 3],
+                alpha: Self,
+                (a, lda): (*const Self, i32),
+                (b, ldb): (*const Self, i32),
+                beta: Self,
+                (c, ldc): (*mut Self, i32),
+            ) {
+                use cblas_sys::{CblasNoTrans, CblasRowMajor, CblasTrans};
+                let t = |yes: bool| if yes { CblasTrans } else { CblasNoTrans };
+                // SAFETY: forwarded from this function's contract.
+                unsafe {
+                    cblas_sys::$f(
+                        CblasRowMajor,
+                        t(ta),
+                        t(tb),
+                        m,
+                        n,
+                        k,
+                        alpha,
+                        a,
+                        lda,
+                        b,
+                        ldb,
+                        beta,
+                        c,
+                        ldc,
+                    )
+                }
+            }
+        }
+    };
+}
+impl_gemm_scalar!(f32, cblas_sgemm);
+impl_gemm_scalar!(f64, cblas_dgemm);
+
+/// How a view's memory reads as a row-major BLAS operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlasLayout {
+    /// The memory is the row-major transpose of the view (the view is column-major).
+    transposed: bool,
+    /// Leading dimension, in elements.
+    ld: usize,
+}
+
+/// The row-major BLAS description of `rows × cols` memory with `strides`, if there is one.
+/// Axes of extent ≤ 1 may have any stride, since it is never used.
+fn blas_layout(rows: usize, cols: usize, strides: &[isize]) -> Option<BlasLayout> {
+    let (s0, s1) = (strides[0], strides[1]);
+    let unit = |extent: usize, s: isize| extent <= 1 || s == 1;
+    let lead = |extent: usize, s: isize, other: usize| {
+        if extent <= 1 {
+            Some(other.max(1))
+        } else {
+            usize::try_from(s).ok().filter(|&s| s >= other.max(1))
+        }
+    };
+    if unit(cols, s1) {
+        if let Some(ld) = lead(rows, s0, cols) {
+            return Some(BlasLayout {
+                transposed: false,
+                ld,
+            });
+        }
+    }
+    if unit(rows, s0) {
+        if let Some(ld) = lead(cols, s1, rows) {
+            return Some(BlasLayout {
+                transposed: true,
+                ld,
+            });
+        }
+    }
+    None
+}
+
+/// C ← α·A·B + β·C. With β = 0, C's old contents (even NaN) are ignored.
+///
+/// # Panics
+/// If the shapes do not chain (an internal bug: callers validate first).
+#[track_caller]
+pub(crate) fn gemm<T: GemmScalar>(
+    alpha: T,
+    a: ArrayView2<'_, T>,
+    b: ArrayView2<'_, T>,
+    beta: T,
+    mut c: ArrayViewMut2<'_, T>,
+) {
+    let (m, k) = a.dim();
+    let (k2, n) = b.dim();
+    assert!(
+        k == k2 && c.dim() == (m, n),
+        "gemm shapes do not chain: {:?} · {:?} → {:?}",
+        a.dim(),
+        b.dim(),
+        c.dim()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if beta == T::zero() {
+            c.fill(T::zero());
+        } else {
+            c.map_inplace(|v| *v = *v * beta);
+        }
+        return;
+    }
+    gemm_nonempty(alpha, a, b, beta, c);
+}
+
+#[cfg(ndlora_blas)]
+fn gemm_nonempty<T: GemmScalar>(
+    alpha: T,
+    a: ArrayView2<'_, T>,
+    b: ArrayView2<'_, T>,
+    beta: T,
+    mut c: ArrayViewMut2<'_, T>,
+) {
+    let (m, k) = a.dim();
+    let n = b.dim().1;
+    let fits = |v: usize| i32::try_from(v).is_ok();
+    let c_layout = blas_layout(m, n, c.strides());
+    let dims_fit = [m, n, k].into_iter().all(fits);
+    match c_layout {
+        // A column-major C is the row-major Cᵀ = Bᵀ·Aᵀ.
+        Some(l) if l.transposed && dims_fit && fits(l.ld) => {
+            return gemm_nonempty(alpha, b.t(), a.t(), beta, c.reversed_axes());
+        }
+        Some(l) if dims_fit && fits(l.ld) => {
+            let a_owned;
+            let a = match blas_layout(m, k, a.strides()) {
+                Some(l) if fits(l.ld) => (a, l),
+                _ => {
+                    count(|c| c.layout_copies += 1);
+                    a_owned = a.as_standard_layout().into_owned();
+                    (
+                        a_owned.view(),
+                        blas_layout(m, k, a_owned.strides()).expect("standard layout"),
+                    )
+                }
+            };
+            let b_owned;
+            let b = match blas_layout(k, n, b.strides()) {
+                Some(l) if fits(l.ld) => (b, l),
+                _ => {
+                    count(|c| c.layout_copies += 1);
+                    b_owned = b.as_standard_layout().into_owned();
+                    (
+                        b_owned.view(),
+                        blas_layout(k, n, b_owned.strides()).expect("standard layout"),
+                    )
+                }
+            };
+            count(|c| c.blas_calls += 1);
+            let as_i32 = |v: usize| v as i32; // checked by `fits` above
+                                              // SAFETY: every operand is described by `blas_layout` of its own shape and strides:
+                                              // unit stride on one axis, a positive leading dimension ≥ the other extent, and
+                                              // the view keeps the memory alive for the call. All sizes fit in i32. `c` is a
+                                              // unique borrow, so it aliases neither `a` nor `b`.
+            unsafe {
+                T::cblas_gemm(
+                    a.1.transposed,
+                    b.1.transposed,
+                    [as_i32(m), as_i32(n), as_i32(k)],
+                    alpha,
+                    (a.0.as_ptr(), as_i32(a.1.ld)),
+                    (b.0.as_ptr(), as_i32(b.1.ld)),
+                    beta,
+                    (c.as_mut_ptr(), as_i32(l.ld)),
+                );
+            }
+        }
+        Some(_) => fallback(alpha, a, b, beta, c),
+        None => {
+            // No BLAS layout for C: compute into a standard-layout copy, then write back.
+            count(|c| c.layout_copies += 1);
+            let mut tmp = c.as_standard_layout().into_owned();
+            gemm_nonempty(alpha, a, b, beta, tmp.view_mut());
+            c.assign(&tmp);
+        }
+    }
+}
+
+#[cfg(not(ndlora_blas))]
+fn gemm_nonempty<T: GemmScalar>(
+    alpha: T,
+    a: ArrayView2<'_, T>,
+    b: ArrayView2<'_, T>,
+    beta: T,
+    c: ArrayViewMut2<'_, T>,
+) {
+    fallback(alpha, a, b, beta, c)
+}
+
+fn fallback<T: GemmScalar>(
+    alpha: T,
+    a: ArrayView2<'_, T>,
+    b: ArrayView2<'_, T>,
+    beta: T,
+    mut c: ArrayViewMut2<'_, T>,
+) {
+    count(|c| c.fallback_calls += 1);
+    general_mat_mul(alpha, &a, &b, beta, &mut c);
+}
+
+/// Whether this build calls a BLAS library.
+pub(crate) const HAS_BLAS: bool = cfg!(ndlora_blas);
+
+/// OpenBLAS's own account of itself: (config string, core name, threads).
+#[cfg(ndlora_backend = "openblas")]
+pub(crate) fn openblas_info() -> Option<(String, String, usize)> {
+    use std::ffi::{c_char, c_int, CStr};
+    extern "C" {
+        fn openblas_get_config() -> *const c_char;
+        fn openblas_get_corename() -> *const c_char;
+        fn openblas_get_num_threads() -> c_int;
+    }
+    let read = |p: *const c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: OpenBLAS returns a pointer to a static NUL-terminated string.
+            unsafe { CStr::from_ptr(p) }
+                .to_string_lossy()
+                .trim()
+                .to_owned()
+        }
+    };
+    // SAFETY: these OpenBLAS functions take no arguments and only read global state.
+    let (config, core, threads) = unsafe {
+        (
+            read(openblas_get_config()),
+            read(openblas_get_corename()),
+            openblas_get_num_threads(),
+        )
+    };
+    Some((config, core, usize::try_from(threads).unwrap_or(0)))
+}
+
+/// Sets OpenBLAS's thread count; `false` when the backend offers no such call.
+pub(crate) fn set_threads(n: usize) -> bool {
+    #[cfg(ndlora_backend = "openblas")]
+    {
+        extern "C" {
+            fn openblas_set_num_threads(n: std::ffi::c_int);
+        }
+        let n = std::ffi::c_int::try_from(n.max(1)).unwrap_or(std::ffi::c_int::MAX);
+        // SAFETY: plain setter on OpenBLAS's global thread pool size; any n ≥ 1 is valid.
+        unsafe { openblas_set_num_threads(n) };
+        true
+    }
+    #[cfg(not(ndlora_backend = "openblas"))]
+    {
+        let _ = n;
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts() {
+        let l = |r, c, s: [isize; 2]| blas_layout(r, c, &s);
+        assert_eq!(
+            l(3, 4, [4, 1]),
+            Some(BlasLayout {
+                transposed: false,
+                ld: 4
+            })
+        );
+        assert_eq!(
+            l(3, 4, [8, 1]),
+            Some(BlasLayout {
+                transposed: false,
+                ld: 8
+            })
+        );
+        assert_eq!(
+            l(3, 4, [1, 3]),
+            Some(BlasLayout {
+                transposed: true,
+                ld: 3
+            })
+        );
+        assert_eq!(l(3, 4, [2, 1]), None); // overlapping rows
+        assert_eq!(l(3, 4, [8, 2]), None); // doubly strided
+        assert_eq!(l(3, 4, [-4, 1]), None); // negative
+        assert_eq!(
+            l(1, 4, [0, 1]),
+            Some(BlasLayout {
+                transposed: false,
+                ld: 4
+            })
+        );
+        assert_eq!(
+            l(3, 1, [5, 0]),
+            Some(BlasLayout {
+                transposed: false,
+                ld: 5
+            })
+        );
+        assert_eq!(
+            l(1, 1, [7, 9]),
+            Some(BlasLayout {
+                transposed: false,
+                ld: 1
+            })
+        );
+    }
+}

@@ -1,0 +1,546 @@
+//! [`LoraLayer`]: a frozen weight with a trainable low-rank update.
+
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal, Uniform};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::config::{LoraConfig, LoraInit};
+use crate::error::{shape_str, LoraError, Result};
+use crate::float::LoraFloat;
+use crate::gemm::gemm;
+
+/// Rows of W per block when a merge must be checked exactly for overflow (rare path).
+const OVERFLOW_CHECK_ROWS: usize = 64;
+
+/// A linear layer with a frozen weight W (d×k) and a low-rank update s·B A.
+///
+/// Shapes follow PyTorch/PEFT: W is out×in = d×k, A is r×k, B is d×r, inputs X are n×k.
+///
+/// * forward: Y = X Wᵀ + s·(X Aᵀ) Bᵀ  (n×d); when merged, Y = X Wᵀ
+/// * merge: W ← W + s·B A;  unmerge: W ← W − s·B A
+///
+/// ```
+/// use ndarray::{array, Array2};
+/// use ndlora::{LoraConfig, LoraLayer};
+///
+/// let w = Array2::<f64>::eye(4);
+/// let mut layer = LoraLayer::new(w, LoraConfig { rank: 2, alpha: 4.0, ..Default::default() })?;
+/// layer.weight_b_mut()?.fill(0.5); // pretend we trained B
+/// let x = array![[1.0, 2.0, 3.0, 4.0]];
+/// let y = layer.forward(x.view())?;
+/// layer.merge()?;
+/// let y_merged = layer.forward(x.view())?;
+/// assert!(y.abs_diff_eq(&y_merged, 1e-12));
+/// # Ok::<(), ndlora::LoraError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct LoraLayer<A: LoraFloat> {
+    base_weight: Array2<A>,
+    weight_a: Array2<A>,
+    weight_b: Array2<A>,
+    config: LoraConfig,
+    scaling: f64,
+    merged: bool,
+    dropout_rng: ChaCha8Rng,
+    /// An upper bound on max |Wᵢⱼ| (f64, so it cannot overflow), kept so that merge can prove
+    /// its result finite without reading W. A cache: not part of the value.
+    w_abs_bound: f64,
+}
+
+impl<A: LoraFloat> PartialEq for LoraLayer<A> {
+    fn eq(&self, other: &Self) -> bool {
+        self.base_weight == other.base_weight
+            && self.weight_a == other.weight_a
+            && self.weight_b == other.weight_b
+            && self.config == other.config
+            && self.scaling.to_bits() == other.scaling.to_bits()
+            && self.merged == other.merged
+            && self.dropout_rng == other.dropout_rng
+    }
+}
+
+impl<A: LoraFloat> LoraLayer<A> {
+    /// Wraps `base_weight` (d×k) with a new adapter: A initialised per `config.init` from
+    /// `config.seed`, B = 0, so the layer starts out computing exactly X Wᵀ.
+    ///
+    /// Errors: d or k is 0, rank outside 1..=min(d, k), α not finite, dropout outside [0, 1),
+    /// scaling not representable in `A`, or a non-finite weight.
+    pub fn new(base_weight: Array2<A>, config: LoraConfig) -> Result<Self> {
+        let (d, k) = base_weight.dim();
+        check_weight_dims(d, k)?;
+        config.validate(d, k)?;
+        let scaling = check_scaling::<A>(config.scaling())?;
+        check_finite("base_weight", base_weight.view())?;
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let r = config.rank;
+        // Sampled in f64 so f32 and f64 layers with the same seed start from the same numbers.
+        let weight_a = match config.init {
+            LoraInit::Gaussian => {
+                let normal = Normal::new(0.0, (1.0 / r as f64).sqrt()).expect("std > 0");
+                Array2::from_shape_simple_fn((r, k), || A::from_f64_lossy(normal.sample(&mut rng)))
+            }
+            LoraInit::KaimingUniform => {
+                let bound = 1.0 / (k as f64).sqrt();
+                let uniform = Uniform::new(-bound, bound).expect("bound > 0");
+                Array2::from_shape_simple_fn((r, k), || A::from_f64_lossy(uniform.sample(&mut rng)))
+            }
+        };
+        let weight_b = Array2::zeros((d, r));
+        Ok(Self::assemble(
+            base_weight,
+            weight_a,
+            weight_b,
+            config,
+            scaling,
+            false,
+        ))
+    }
+
+    /// Builds a layer from trained factors: A (r×k) and B (d×r) with r = `config.rank`.
+    /// Shapes, the config and finiteness of all three matrices are checked.
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use ndlora::{LoraConfig, LoraLayer};
+    /// let layer = LoraLayer::from_parts(
+    ///     Array2::<f32>::zeros((6, 5)),
+    ///     Array2::ones((2, 5)),
+    ///     Array2::ones((6, 2)),
+    ///     LoraConfig { rank: 2, alpha: 2.0, ..Default::default() },
+    /// )?;
+    /// assert_eq!(layer.effective_weight()[[0, 0]], 2.0); // s·(B A)₀₀ = 1·2
+    /// # Ok::<(), ndlora::LoraError>(())
+    /// ```
+    pub fn from_parts(
+        base_weight: Array2<A>,
+        weight_a: Array2<A>,
+        weight_b: Array2<A>,
+        config: LoraConfig,
+    ) -> Result<Self> {
+        let scaling = config.scaling();
+        Self::from_state(base_weight, weight_a, weight_b, config, scaling, false)
+    }
+
+    /// Validates a complete state (used by `from_parts` and deserialisation).
+    fn from_state(
+        base_weight: Array2<A>,
+        weight_a: Array2<A>,
+        weight_b: Array2<A>,
+        config: LoraConfig,
+        scaling: f64,
+        merged: bool,
+    ) -> Result<Self> {
+        let (d, k) = base_weight.dim();
+        check_weight_dims(d, k)?;
+        config.validate(d, k)?;
+        let r = config.rank;
+        check_shape("weight_a", weight_a.shape(), &[r, k])?;
+        check_shape("weight_b", weight_b.shape(), &[d, r])?;
+        let scaling = check_scaling::<A>(scaling)?;
+        check_finite("base_weight", base_weight.view())?;
+        check_finite("weight_a", weight_a.view())?;
+        check_finite("weight_b", weight_b.view())?;
+        Ok(Self::assemble(
+            base_weight,
+            weight_a,
+            weight_b,
+            config,
+            scaling,
+            merged,
+        ))
+    }
+
+    fn assemble(
+        base_weight: Array2<A>,
+        weight_a: Array2<A>,
+        weight_b: Array2<A>,
+        config: LoraConfig,
+        scaling: f64,
+        merged: bool,
+    ) -> Self {
+        let mut dropout_rng = ChaCha8Rng::seed_from_u64(config.seed);
+        dropout_rng.set_stream(1); // independent of the init stream
+        let w_abs_bound = max_abs(base_weight.view());
+        Self {
+            base_weight,
+            weight_a,
+            weight_b,
+            config,
+            scaling,
+            merged,
+            dropout_rng,
+            w_abs_bound,
+        }
+    }
+
+    /// The frozen weight W (d×k); holds W + s·B A while merged.
+    pub fn base_weight(&self) -> ArrayView2<'_, A> {
+        self.base_weight.view()
+    }
+
+    /// Factor A (r×k).
+    pub fn weight_a(&self) -> ArrayView2<'_, A> {
+        self.weight_a.view()
+    }
+
+    /// Factor B (d×r).
+    pub fn weight_b(&self) -> ArrayView2<'_, A> {
+        self.weight_b.view()
+    }
+
+    /// A mutable view of A, to train its values (its shape cannot change).
+    ///
+    /// Errors with [`LoraError::MergeState`] while merged: W holds s·B A, and a changed factor
+    /// would make `unmerge` subtract something else.
+    pub fn weight_a_mut(&mut self) -> Result<ArrayViewMut2<'_, A>> {
+        self.require_unmerged("weight_a_mut")?;
+        Ok(self.weight_a.view_mut())
+    }
+
+    /// A mutable view of B; see [`weight_a_mut`](Self::weight_a_mut).
+    pub fn weight_b_mut(&mut self) -> Result<ArrayViewMut2<'_, A>> {
+        self.require_unmerged("weight_b_mut")?;
+        Ok(self.weight_b.view_mut())
+    }
+
+    /// The configuration the layer was built with.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    /// Rank r.
+    pub fn rank(&self) -> usize {
+        self.config.rank
+    }
+
+    /// k, the input width.
+    pub fn in_features(&self) -> usize {
+        self.base_weight.ncols()
+    }
+
+    /// d, the output width.
+    pub fn out_features(&self) -> usize {
+        self.base_weight.nrows()
+    }
+
+    /// The scaling s applied to B A (initially `config.scaling()`).
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    /// Sets the scaling s. Errors if it is not finite in `A`, or while merged (W holds the
+    /// old s·B A, which unmerge must subtract).
+    pub fn set_scaling(&mut self, scaling: f64) -> Result<()> {
+        self.require_unmerged("set_scaling")?;
+        self.scaling = check_scaling::<A>(scaling)?;
+        Ok(())
+    }
+
+    /// Whether s·B A is currently folded into W.
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+
+    /// Trainable parameters r(d + k).
+    pub fn trainable_params(&self) -> usize {
+        self.rank() * (self.out_features() + self.in_features())
+    }
+
+    /// All parameters d·k + r(d + k).
+    pub fn total_params(&self) -> usize {
+        self.out_features() * self.in_features() + self.trainable_params()
+    }
+
+    /// trainable / total.
+    pub fn compression_ratio(&self) -> f64 {
+        self.trainable_params() as f64 / self.total_params() as f64
+    }
+
+    /// Y = X Wᵀ + s·(X Aᵀ) Bᵀ for X of shape n×k (any layout; n may be 0); Y is n×d.
+    /// Merged: Y = X Wᵀ. No dropout. NaN or ∞ in X propagate to the rows they touch.
+    pub fn forward(&self, x: ArrayView2<'_, A>) -> Result<Array2<A>> {
+        self.check_input(x)?;
+        let mut y = Array2::zeros((x.nrows(), self.out_features()));
+        self.forward_unchecked(x, y.view_mut());
+        Ok(y)
+    }
+
+    /// [`forward`](Self::forward) into `out` (n×d, any layout), which is overwritten.
+    pub fn forward_into(&self, x: ArrayView2<'_, A>, out: ArrayViewMut2<'_, A>) -> Result<()> {
+        self.check_input(x)?;
+        check_shape("out", out.shape(), &[x.nrows(), self.out_features()])?;
+        self.forward_unchecked(x, out);
+        Ok(())
+    }
+
+    /// Training forward: like [`forward`](Self::forward), with inverted dropout (keep with
+    /// probability 1 − p, scale kept inputs by 1/(1 − p)) on the LoRA branch's input only,
+    /// as PEFT places it. Masks come from a generator seeded by `config.seed`, so a run
+    /// reproduces; each call draws a new mask. Identical to `forward` when p = 0 or merged.
+    pub fn forward_train(&mut self, x: ArrayView2<'_, A>) -> Result<Array2<A>> {
+        let p = self.config.dropout;
+        if p == 0.0 || self.merged {
+            return self.forward(x);
+        }
+        self.check_input(x)?;
+        let keep = 1.0 - p;
+        let scale = A::from_f64_lossy(1.0 / keep);
+        let rng = &mut self.dropout_rng;
+        let dropped = x.map(|&v| {
+            if rng.random_bool(keep) {
+                v * scale
+            } else {
+                A::zero()
+            }
+        });
+        let mut y = Array2::zeros((x.nrows(), self.out_features()));
+        gemm(A::one(), x, self.base_weight.t(), A::zero(), y.view_mut());
+        self.add_lora_branch(dropped.view(), y.view_mut());
+        Ok(y)
+    }
+
+    /// W + s·B A as a new d×k matrix (just W while merged).
+    pub fn effective_weight(&self) -> Array2<A> {
+        let mut w = self.base_weight.clone();
+        if !self.merged {
+            gemm(
+                self.scaling_a(),
+                self.weight_b.view(),
+                self.weight_a.view(),
+                A::one(),
+                w.view_mut(),
+            );
+        }
+        w
+    }
+
+    /// W ← W + s·B A, as one rank-r gemm update into W (no d×k temporary).
+    ///
+    /// Errors, leaving the layer unchanged: already merged; a non-finite factor; or a result
+    /// that would hold NaN/∞ ([`LoraError::WouldOverflow`]).
+    pub fn merge(&mut self) -> Result<()> {
+        self.require_unmerged("merge")?;
+        self.update_weight(1.0, "merge")?;
+        self.merged = true;
+        Ok(())
+    }
+
+    /// W ← W − s·B A; the inverse of [`merge`](Self::merge) up to rounding (each element of W
+    /// moves by at most a few ulps of |W| + |s·B A|). Errors as `merge` does, or when not merged.
+    pub fn unmerge(&mut self) -> Result<()> {
+        self.require_merged("unmerge")?;
+        self.update_weight(-1.0, "unmerge")?;
+        self.merged = false;
+        Ok(())
+    }
+
+    /// W ← W + sign·s·B A after proving the result finite.
+    fn update_weight(&mut self, sign: f64, operation: &'static str) -> Result<()> {
+        check_finite("weight_a", self.weight_a.view())?;
+        check_finite("weight_b", self.weight_b.view())?;
+        let alpha = A::from_f64_lossy(sign * self.scaling);
+        let new_bound = self.checked_update_bound(alpha, operation)?;
+        gemm(
+            alpha,
+            self.weight_b.view(),
+            self.weight_a.view(),
+            A::one(),
+            self.base_weight.view_mut(),
+        );
+        self.w_abs_bound = new_bound;
+        Ok(())
+    }
+
+    /// Proves that W + α·B A is finite without writing W and returns a bound on its largest
+    /// magnitude. Fast path: |W + αBA|ᵢⱼ ≤ max|W| + |α|·maxᵢ Σₗ|Bᵢₗ|·max|A|, with a factor-2
+    /// margin for rounding; only near overflow is the update evaluated block by block.
+    fn checked_update_bound(&mut self, alpha: A, operation: &'static str) -> Result<f64> {
+        let limit = A::max_value().into_f64() / 2.0;
+        let row_sum_b = self
+            .weight_b
+            .rows()
+            .into_iter()
+            .map(|row| row.iter().map(|v| v.into_f64().abs()).sum::<f64>())
+            .fold(0.0, f64::max);
+        let delta = alpha.into_f64().abs() * row_sum_b * max_abs(self.weight_a.view());
+        if self.w_abs_bound + delta < limit {
+            return Ok(self.w_abs_bound + delta);
+        }
+        // The cached bound may have grown loose over many merges: tighten it, then retry.
+        self.w_abs_bound = max_abs(self.base_weight.view());
+        if self.w_abs_bound + delta < limit {
+            return Ok(self.w_abs_bound + delta);
+        }
+        let mut bound = 0.0_f64;
+        let d = self.out_features();
+        for start in (0..d).step_by(OVERFLOW_CHECK_ROWS) {
+            let rows = s![start..(start + OVERFLOW_CHECK_ROWS).min(d), ..];
+            let mut block = self.base_weight.slice(rows).to_owned();
+            gemm(
+                alpha,
+                self.weight_b.slice(rows),
+                self.weight_a.view(),
+                A::one(),
+                block.view_mut(),
+            );
+            if block.iter().any(|v| !v.is_finite()) {
+                return Err(LoraError::WouldOverflow { operation });
+            }
+            bound = bound.max(max_abs(block.view()));
+        }
+        Ok(bound)
+    }
+
+    fn forward_unchecked(&self, x: ArrayView2<'_, A>, mut out: ArrayViewMut2<'_, A>) {
+        gemm(A::one(), x, self.base_weight.t(), A::zero(), out.view_mut());
+        if !self.merged {
+            self.add_lora_branch(x, out);
+        }
+    }
+
+    /// out += s·(X Aᵀ) Bᵀ: two thin gemms through an n×r temporary.
+    fn add_lora_branch(&self, x: ArrayView2<'_, A>, out: ArrayViewMut2<'_, A>) {
+        let mut xa = Array2::zeros((x.nrows(), self.rank()));
+        gemm(A::one(), x, self.weight_a.t(), A::zero(), xa.view_mut());
+        gemm(
+            self.scaling_a(),
+            xa.view(),
+            self.weight_b.t(),
+            A::one(),
+            out,
+        );
+    }
+
+    fn scaling_a(&self) -> A {
+        A::from_f64_lossy(self.scaling)
+    }
+
+    fn check_input(&self, x: ArrayView2<'_, A>) -> Result<()> {
+        if x.ncols() != self.in_features() {
+            return Err(LoraError::ShapeMismatch {
+                what: "input x",
+                expected: format!("[_, {}]", self.in_features()),
+                got: shape_str(x.shape()),
+            });
+        }
+        Ok(())
+    }
+
+    fn require_unmerged(&self, operation: &'static str) -> Result<()> {
+        if self.merged {
+            return Err(LoraError::MergeState {
+                operation,
+                expected: false,
+            });
+        }
+        Ok(())
+    }
+
+    fn require_merged(&self, operation: &'static str) -> Result<()> {
+        if !self.merged {
+            return Err(LoraError::MergeState {
+                operation,
+                expected: true,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_weight_dims(d: usize, k: usize) -> Result<()> {
+    if d == 0 || k == 0 {
+        return Err(LoraError::ShapeMismatch {
+            what: "base_weight",
+            expected: "[d, k] with d > 0 and k > 0".into(),
+            got: shape_str(&[d, k]),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_shape(what: &'static str, got: &[usize], expected: &[usize]) -> Result<()> {
+    if got != expected {
+        return Err(LoraError::ShapeMismatch {
+            what,
+            expected: shape_str(expected),
+            got: shape_str(got),
+        });
+    }
+    Ok(())
+}
+
+/// The scaling, if it is finite both as f64 and in `A`.
+fn check_scaling<A: LoraFloat>(scaling: f64) -> Result<f64> {
+    if !scaling.is_finite() || !A::from_f64_lossy(scaling).is_finite() {
+        return Err(LoraError::InvalidValue {
+            what: "scaling",
+            expected: "finite in the layer's float type",
+            got: scaling.to_string(),
+        });
+    }
+    Ok(scaling)
+}
+
+pub(crate) fn check_finite<A: LoraFloat>(what: &'static str, m: ArrayView2<'_, A>) -> Result<()> {
+    match m.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        None => Ok(()),
+        Some((index, v)) => Err(LoraError::NonFinite {
+            what,
+            index,
+            value: v.into_f64(),
+        }),
+    }
+}
+
+fn max_abs<A: LoraFloat>(m: ArrayView2<'_, A>) -> f64 {
+    m.fold(0.0_f64, |acc, v| acc.max(v.into_f64().abs()))
+}
+
+/// The serialised form: all state, validated again on load.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerRepr<W> {
+    base_weight: W,
+    weight_a: W,
+    weight_b: W,
+    config: LoraConfig,
+    scaling: f64,
+    merged: bool,
+    dropout_rng: ChaCha8Rng,
+}
+
+impl<A: LoraFloat> Serialize for LoraLayer<A> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        LayerRepr {
+            base_weight: &self.base_weight,
+            weight_a: &self.weight_a,
+            weight_b: &self.weight_b,
+            config: self.config.clone(),
+            scaling: self.scaling,
+            merged: self.merged,
+            dropout_rng: self.dropout_rng.clone(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de, A: LoraFloat> Deserialize<'de> for LoraLayer<A> {
+    /// Validates like [`LoraLayer::from_parts`]: a document with inconsistent shapes, a bad
+    /// config or non-finite values is an error.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let r = LayerRepr::<Array2<A>>::deserialize(deserializer)?;
+        let mut layer = Self::from_state(
+            r.base_weight,
+            r.weight_a,
+            r.weight_b,
+            r.config,
+            r.scaling,
+            r.merged,
+        )
+        .map_err(serde::de::Error::custom)?;
+        layer.dropout_rng = r.dropout_rng;
+        Ok(layer)
+    }
+}

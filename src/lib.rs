@@ -1,0 +1,76 @@
+//! # ndlora — low-rank adaptation (LoRA) of linear layers on ndarray + BLAS
+//!
+//! Wrap a frozen weight matrix with a trainable low-rank update, run batched forwards through
+//! BLAS gemm, merge and unmerge, in `f32` and `f64`.
+//!
+//! ## Shapes and math (PyTorch / PEFT conventions, used everywhere)
+//!
+//! | symbol | shape | meaning |
+//! |---|---|---|
+//! | W | d×k (out×in) | frozen base weight |
+//! | A | r×k | down-projection factor |
+//! | B | d×r | up-projection factor (starts at 0) |
+//! | X | n×k | a batch of n input rows |
+//! | Y | n×d | output |
+//!
+//! * forward: **Y = X Wᵀ + s·(X Aᵀ) Bᵀ**, with s = α/r (or α/√r with rsLoRA)
+//! * merge: **W ← W + s·B A**, unmerge: **W ← W − s·B A**; while merged, Y = X Wᵀ
+//!
+//! ## Design
+//!
+//! * Every matrix product goes through one internal gemm entry point that hands any
+//!   row- or column-major view (including sub-views with a leading dimension) straight to
+//!   `cblas_?gemm` with the right transpose flag, copying only views BLAS cannot describe
+//!   (negative or doubly-strided ones). The unmerged forward is three gemms: X Wᵀ, then X Aᵀ
+//!   (n×r) and a β = 1 update s·(X Aᵀ) Bᵀ into Y, so it costs the base gemm plus
+//!   O(n·r·(d + k)). Merge is a single rank-r gemm update into W with β = 1.
+//! * Merge never writes a non-finite value into W: a cached bound on max|W| proves the result
+//!   finite in O(r·(d + k)); only near overflow is the update evaluated block by block first.
+//! * Fallible operations validate everything before they mutate, so an error leaves the
+//!   value as it was. [`LoraLayer::forward`] takes `&self`: share one layer across threads.
+//!
+//! ## Backends
+//!
+//! `build.rs` picks the BLAS: one of the cargo features `openblas`, `openblas-static`, `blis`,
+//! `netlib`, `intel-mkl`, `accelerate`; else a system OpenBLAS if one is installed; else a
+//! pure-Rust fallback (ndarray's `general_mat_mul`). `NDLORA_BLAS=none|openblas|…` forces a
+//! choice. [`backend()`] reports what was linked and warns when OpenBLAS runs a generic
+//! kernel on a CPU with AVX2/AVX-512.
+//!
+//! ## Example
+//!
+//! ```
+//! use ndarray::Array2;
+//! use ndlora::{LoraConfig, LoraLayer};
+//!
+//! let (d, k, n) = (32, 48, 5);
+//! let w = Array2::<f32>::from_shape_fn((d, k), |(i, j)| ((i * k + j) as f32 * 0.37).sin());
+//! let mut layer = LoraLayer::new(w, LoraConfig { rank: 4, alpha: 8.0, ..Default::default() })?;
+//! layer.weight_b_mut()?.fill(0.01); // stands in for training
+//!
+//! let x = Array2::<f32>::from_shape_fn((n, k), |(i, j)| (i + j) as f32 / 10.0);
+//! let y = layer.forward(x.view())?;
+//! assert_eq!(y.dim(), (n, d));
+//!
+//! layer.merge()?;
+//! let y_merged = layer.forward(x.view())?;
+//! assert!(y.abs_diff_eq(&y_merged, 1e-4));
+//! layer.unmerge()?;
+//! # Ok::<(), ndlora::LoraError>(())
+//! ```
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod backend;
+mod config;
+mod error;
+mod float;
+mod gemm;
+mod layer;
+
+pub use backend::{backend, set_blas_threads, Backend};
+pub use config::{LoraConfig, LoraInit};
+pub use error::{LoraError, Result};
+pub use float::LoraFloat;
+pub use gemm::{gemm_counters, reset_gemm_counters, GemmCounters};
+pub use layer::LoraLayer;
