@@ -1,0 +1,446 @@
+//! LoraLayer against the f64 reference: forward, merge, unmerge, effective weight, dropout.
+
+mod common;
+
+use common::{assert_close, random, rng, to_f64, Laid, Ref, LAYOUTS};
+use ndarray::{Array2, ShapeBuilder};
+use ndlora::{LoraConfig, LoraFloat, LoraInit, LoraLayer};
+
+const DIMS: [usize; 4] = [1, 7, 33, 130];
+const RANKS: [usize; 3] = [1, 2, 8];
+/// α ≠ r on purpose: scaling must touch only the LoRA branch.
+const ALPHA: f64 = 3.0;
+/// Error bound factor: |error| ≤ TOL·ε·(the same sum over magnitudes). A dot product of length
+/// k has error ≤ k·ε·Σ|terms| in the worst case; BLAS blocking keeps it far below that.
+const TOL: f64 = 8.0;
+
+/// A layer with random W, A, B (B ≠ 0) built from parts.
+fn random_layer<A: LoraFloat>(d: usize, k: usize, r: usize, seed: u64) -> LoraLayer<A> {
+    let mut g = rng(seed);
+    let config = LoraConfig {
+        rank: r,
+        alpha: ALPHA,
+        ..Default::default()
+    };
+    LoraLayer::from_parts(
+        random(&mut g, d, k),
+        random(&mut g, r, k),
+        random(&mut g, d, r),
+        config,
+    )
+    .unwrap()
+}
+
+fn forward_sweep<A: LoraFloat>() {
+    let mut cases = 0;
+    for (case, (&d, &k)) in DIMS
+        .iter()
+        .flat_map(|d| DIMS.iter().map(move |k| (d, k)))
+        .enumerate()
+    {
+        for &r in RANKS.iter().filter(|&&r| r <= d.min(k)) {
+            let layer = random_layer::<A>(d, k, r, case as u64 * 31 + r as u64);
+            let reference = Ref::new(&layer);
+            for n in [0, 1, 7, 33, 130] {
+                let x: Array2<A> = random(&mut rng(n as u64 + 7), n, k);
+                let x64 = to_f64(x.view());
+                let expected = reference.forward(&x64);
+                let magnitude = reference.forward_magnitude(&x64);
+                for layout in LAYOUTS {
+                    let laid = Laid::new(&x, layout);
+                    let ctx = format!("{} d={d} k={k} r={r} n={n} {layout:?}", A::NAME);
+                    let y = layer.forward(laid.view()).unwrap();
+                    assert_close(y.view(), &expected, &magnitude, TOL, &ctx);
+
+                    // forward_into, with an output pre-filled with NaN and laid out in F order.
+                    let mut out = Array2::from_elem((n, d).f(), A::nan());
+                    layer.forward_into(laid.view(), out.view_mut()).unwrap();
+                    assert_close(out.view(), &expected, &magnitude, TOL, &ctx);
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 725, "every (d, k, r, n, layout) combination ran");
+}
+
+#[test]
+fn forward_matches_reference_f32() {
+    forward_sweep::<f32>();
+}
+
+#[test]
+fn forward_matches_reference_f64() {
+    forward_sweep::<f64>();
+}
+
+fn merge_sweep<A: LoraFloat>() {
+    for (case, (&d, &k)) in DIMS
+        .iter()
+        .flat_map(|d| DIMS.iter().map(move |k| (d, k)))
+        .enumerate()
+    {
+        for &r in RANKS.iter().filter(|&&r| r <= d.min(k)) {
+            let mut layer = random_layer::<A>(d, k, r, 1000 + case as u64 * 7 + r as u64);
+            let reference = Ref::new(&layer);
+            let ctx = format!("{} d={d} k={k} r={r}", A::NAME);
+            let expected = &reference.w + &reference.delta();
+            let magnitude = reference.w.mapv(f64::abs) + reference.delta_magnitude();
+
+            assert_close(
+                layer.effective_weight().view(),
+                &expected,
+                &magnitude,
+                TOL,
+                &ctx,
+            );
+            let x: Array2<A> = random(&mut rng(case as u64), 9, k);
+            let y_unmerged = layer.forward(x.view()).unwrap();
+
+            layer.merge().unwrap();
+            assert!(layer.is_merged());
+            assert_close(layer.base_weight(), &expected, &magnitude, TOL, &ctx);
+            assert_close(
+                layer.effective_weight().view(),
+                &expected,
+                &magnitude,
+                TOL,
+                &ctx,
+            );
+            // Merged forward ≈ unmerged forward (B ≠ 0, so the update matters).
+            let x64 = to_f64(x.view());
+            let y_merged = layer.forward(x.view()).unwrap();
+            let mag = reference.forward_magnitude(&x64);
+            assert_close(
+                y_merged.view(),
+                &to_f64(y_unmerged.view()),
+                &mag,
+                2.0 * TOL,
+                &ctx,
+            );
+            assert_close(y_merged.view(), &reference.forward(&x64), &mag, TOL, &ctx);
+
+            layer.unmerge().unwrap();
+            assert!(!layer.is_merged());
+            // One round trip: two roundings of |W| + |s·B A| per element at most.
+            assert_close(layer.base_weight(), &reference.w, &magnitude, 2.0, &ctx);
+        }
+    }
+}
+
+#[test]
+fn merge_unmerge_match_reference_f32() {
+    merge_sweep::<f32>();
+}
+
+#[test]
+fn merge_unmerge_match_reference_f64() {
+    merge_sweep::<f64>();
+}
+
+/// 1000 merge/unmerge cycles drift W by at most 2·cycles·ε·(|W| + |s·B A|) elementwise (each
+/// cycle rounds twice); in practice the drift is a random walk far below that.
+fn drift<A: LoraFloat>() {
+    let (d, k, r, cycles) = (33, 65, 8, 1000);
+    let mut layer = random_layer::<A>(d, k, r, 5);
+    let reference = Ref::new(&layer);
+    let magnitude = reference.w.mapv(f64::abs) + reference.delta_magnitude();
+    for _ in 0..cycles {
+        layer.merge().unwrap();
+        layer.unmerge().unwrap();
+    }
+    let ctx = format!("{} after {cycles} cycles", A::NAME);
+    assert_close(
+        layer.base_weight(),
+        &reference.w,
+        &magnitude,
+        2.0 * cycles as f64,
+        &ctx,
+    );
+    // And it must not be grossly looser than one cycle's worth times √cycles.
+    let worst = layer
+        .base_weight()
+        .iter()
+        .zip(reference.w.iter().zip(magnitude.iter()))
+        .map(|(g, (w, m))| (g.into_f64() - w).abs() / (A::epsilon().into_f64() * m))
+        .fold(0.0, f64::max);
+    println!("{ctx}: worst drift {worst:.1} ε·(|W| + |sBA|)");
+    assert!(worst <= 4.0 * (cycles as f64).sqrt(), "drift {worst}");
+}
+
+#[test]
+fn merge_cycles_drift_is_bounded_f32() {
+    drift::<f32>();
+}
+
+#[test]
+fn merge_cycles_drift_is_bounded_f64() {
+    drift::<f64>();
+}
+
+#[test]
+fn frozen_output_only_scales_the_lora_branch() {
+    // W = I, A = B = 0 except one entry: Y = X + s·(x₀·a)·b. A peer implementation scales X Wᵀ
+    // too; with α ≠ r that shows.
+    let mut w = Array2::<f64>::eye(3);
+    w[[0, 1]] = 2.0;
+    let mut a = Array2::zeros((1, 3));
+    a[[0, 0]] = 1.0;
+    let mut b = Array2::zeros((3, 1));
+    b[[2, 0]] = 1.0;
+    let config = LoraConfig {
+        rank: 1,
+        alpha: 5.0,
+        ..Default::default()
+    };
+    let layer = LoraLayer::from_parts(w, a, b, config).unwrap();
+    let x = ndarray::array![[1.0, 10.0, 100.0]];
+    let y = layer.forward(x.view()).unwrap();
+    // X Wᵀ = [1 + 20, 10, 100]; LoRA: s = 5, (X Aᵀ) = 1, adds 5 to column 2.
+    assert_eq!(y, ndarray::array![[21.0, 10.0, 105.0]]);
+}
+
+#[test]
+fn new_layer_computes_exactly_the_frozen_output() {
+    let w: Array2<f32> = random(&mut rng(3), 20, 30);
+    let layer = LoraLayer::new(w.clone(), LoraConfig::default()).unwrap();
+    assert!(layer.weight_b().iter().all(|&v| v == 0.0));
+    let x: Array2<f32> = random(&mut rng(4), 6, 30);
+    let y = layer.forward(x.view()).unwrap();
+    let reference = Ref::new(&layer);
+    let x64 = to_f64(x.view());
+    assert_close(
+        y.view(),
+        &reference.forward(&x64),
+        &reference.forward_magnitude(&x64),
+        TOL,
+        "B = 0",
+    );
+    // B = 0 adds exact zeros: the output is bit-identical to the merged (= frozen) forward.
+    let mut merged = layer.clone();
+    merged.merge().unwrap();
+    assert_eq!(merged.base_weight(), w.view());
+    assert_eq!(y, merged.forward(x.view()).unwrap());
+}
+
+#[test]
+fn parameter_counts_match_the_seed() {
+    let layer = LoraLayer::new(
+        Array2::<f64>::zeros((64, 128)),
+        LoraConfig {
+            rank: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(layer.trainable_params(), 768);
+    assert_eq!(layer.total_params(), 8960);
+    // The seed prints 15 significant digits; 768/8960 = 0.0857142857142857142…
+    approx::assert_relative_eq!(
+        layer.compression_ratio(),
+        0.0857142857142857,
+        max_relative = 1e-14
+    );
+    assert_eq!(layer.compression_ratio(), 768.0 / 8960.0);
+    assert_eq!(
+        (layer.out_features(), layer.in_features(), layer.rank()),
+        (64, 128, 4)
+    );
+}
+
+#[test]
+fn scaling_rules() {
+    let w = Array2::<f32>::zeros((16, 16));
+    let plain = LoraLayer::new(
+        w.clone(),
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            ..Default::default()
+        },
+    );
+    assert_eq!(plain.unwrap().scaling(), 2.0);
+    let rs = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        use_rslora: true,
+        ..Default::default()
+    };
+    assert_eq!(LoraLayer::new(w, rs).unwrap().scaling(), 4.0);
+}
+
+#[test]
+fn set_scaling_changes_the_lora_branch() {
+    let mut layer = random_layer::<f64>(7, 9, 2, 11);
+    layer.set_scaling(-0.25).unwrap();
+    let x: Array2<f64> = random(&mut rng(12), 4, 9);
+    let reference = Ref::new(&layer);
+    assert_eq!(reference.s, -0.25);
+    let y = layer.forward(x.view()).unwrap();
+    assert_close(
+        y.view(),
+        &reference.forward(&x),
+        &reference.forward_magnitude(&x),
+        TOL,
+        "s=-0.25",
+    );
+}
+
+#[test]
+fn init_is_deterministic_and_follows_the_rule() {
+    let w = Array2::<f64>::zeros((256, 512));
+    let make = |init, seed| {
+        let config = LoraConfig {
+            rank: 16,
+            init,
+            seed,
+            ..Default::default()
+        };
+        LoraLayer::new(w.clone(), config).unwrap()
+    };
+    let g1 = make(LoraInit::Gaussian, 1);
+    assert_eq!(g1.weight_a(), make(LoraInit::Gaussian, 1).weight_a());
+    assert_ne!(g1.weight_a(), make(LoraInit::Gaussian, 2).weight_a());
+    // A ~ N(0, 1/r): sample variance of 8192 draws within 5% of 1/16.
+    let a = g1.weight_a();
+    let mean = a.mean().unwrap();
+    let var = a.mapv(|v| (v - mean).powi(2)).mean().unwrap();
+    assert!(mean.abs() < 0.01, "mean {mean}");
+    assert!((var - 1.0 / 16.0).abs() < 0.05 / 16.0, "var {var}");
+
+    // Kaiming-uniform: within ±1/√k and spread over it (variance of U(−b, b) is b²/3).
+    let ku = make(LoraInit::KaimingUniform, 1);
+    let bound = 1.0 / (512f64).sqrt();
+    assert!(ku.weight_a().iter().all(|v| v.abs() <= bound));
+    let var = ku.weight_a().mapv(|v| v * v).mean().unwrap();
+    assert!(
+        (var - bound * bound / 3.0).abs() < 0.05 * bound * bound / 3.0,
+        "var {var}"
+    );
+
+    // f32 and f64 layers with one seed start from the same numbers (up to rounding).
+    let f32_layer = LoraLayer::new(Array2::<f32>::zeros((256, 512)), g1.config().clone()).unwrap();
+    let diff = (&to_f64(f32_layer.weight_a()) - &g1.weight_a()).mapv(f64::abs);
+    assert!(diff.iter().all(|&e| e < 1e-6));
+}
+
+#[test]
+fn dropout_is_inverted_fresh_per_call_and_absent_from_forward() {
+    let (d, k, r, n) = (4, 8, 2, 20_000);
+    let mut g = rng(21);
+    let config = LoraConfig {
+        rank: r,
+        alpha: 2.0,
+        dropout: 0.5,
+        ..Default::default()
+    };
+    let w: Array2<f64> = random(&mut g, d, k);
+    let mut layer = LoraLayer::from_parts(
+        w.clone(),
+        random(&mut g, r, k),
+        random(&mut g, d, r),
+        config,
+    )
+    .unwrap();
+    let row: Array2<f64> = random(&mut g, 1, k);
+    let x = row.broadcast((n, k)).unwrap().to_owned();
+
+    let y_eval = layer.forward(x.view()).unwrap();
+    assert_eq!(
+        y_eval,
+        layer.forward(x.view()).unwrap(),
+        "forward must not drop out"
+    );
+    let y1 = layer.forward_train(x.view()).unwrap();
+    let y2 = layer.forward_train(x.view()).unwrap();
+    assert_ne!(y1, y2, "each call draws a new mask");
+    // Rows differ within a call (different masks per row).
+    assert_ne!(y1.row(0), y1.row(1));
+
+    // Mean preserving: the average over n masked rows approaches the unmasked output.
+    // The base part X Wᵀ is never dropped, so subtract it and compare the LoRA branch alone.
+    let base = row.dot(&w.t());
+    let lora_eval = &y_eval.row(0) - &base.row(0);
+    let lora_mean = &y1.mean_axis(ndarray::Axis(0)).unwrap() - &base.row(0);
+    let lora_var = (&y1 - &y1.mean_axis(ndarray::Axis(0)).unwrap())
+        .mapv(|v| v * v)
+        .mean_axis(ndarray::Axis(0))
+        .unwrap();
+    for j in 0..d {
+        let se = (lora_var[j] / n as f64).sqrt();
+        assert!(
+            (lora_mean[j] - lora_eval[j]).abs() < 5.0 * se + 1e-12,
+            "column {j}: mean {} vs {} (se {se})",
+            lora_mean[j],
+            lora_eval[j]
+        );
+    }
+    // The frozen part is exact: with B = 0 training output equals eval output.
+    let mut frozen = LoraLayer::new(w, layer.config().clone()).unwrap();
+    assert_eq!(
+        frozen.forward_train(x.view()).unwrap(),
+        frozen.forward(x.view()).unwrap()
+    );
+}
+
+#[test]
+fn forward_train_without_dropout_or_merged_is_forward() {
+    let mut layer = random_layer::<f32>(9, 13, 2, 77);
+    let x: Array2<f32> = random(&mut rng(78), 5, 13);
+    assert_eq!(
+        layer.forward_train(x.view()).unwrap(),
+        layer.forward(x.view()).unwrap()
+    );
+
+    let mut g = rng(79);
+    let config = LoraConfig {
+        rank: 2,
+        dropout: 0.3,
+        ..Default::default()
+    };
+    let mut layer = LoraLayer::from_parts(
+        random(&mut g, 9, 13),
+        random(&mut g, 2, 13),
+        random(&mut g, 9, 2),
+        config,
+    )
+    .unwrap();
+    layer.merge().unwrap();
+    assert_eq!(
+        layer.forward_train(x.view()).unwrap(),
+        layer.forward(x.view()).unwrap()
+    );
+}
+
+#[test]
+fn dropout_masks_reproduce_from_the_seed() {
+    let mut g = rng(5);
+    let config = LoraConfig {
+        rank: 2,
+        dropout: 0.25,
+        seed: 9,
+        ..Default::default()
+    };
+    let parts = (
+        random::<f32>(&mut g, 6, 10),
+        random(&mut g, 2, 10),
+        random(&mut g, 6, 2),
+    );
+    let make = || {
+        LoraLayer::from_parts(
+            parts.0.clone(),
+            parts.1.clone(),
+            parts.2.clone(),
+            config.clone(),
+        )
+        .unwrap()
+    };
+    let (mut l1, mut l2) = (make(), make());
+    let x: Array2<f32> = random(&mut g, 8, 10);
+    for _ in 0..3 {
+        assert_eq!(
+            l1.forward_train(x.view()).unwrap(),
+            l2.forward_train(x.view()).unwrap()
+        );
+    }
+}
