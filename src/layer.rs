@@ -35,6 +35,18 @@ const OVERFLOW_CHECK_ROWS: usize = 64;
 /// assert!(y.abs_diff_eq(&y_merged, 1e-12));
 /// # Ok::<(), ndlora::LoraError>(())
 /// ```
+///
+/// # Serialization
+/// `Serialize`/`Deserialize` keep the whole state (W, A, B, config, scaling, merge flag and
+/// the dropout generator's position). Loading validates like [`from_parts`](Self::from_parts):
+/// a document with inconsistent shapes, a bad config or non-finite values is an error. For
+/// bit-exact round trips through JSON, enable serde_json's `float_roundtrip` feature (its
+/// default float parser may be off by one ulp).
+///
+/// # Threads
+/// `forward`, `forward_into` and `effective_weight` take `&self`: share one layer between
+/// threads. `forward_train` (advances the dropout generator), `merge`, `unmerge`,
+/// `set_scaling` and the `_mut` accessors need `&mut self`.
 #[derive(Debug, Clone)]
 pub struct LoraLayer<A: LoraFloat> {
     base_weight: Array2<A>,

@@ -1,0 +1,118 @@
+//! Contiguous and leading-dimension layouts reach BLAS without copies; only layouts BLAS
+//! cannot describe are copied. Set NDLORA_EXPECT_BLAS=1 to also require a BLAS backend.
+
+mod common;
+
+use common::{random, rng, Laid, Layout};
+use ndarray::{s, Array2, ShapeBuilder};
+use ndlora::{gemm_counters, reset_gemm_counters, GemmCounters, LoraConfig, LoraLayer};
+
+fn blas() -> bool {
+    ndlora::backend().name != "pure-rust"
+}
+
+/// Counters after running `f` on this thread.
+fn counted(f: impl FnOnce()) -> GemmCounters {
+    reset_gemm_counters();
+    f();
+    gemm_counters()
+}
+
+fn expect(calls: u64, copies: u64) -> GemmCounters {
+    GemmCounters {
+        blas_calls: if blas() { calls } else { 0 },
+        fallback_calls: if blas() { 0 } else { calls },
+        layout_copies: if blas() { copies } else { 0 },
+    }
+}
+
+#[test]
+fn backend_is_what_ci_expects() {
+    let b = ndlora::backend();
+    println!("backend: {b}");
+    if std::env::var("NDLORA_EXPECT_BLAS").as_deref() == Ok("1") {
+        assert_ne!(
+            b.name, "pure-rust",
+            "this run was supposed to link BLAS: {b}"
+        );
+        if b.name == "openblas" {
+            assert!(b.core.is_some() && b.threads.is_some(), "{b:?}");
+        }
+    } else if std::env::var("NDLORA_EXPECT_BLAS").as_deref() == Ok("0") {
+        assert_eq!(b.name, "pure-rust");
+    }
+}
+
+#[test]
+fn forward_layouts_reach_blas() {
+    let mut g = rng(1);
+    let cfg = LoraConfig {
+        rank: 4,
+        ..Default::default()
+    };
+    let layer = LoraLayer::from_parts(
+        random::<f32>(&mut g, 24, 40),
+        random(&mut g, 4, 40),
+        random(&mut g, 24, 4),
+        cfg,
+    )
+    .unwrap();
+    let x: Array2<f32> = random(&mut g, 9, 40);
+    for (layout, copies) in [
+        (Layout::C, 0),
+        (Layout::F, 0),
+        (Layout::RowStrided, 0),
+        (Layout::ColStrided, 1),
+        (Layout::Reversed, 1),
+    ] {
+        let laid = Laid::new(&x, layout);
+        // X·Wᵀ, X·Aᵀ, (X·Aᵀ)·Bᵀ; a layout BLAS can't read is copied once per use: twice.
+        let c = counted(|| {
+            layer.forward(laid.view()).unwrap();
+        });
+        assert_eq!(c, expect(3, 2 * copies), "{layout:?}");
+    }
+    // F-order and sub-view outputs are written in place.
+    let mut out = Array2::<f32>::zeros((9, 24).f());
+    let c = counted(|| layer.forward_into(x.view(), out.view_mut()).unwrap());
+    assert_eq!(c, expect(3, 0));
+    let mut big = Array2::<f32>::zeros((12, 30));
+    let c = counted(|| {
+        layer
+            .forward_into(x.view(), big.slice_mut(s![1..10, 2..26]))
+            .unwrap()
+    });
+    assert_eq!(c, expect(3, 0));
+    // An output with no BLAS layout is computed in a copy (once per gemm writing it).
+    let mut big = Array2::<f32>::zeros((9, 48));
+    let c = counted(|| {
+        layer
+            .forward_into(x.view(), big.slice_mut(s![.., ..;2]))
+            .unwrap()
+    });
+    assert_eq!(c, expect(3, 2));
+}
+
+#[test]
+fn merge_unmerge_are_one_gemm_each() {
+    let mut g = rng(2);
+    let cfg = LoraConfig {
+        rank: 3,
+        ..Default::default()
+    };
+    let mut layer = LoraLayer::from_parts(
+        random::<f64>(&mut g, 33, 17),
+        random(&mut g, 3, 17),
+        random(&mut g, 33, 3),
+        cfg,
+    )
+    .unwrap();
+    assert_eq!(counted(|| layer.merge().unwrap()), expect(1, 0));
+    assert_eq!(counted(|| layer.unmerge().unwrap()), expect(1, 0));
+    assert_eq!(
+        counted(|| {
+            layer.effective_weight();
+        }),
+        expect(1, 0)
+    );
+}
