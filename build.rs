@@ -111,7 +111,7 @@ fn use_feature(feature: &str, backend: &str) {
 
 /// How a system OpenBLAS was found.
 enum Found {
-    PkgConfig(pkg_config::Library),
+    PkgConfig(Box<pkg_config::Library>),
     Dir(PathBuf),
 }
 
@@ -125,7 +125,7 @@ fn find_system_openblas() -> Option<Found> {
         .cargo_metadata(false)
         .probe("openblas")
     {
-        return Some(Found::PkgConfig(lib));
+        return Some(Found::PkgConfig(Box::new(lib)));
     }
     let mut dirs: Vec<PathBuf> = env::var("LIBRARY_PATH")
         .map(|p| env::split_paths(&p).collect())

@@ -1,1 +1,135 @@
-fn main() {}
+//! LoraLayer forward, merge and unmerge against the plain operations a user would otherwise
+//! run: one bare BLAS gemm X Wᵀ, and one pass that reads and writes W.
+//!
+//! Single-threaded (the BLAS is set to one thread). Throughput counts FLOPs of the base
+//! product (2·n·d·k) for forwards and elements of W for merge/unmerge, so criterion's
+//! rates compare directly within a group. `python3 benches/report.py` prints the ratios.
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use ndarray::Array2;
+use ndlora::{LoraConfig, LoraLayer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::hint::black_box;
+
+fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<f32> {
+    Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0..1.0))
+}
+
+fn trained_layer(d: usize, k: usize, r: usize) -> LoraLayer<f32> {
+    let mut g = ChaCha8Rng::seed_from_u64(7);
+    let config = LoraConfig {
+        rank: r,
+        alpha: 2.0 * r as f64,
+        ..Default::default()
+    };
+    let (w, a, b) = (
+        random(&mut g, d, k),
+        random(&mut g, r, k),
+        random(&mut g, d, r),
+    );
+    LoraLayer::from_parts(w, a, b, config).expect("valid layer")
+}
+
+/// Y = X Wᵀ with nothing around it: the cost floor of any forward.
+fn bare_gemm(x: &Array2<f32>, w: &Array2<f32>, y: &mut Array2<f32>) {
+    #[cfg(ndlora_blas)]
+    {
+        use cblas_sys::{cblas_sgemm, CblasNoTrans, CblasRowMajor, CblasTrans};
+        let (n, k) = x.dim();
+        let d = w.nrows();
+        assert!(x.is_standard_layout() && w.is_standard_layout() && y.is_standard_layout());
+        assert_eq!(y.dim(), (n, d));
+        let i = |v: usize| i32::try_from(v).expect("fits BLAS int");
+        // SAFETY: all three arrays are standard (row-major) layout with the asserted shapes,
+        // so the leading dimensions k, k, d describe them; y is borrowed mutably, no alias.
+        unsafe {
+            cblas_sgemm(
+                CblasRowMajor,
+                CblasNoTrans,
+                CblasTrans,
+                i(n),
+                i(d),
+                i(k),
+                1.0,
+                x.as_ptr(),
+                i(k),
+                w.as_ptr(),
+                i(k),
+                0.0,
+                y.as_mut_ptr(),
+                i(d),
+            );
+        }
+    }
+    #[cfg(not(ndlora_blas))]
+    ndarray::linalg::general_mat_mul(1.0, x, &w.t(), 0.0, y);
+}
+
+fn forward(c: &mut Criterion) {
+    ndlora::set_blas_threads(1);
+    eprintln!("backend: {}", ndlora::backend());
+    for dk in [1024, 4096] {
+        for r in [8, 16] {
+            let layer = trained_layer(dk, dk, r);
+            let mut merged = layer.clone();
+            merged.merge().expect("finite");
+            let w = layer.base_weight().to_owned();
+            let mut group = c.benchmark_group(format!("forward_d{dk}_k{dk}_r{r}"));
+            group.sample_size(10);
+            for n in [1, 32, 256] {
+                let x = random(&mut ChaCha8Rng::seed_from_u64(n as u64), n, dk);
+                let mut y = Array2::zeros((n, dk));
+                group.throughput(Throughput::Elements((2 * n * dk * dk) as u64));
+                group.bench_with_input(BenchmarkId::new("bare-gemm", n), &x, |bch, x| {
+                    bch.iter(|| bare_gemm(black_box(x), &w, &mut y))
+                });
+                group.bench_with_input(BenchmarkId::new("unmerged", n), &x, |bch, x| {
+                    bch.iter(|| layer.forward_into(black_box(x.view()), y.view_mut()))
+                });
+                group.bench_with_input(BenchmarkId::new("unmerged-alloc", n), &x, |bch, x| {
+                    bch.iter(|| layer.forward(black_box(x.view())))
+                });
+                group.bench_with_input(BenchmarkId::new("merged", n), &x, |bch, x| {
+                    bch.iter(|| merged.forward_into(black_box(x.view()), y.view_mut()))
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
+fn merge(c: &mut Criterion) {
+    ndlora::set_blas_threads(1);
+    for dk in [1024, 4096] {
+        for r in [8, 16] {
+            let layer = trained_layer(dk, dk, r);
+            let mut merged = layer.clone();
+            merged.merge().expect("finite");
+            let mut group = c.benchmark_group(format!("merge_d{dk}_k{dk}_r{r}"));
+            group.sample_size(10);
+            group.throughput(Throughput::Elements((dk * dk) as u64));
+            // One pass that reads and writes every element of W: the memory-traffic floor.
+            let mut w = layer.base_weight().to_owned();
+            group.bench_function("rw-pass", |bch| bch.iter(|| w.mapv_inplace(|v| -v)));
+            group.bench_function("merge", |bch| {
+                bch.iter_batched(
+                    || layer.clone(),
+                    |mut l| l.merge().map(|_| l),
+                    BatchSize::LargeInput,
+                )
+            });
+            group.bench_function("unmerge", |bch| {
+                bch.iter_batched(
+                    || merged.clone(),
+                    |mut l| l.unmerge().map(|_| l),
+                    BatchSize::LargeInput,
+                )
+            });
+            group.finish();
+        }
+    }
+}
+
+criterion_group!(benches, forward, merge);
+criterion_main!(benches);

@@ -74,3 +74,8 @@ pub use error::{LoraError, Result};
 pub use float::LoraFloat;
 pub use gemm::{gemm_counters, reset_gemm_counters, GemmCounters};
 pub use layer::LoraLayer;
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
