@@ -68,6 +68,10 @@ fn bare_gemm(x: &Array2<f32>, w: &Array2<f32>, y: &mut Array2<f32>) {
 
 fn forward(c: &mut Criterion) {
     ndlora::set_blas_threads(1);
+    // SAFETY: criterion runs benches one after another on this thread; no BLAS call is live.
+    if let Some(core) = unsafe { ndlora::use_native_openblas_kernel() } {
+        eprintln!("switched OpenBLAS to its {core} kernel");
+    }
     eprintln!("backend: {}", ndlora::backend());
     for dk in [1024, 4096] {
         for r in [8, 16] {

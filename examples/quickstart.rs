@@ -31,6 +31,12 @@ fn main() -> ndlora::Result<()> {
     let (d, k, r, n) = (2048, 2048, 16, 128);
     println!("ndlora quickstart: W {d}×{k}, rank {r}, batch X {n}×{k}, f32");
     println!("backend: {}", ndlora::backend());
+    if std::env::var_os("NDLORA_KEEP_OPENBLAS_KERNEL").is_none() {
+        // SAFETY: start of a single-threaded program; nothing else calls BLAS yet.
+        if let Some(core) = unsafe { ndlora::use_native_openblas_kernel() } {
+            println!("switched OpenBLAS to its {core} kernel (NDLORA_KEEP_OPENBLAS_KERNEL=1 keeps the old one)");
+        }
+    }
 
     let mut rng = ChaCha8Rng::seed_from_u64(2024);
     let config = LoraConfig {

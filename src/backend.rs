@@ -84,6 +84,55 @@ pub fn set_blas_threads(threads: usize) -> bool {
     crate::gemm::set_threads(threads)
 }
 
+/// Switches OpenBLAS to the kernel this CPU supports when it runs a generic one (the case
+/// [`Backend::warning`] reports), by re-running the library's own kernel selection with
+/// `OPENBLAS_CORETYPE` set to `SkylakeX` (AVX-512) or `Haswell` (AVX2). Returns the core now
+/// in use, or `None` when there was nothing to fix or this build cannot (not OpenBLAS, or an
+/// OpenBLAS built without DYNAMIC_ARCH). Setting `OPENBLAS_CORETYPE` before the program
+/// starts does the same without `unsafe`.
+///
+/// # Safety
+/// Call it at start-up, before any other thread exists that may call BLAS or read or write
+/// the environment: it replaces OpenBLAS's global kernel table and briefly sets an
+/// environment variable.
+///
+/// ```
+/// // SAFETY: a single-threaded start of the program; nothing else uses BLAS yet.
+/// let switched = unsafe { ndlora::use_native_openblas_kernel() };
+/// if let Some(core) = switched {
+///     println!("OpenBLAS now runs its {core} kernel");
+/// }
+/// assert!(ndlora::backend().warning.is_none() || switched.is_none());
+/// ```
+pub unsafe fn use_native_openblas_kernel() -> Option<String> {
+    #[cfg(all(ndlora_backend = "openblas", unix))]
+    {
+        let b = backend();
+        let core = b.core.as_deref()?;
+        b.warning.as_ref()?;
+        let wanted = wanted_core(cpu_vector_level())?;
+        if core.eq_ignore_ascii_case(wanted) {
+            return None;
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { crate::gemm::openblas_reselect_core(wanted) }
+    }
+    #[cfg(not(all(ndlora_backend = "openblas", unix)))]
+    None
+}
+
+/// The OpenBLAS core name to ask for on a CPU with (AVX2+FMA, AVX-512F).
+#[cfg_attr(not(ndlora_backend = "openblas"), allow(dead_code))]
+fn wanted_core((avx2, avx512): (bool, bool)) -> Option<&'static str> {
+    if avx512 {
+        Some("SkylakeX")
+    } else if avx2 {
+        Some("Haswell")
+    } else {
+        None
+    }
+}
+
 /// OpenBLAS kernels that use neither AVX2 nor AVX-512.
 #[cfg_attr(not(ndlora_backend = "openblas"), allow(dead_code))]
 const PRE_AVX2_CORES: [&str; 20] = [
@@ -115,19 +164,14 @@ fn openblas_core_warning(core: &str) -> Option<String> {
     let (avx2, avx512) = cpu_vector_level();
     let core_lc = core.to_ascii_lowercase();
     let generic = PRE_AVX2_CORES.contains(&core_lc.as_str());
-    let wanted = if avx512 {
-        "SkylakeX"
-    } else if avx2 {
-        "Haswell"
-    } else {
-        return None;
-    };
+    let wanted = wanted_core((avx2, avx512))?;
     let only_avx2 = matches!(core_lc.as_str(), "haswell" | "zen" | "excavator");
     if generic || (avx512 && only_avx2 && !core_lc.starts_with("zen")) {
         Some(format!(
             "OpenBLAS runs its {core} kernel although this CPU has {}; sgemm is several times \
              slower than it could be. Start the program with OPENBLAS_CORETYPE={wanted} \
-             (it is read when the library loads) or link a newer OpenBLAS.",
+             (it is read when the library loads), call ndlora::use_native_openblas_kernel() \
+             at start-up, or link a newer OpenBLAS.",
             if avx512 { "AVX-512" } else { "AVX2" }
         ))
     } else {

@@ -334,6 +334,44 @@ pub(crate) fn openblas_info() -> Option<(String, String, usize)> {
     Some((config, core, usize::try_from(threads).unwrap_or(0)))
 }
 
+/// Re-runs OpenBLAS's kernel selection with `OPENBLAS_CORETYPE=core`, as the library does
+/// when it loads. Returns the new core name, or `None` when this OpenBLAS cannot do it (not
+/// a DYNAMIC_ARCH build: the symbols are looked up at run time, so nothing breaks the link).
+///
+/// # Safety
+/// No other thread may be inside a BLAS call or reading or writing the environment.
+#[cfg(all(ndlora_backend = "openblas", unix))]
+pub(crate) unsafe fn openblas_reselect_core(core: &str) -> Option<String> {
+    use std::ffi::{c_void, CString};
+    let sym = |name: &str| {
+        let name = CString::new(name).expect("no NUL");
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads the symbol
+        // tables of the loaded objects.
+        unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) }
+    };
+    let (table, init) = (sym("gotoblas"), sym("gotoblas_dynamic_init"));
+    if table.is_null() || init.is_null() {
+        return None;
+    }
+    // SAFETY: `gotoblas_dynamic_init` is `void (void)` in every DYNAMIC_ARCH OpenBLAS.
+    let init: unsafe extern "C" fn() = unsafe { std::mem::transmute::<*mut c_void, _>(init) };
+    let previous = std::env::var_os("OPENBLAS_CORETYPE");
+    // SAFETY (for the block): the caller guarantees no concurrent BLAS call or environment
+    // access. `gotoblas` is OpenBLAS's pointer to the active kernel table; clearing it makes
+    // `gotoblas_dynamic_init` select and initialise a table again, reading
+    // OPENBLAS_CORETYPE exactly as at load time.
+    unsafe {
+        std::env::set_var("OPENBLAS_CORETYPE", core);
+        *(table as *mut *mut c_void) = std::ptr::null_mut();
+        init();
+        match previous {
+            Some(v) => std::env::set_var("OPENBLAS_CORETYPE", v),
+            None => std::env::remove_var("OPENBLAS_CORETYPE"),
+        }
+    }
+    openblas_info().map(|(_, core, _)| core)
+}
+
 /// Sets OpenBLAS's thread count; `false` when the backend offers no such call.
 pub(crate) fn set_threads(n: usize) -> bool {
     #[cfg(ndlora_backend = "openblas")]

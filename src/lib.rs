@@ -68,7 +68,7 @@ mod float;
 mod gemm;
 mod layer;
 
-pub use backend::{backend, set_blas_threads, Backend};
+pub use backend::{backend, set_blas_threads, use_native_openblas_kernel, Backend};
 pub use config::{LoraConfig, LoraInit};
 pub use error::{LoraError, Result};
 pub use float::LoraFloat;
