@@ -99,7 +99,7 @@ pub fn set_blas_threads(threads: usize) -> bool {
 /// ```
 /// // SAFETY: a single-threaded start of the program; nothing else uses BLAS yet.
 /// let switched = unsafe { ndlora::use_native_openblas_kernel() };
-/// if let Some(core) = switched {
+/// if let Some(core) = &switched {
 ///     println!("OpenBLAS now runs its {core} kernel");
 /// }
 /// assert!(ndlora::backend().warning.is_none() || switched.is_none());
