@@ -67,6 +67,7 @@ mod error;
 mod float;
 mod gemm;
 mod layer;
+pub mod peft;
 
 pub use backend::{backend, set_blas_threads, Backend};
 pub use config::{LoraConfig, LoraInit};
