@@ -61,13 +61,14 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod peft;
+
 mod backend;
 mod config;
 mod error;
 mod float;
 mod gemm;
 mod layer;
-pub mod peft;
 
 pub use backend::{backend, set_blas_threads, Backend};
 pub use config::{LoraConfig, LoraInit};

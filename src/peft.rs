@@ -304,7 +304,7 @@ impl PeftConfig {
                 ))
             }
         };
-        let rank_pattern = get_patterns(&raw, "rank_pattern", |field, v| get_rank_value(field, v))?;
+        let rank_pattern = get_patterns(&raw, "rank_pattern", get_rank_value)?;
         let alpha_pattern = get_patterns(&raw, "alpha_pattern", |field, v| {
             get_alpha(Some(v), field).map(|a| a.unwrap_or(lora_alpha))
         })?;
@@ -489,6 +489,9 @@ pub struct PeftAdapter<A: LoraFloat> {
     config: PeftConfig,
     modules: BTreeMap<String, Module<A>>,
 }
+
+/// A module's (A, B) while a file is read: either may be missing so far.
+type Halves<A> = (Option<Array2<A>>, Option<Array2<A>>);
 
 /// Which factor a tensor key holds.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -681,7 +684,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
     }
 
     fn from_safetensors(config: PeftConfig, tensors: &SafeTensors<'_>) -> Result<Self> {
-        let mut halves: BTreeMap<String, (Option<Array2<A>>, Option<Array2<A>>)> = BTreeMap::new();
+        let mut halves: BTreeMap<String, Halves<A>> = BTreeMap::new();
         let mut names = tensors.names();
         names.sort_unstable();
         for name in names {

@@ -568,7 +568,8 @@ fn typed_pair(dtype: Dtype, module: &str, adapter_name: &str) -> Vec<Raw> {
 
 #[test]
 fn every_float_dtype_converts() {
-    let round: [(Dtype, fn(f64) -> f64); 4] = [
+    type Rounding = fn(f64) -> f64;
+    let round: [(Dtype, Rounding); 4] = [
         (Dtype::F32, |v| v as f32 as f64),
         (Dtype::F64, |v| v),
         (Dtype::F16, |v| half::f16::from_f64(v).to_f64()),
