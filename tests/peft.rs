@@ -190,6 +190,7 @@ fn check_fixture<A: LoraFloat>() -> Vec<(&'static str, f64)> {
 
 #[test]
 fn fixture_f32_matches_peft() {
+    println!("backend: {:?}", ndlora::backend());
     let worst = check_fixture::<f32>();
     println!("f32 vs PEFT, max |err|/(1+|want|): {worst:?}");
 }
