@@ -675,8 +675,19 @@ impl<A: LoraFloat> PeftAdapter<A> {
 
         let weights_path = dir.join(WEIGHTS_FILE);
         let bytes = std::fs::read(&weights_path).map_err(|e| LoraError::io(&weights_path, &e))?;
-        let tensors = SafeTensors::deserialize(&bytes).map_err(|e| LoraError::Parse {
-            path: weights_path.display().to_string(),
+        Self::from_config_and_bytes(config, &bytes, &weights_path.display().to_string())
+    }
+
+    /// Like [`load`](Self::load), from the two files' contents already in memory: the text of
+    /// `adapter_config.json` and the bytes of `adapter_model.safetensors`.
+    pub fn from_bytes(config_json: &str, safetensors: &[u8]) -> Result<Self> {
+        let config = PeftConfig::from_json_str(config_json)?;
+        Self::from_config_and_bytes(config, safetensors, WEIGHTS_FILE)
+    }
+
+    fn from_config_and_bytes(config: PeftConfig, bytes: &[u8], path: &str) -> Result<Self> {
+        let tensors = SafeTensors::deserialize(bytes).map_err(|e| LoraError::Parse {
+            path: path.to_owned(),
             format: "safetensors",
             message: e.to_string(),
         })?;

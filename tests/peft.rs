@@ -1075,3 +1075,17 @@ fn unknown_modules_and_bad_bases_are_errors() {
         .unwrap();
     assert_eq!(layer.bias().unwrap(), Array1::<f32>::ones(48));
 }
+
+#[test]
+fn from_bytes_equals_load() {
+    let dir = fixture_dir().join("adapter");
+    let config = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
+    let weights = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
+    let from_bytes = PeftAdapter::<f32>::from_bytes(&config, &weights).unwrap();
+    assert_eq!(from_bytes, PeftAdapter::<f32>::load(&dir).unwrap());
+    let err = PeftAdapter::<f32>::from_bytes(&config, &weights[..100]).unwrap_err();
+    assert!(
+        matches!(&err, LoraError::Parse { path, .. } if path == WEIGHTS_FILE),
+        "{err}"
+    );
+}
