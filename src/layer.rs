@@ -187,7 +187,8 @@ impl<A: LoraFloat> LoraLayer<A> {
     /// frozen like W and separate from it: merge, unmerge and
     /// [`effective_weight`](Self::effective_weight) leave it out.
     ///
-    /// Errors (the layer is consumed either way): length ≠ d, or a non-finite element.
+    /// Errors (the layer is consumed either way; [`set_bias`](Self::set_bias) keeps it): length
+    /// ≠ d, or a non-finite element.
     ///
     /// ```
     /// use ndarray::{array, Array2};
@@ -203,6 +204,16 @@ impl<A: LoraFloat> LoraLayer<A> {
         check_bias(bias.view(), self.out_features())?;
         self.bias = Some(bias);
         Ok(self)
+    }
+
+    /// Sets (`Some`) or removes (`None`) the bias in place; errors as
+    /// [`with_bias`](Self::with_bias) and then leaves the layer unchanged.
+    pub fn set_bias(&mut self, bias: Option<Array1<A>>) -> Result<()> {
+        if let Some(b) = &bias {
+            check_bias(b.view(), self.out_features())?;
+        }
+        self.bias = bias;
+        Ok(())
     }
 
     /// The base layer's bias b (length d), if it has one.
@@ -294,7 +305,8 @@ impl<A: LoraFloat> LoraLayer<A> {
     }
 
     /// Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ for X of shape n×k (any layout; n may be 0); Y is n×d, and b
-    /// (if the layer has a bias) is added to every row. Merged: Y = X Wᵀ + b. No dropout. NaN or ∞ in X propagate to the rows they touch.
+    /// (if the layer has a bias) is added to every row. Merged: Y = X Wᵀ + b. No dropout.
+    /// NaN or ∞ in X propagate to the rows they touch.
     pub fn forward(&self, x: ArrayView2<'_, A>) -> Result<Array2<A>> {
         self.check_input(x)?;
         let mut y = Array2::zeros((x.nrows(), self.out_features()));
@@ -312,8 +324,8 @@ impl<A: LoraFloat> LoraLayer<A> {
 
     /// Training forward: like [`forward`](Self::forward), with inverted dropout (keep with
     /// probability 1 − p, scale kept inputs by 1/(1 − p)) on the LoRA branch's input only,
-    /// as PEFT places it (b is added as in `forward`). Masks come from a generator seeded by `config.seed`, so a run
-    /// reproduces; each call draws a new mask. Identical to `forward` when p = 0 or merged.
+    /// as PEFT places it (b is added as in `forward`). Masks come from a generator seeded by
+    /// `config.seed`, so a run reproduces; each call draws a new mask. Identical to `forward` when p = 0 or merged.
     pub fn forward_train(&mut self, x: ArrayView2<'_, A>) -> Result<Array2<A>> {
         let p = self.config.dropout;
         if p == 0.0 || self.merged {

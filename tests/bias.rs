@@ -147,7 +147,18 @@ fn bad_bias_is_an_error() {
     );
     let mut b = Array1::zeros(5);
     b[0] = f64::NEG_INFINITY;
-    assert!(layer(5, 4, 2).with_bias(b).is_err());
+    assert!(layer(5, 4, 2).with_bias(b.clone()).is_err());
+
+    // set_bias leaves the layer as it was on error, and can remove the bias.
+    let mut l = layer(5, 4, 2).with_bias(Array1::ones(5)).unwrap();
+    let before = l.clone();
+    assert!(l.set_bias(Some(b)).is_err());
+    assert!(l.set_bias(Some(Array1::zeros(6))).is_err());
+    assert_eq!(l, before);
+    l.set_bias(None).unwrap();
+    assert!(l.bias().is_none());
+    l.set_bias(Some(Array1::zeros(5))).unwrap();
+    assert_eq!(l.bias().unwrap(), Array1::<f64>::zeros(5));
 }
 
 #[test]
