@@ -11,7 +11,8 @@ use ndarray::Array2;
 use ndlora::peft::PeftAdapter;
 use ndlora::LoraFloat;
 
-const FIXTURE_CONFIG: &str = include_str!("../../tests/fixtures/peft/f32_r8/adapter/adapter_config.json");
+const FIXTURE_CONFIG: &str =
+    include_str!("../../tests/fixtures/peft/f32_r8/adapter/adapter_config.json");
 
 fn exercise<A: LoraFloat>(config: &str, weights: &[u8]) {
     let Ok(adapter) = PeftAdapter::<A>::from_bytes(config, weights) else {
@@ -25,7 +26,11 @@ fn exercise<A: LoraFloat>(config: &str, weights: &[u8]) {
         if d.saturating_mul(k) > 1 << 16 {
             continue;
         }
-        let shape = if adapter.config().fan_in_fan_out() { (k, d) } else { (d, k) };
+        let shape = if adapter.config().fan_in_fan_out() {
+            (k, d)
+        } else {
+            (d, k)
+        };
         if let Ok(layer) = adapter.to_layer(&name, Array2::zeros(shape), None) {
             let _ = layer.forward(Array2::zeros((1, k)).view());
             layers.push((name, layer));
