@@ -70,6 +70,103 @@ pub enum LoraError {
         /// The dimensions whose product overflowed.
         dims: Vec<usize>,
     },
+    /// Reading or writing a file failed. (`std::io::Error` is neither `Clone` nor `PartialEq`,
+    /// so its kind and message are kept.)
+    #[error("I/O error on {path}: {message}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// The I/O error's kind.
+        kind: std::io::ErrorKind,
+        /// The I/O error's message.
+        message: String,
+    },
+    /// A file's contents could not be parsed: invalid JSON, or a corrupt, truncated or hostile
+    /// safetensors file (bad header length, offsets that do not cover the data, unknown dtype
+    /// name, …).
+    #[error("cannot parse {path} as {format}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// `"JSON"` or `"safetensors"`.
+        format: &'static str,
+        /// The parser's message.
+        message: String,
+    },
+    /// A field of a PEFT `adapter_config.json` is missing or has a value of the wrong type or
+    /// out of its domain.
+    #[error("PEFT config field `{field}`: expected {expected}, got {got}")]
+    PeftConfigField {
+        /// The field, e.g. `r` or `rank_pattern.q_proj`.
+        field: String,
+        /// What the field must hold.
+        expected: &'static str,
+        /// What it held (JSON), or `missing`.
+        got: String,
+    },
+    /// The PEFT config asks for a feature ndlora does not implement (it would change what the
+    /// adapter computes), e.g. `use_dora: true`; see
+    /// [`peft::UNSUPPORTED_FIELDS`](crate::peft::UNSUPPORTED_FIELDS).
+    #[error("unsupported PEFT feature: `{field}` = {got} ({supported})")]
+    PeftUnsupported {
+        /// The config field.
+        field: String,
+        /// Its value (JSON).
+        got: String,
+        /// What ndlora supports instead.
+        supported: &'static str,
+    },
+    /// A tensor in a PEFT adapter file that ndlora cannot use: an unexpected key, a dtype other
+    /// than F32/F64/F16/BF16, a tensor that is not 2-D or is empty, or a duplicate.
+    #[error("adapter tensor `{name}`: expected {expected}, got {got}")]
+    PeftTensor {
+        /// The tensor's key in the safetensors file.
+        name: String,
+        /// What was required.
+        expected: &'static str,
+        /// What came.
+        got: String,
+    },
+    /// A tensor the adapter needs is not in the file (e.g. a `lora_A` without its `lora_B`).
+    #[error("adapter tensor `{name}` is missing")]
+    MissingTensor {
+        /// The key that was looked for.
+        name: String,
+    },
+    /// A module path the adapter does not hold.
+    #[error("the adapter has no module `{module}`")]
+    UnknownModule {
+        /// The module path that was asked for.
+        module: String,
+    },
+    /// An error about one module of a PEFT adapter: says which module, then what.
+    #[error("module `{module}`: {source}")]
+    InModule {
+        /// The module path, e.g. `layers.0.q_proj`.
+        module: String,
+        /// What went wrong.
+        #[source]
+        source: Box<LoraError>,
+    },
+}
+
+impl LoraError {
+    /// An [`Io`](Self::Io) error for `path`.
+    pub(crate) fn io(path: &std::path::Path, err: &std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            kind: err.kind(),
+            message: err.to_string(),
+        }
+    }
+
+    /// Wraps `self` in [`InModule`](Self::InModule).
+    pub(crate) fn in_module(self, module: &str) -> Self {
+        Self::InModule {
+            module: module.to_owned(),
+            source: Box::new(self),
+        }
+    }
 }
 
 /// `Result` with [`LoraError`].

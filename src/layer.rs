@@ -1,6 +1,6 @@
 //! [`LoraLayer`]: a frozen weight with a trainable low-rank update.
 
-use ndarray::{s, Array2, ArrayView2, ArrayViewMut2};
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
@@ -14,12 +14,15 @@ use crate::gemm::gemm;
 /// Rows of W per block when a merge must be checked exactly for overflow (rare path).
 const OVERFLOW_CHECK_ROWS: usize = 64;
 
-/// A linear layer with a frozen weight W (d×k) and a low-rank update s·B A.
+/// A linear layer with a frozen weight W (d×k), an optional frozen bias b (d), and a low-rank
+/// update s·B A.
 ///
-/// Shapes follow PyTorch/PEFT: W is out×in = d×k, A is r×k, B is d×r, inputs X are n×k.
+/// Shapes follow PyTorch/PEFT: W is out×in = d×k, A is r×k, B is d×r, b has length d, inputs X
+/// are n×k.
 ///
-/// * forward: Y = X Wᵀ + s·(X Aᵀ) Bᵀ  (n×d); when merged, Y = X Wᵀ
-/// * merge: W ← W + s·B A;  unmerge: W ← W − s·B A
+/// * forward: Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ  (n×d, b added to every row; b = 0 when the layer has
+///   no bias); when merged, Y = X Wᵀ + b
+/// * merge: W ← W + s·B A;  unmerge: W ← W − s·B A (b is never touched)
 ///
 /// ```
 /// use ndarray::{array, Array2};
@@ -52,6 +55,8 @@ pub struct LoraLayer<A: LoraFloat> {
     base_weight: Array2<A>,
     weight_a: Array2<A>,
     weight_b: Array2<A>,
+    /// The base layer's bias b (length d), if it has one; see [`LoraLayer::with_bias`].
+    bias: Option<Array1<A>>,
     config: LoraConfig,
     scaling: f64,
     merged: bool,
@@ -66,6 +71,7 @@ impl<A: LoraFloat> PartialEq for LoraLayer<A> {
         self.base_weight == other.base_weight
             && self.weight_a == other.weight_a
             && self.weight_b == other.weight_b
+            && self.bias == other.bias
             && self.config == other.config
             && self.scaling.to_bits() == other.scaling.to_bits()
             && self.merged == other.merged
@@ -179,12 +185,52 @@ impl<A: LoraFloat> LoraLayer<A> {
             base_weight,
             weight_a,
             weight_b,
+            bias: None,
             config,
             scaling,
             merged,
             dropout_rng,
             w_abs_bound,
         }
+    }
+
+    /// Adds the base layer's bias b (length d = `out_features`), so that
+    /// Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ is one call. Replaces any bias the layer had. The bias is
+    /// frozen like W and separate from it: merge, unmerge and
+    /// [`effective_weight`](Self::effective_weight) leave it out.
+    ///
+    /// Errors (the layer is consumed either way; [`set_bias`](Self::set_bias) keeps it): length
+    /// ≠ d, or a non-finite element.
+    ///
+    /// ```
+    /// use ndarray::{array, Array2};
+    /// use ndlora::{LoraConfig, LoraLayer};
+    ///
+    /// let layer = LoraLayer::<f64>::new(Array2::eye(2), LoraConfig { rank: 1, ..Default::default() })?
+    ///     .with_bias(array![10.0, 20.0])?;
+    /// let y = layer.forward(array![[1.0, 2.0]].view())?; // B = 0: just X Wᵀ + b
+    /// assert_eq!(y, array![[11.0, 22.0]]);
+    /// # Ok::<(), ndlora::LoraError>(())
+    /// ```
+    pub fn with_bias(mut self, bias: Array1<A>) -> Result<Self> {
+        check_bias(bias.view(), self.out_features())?;
+        self.bias = Some(bias);
+        Ok(self)
+    }
+
+    /// Sets (`Some`) or removes (`None`) the bias in place; errors as
+    /// [`with_bias`](Self::with_bias) and then leaves the layer unchanged.
+    pub fn set_bias(&mut self, bias: Option<Array1<A>>) -> Result<()> {
+        if let Some(b) = &bias {
+            check_bias(b.view(), self.out_features())?;
+        }
+        self.bias = bias;
+        Ok(())
+    }
+
+    /// The base layer's bias b (length d), if it has one.
+    pub fn bias(&self) -> Option<ArrayView1<'_, A>> {
+        self.bias.as_ref().map(|b| b.view())
     }
 
     /// The frozen weight W (d×k); holds W + s·B A while merged.
@@ -270,8 +316,9 @@ impl<A: LoraFloat> LoraLayer<A> {
         self.trainable_params() as f64 / self.total_params() as f64
     }
 
-    /// Y = X Wᵀ + s·(X Aᵀ) Bᵀ for X of shape n×k (any layout; n may be 0); Y is n×d.
-    /// Merged: Y = X Wᵀ. No dropout. NaN or ∞ in X propagate to the rows they touch.
+    /// Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ for X of shape n×k (any layout; n may be 0); Y is n×d, and b
+    /// (if the layer has a bias) is added to every row. Merged: Y = X Wᵀ + b. No dropout.
+    /// NaN or ∞ in X propagate to the rows they touch.
     pub fn forward(&self, x: ArrayView2<'_, A>) -> Result<Array2<A>> {
         self.check_input(x)?;
         let mut y = Array2::zeros((x.nrows(), self.out_features()));
@@ -289,8 +336,8 @@ impl<A: LoraFloat> LoraLayer<A> {
 
     /// Training forward: like [`forward`](Self::forward), with inverted dropout (keep with
     /// probability 1 − p, scale kept inputs by 1/(1 − p)) on the LoRA branch's input only,
-    /// as PEFT places it. Masks come from a generator seeded by `config.seed`, so a run
-    /// reproduces; each call draws a new mask. Identical to `forward` when p = 0 or merged.
+    /// as PEFT places it (b is added as in `forward`). Masks come from a generator seeded by
+    /// `config.seed`, so a run reproduces; each call draws a new mask. Identical to `forward` when p = 0 or merged.
     pub fn forward_train(&mut self, x: ArrayView2<'_, A>) -> Result<Array2<A>> {
         let p = self.config.dropout;
         if p == 0.0 || self.merged {
@@ -308,12 +355,12 @@ impl<A: LoraFloat> LoraLayer<A> {
             }
         });
         let mut y = Array2::zeros((x.nrows(), self.out_features()));
-        gemm(A::one(), x, self.base_weight.t(), A::zero(), y.view_mut());
+        self.base_into(x, y.view_mut());
         self.add_lora_branch(dropped.view(), y.view_mut());
         Ok(y)
     }
 
-    /// W + s·B A as a new d×k matrix (just W while merged).
+    /// W + s·B A as a new d×k matrix (just W while merged). The bias is not part of it.
     pub fn effective_weight(&self) -> Array2<A> {
         let mut w = self.base_weight.clone();
         if !self.merged {
@@ -406,10 +453,23 @@ impl<A: LoraFloat> LoraLayer<A> {
     }
 
     fn forward_unchecked(&self, x: ArrayView2<'_, A>, mut out: ArrayViewMut2<'_, A>) {
-        gemm(A::one(), x, self.base_weight.t(), A::zero(), out.view_mut());
+        self.base_into(x, out.view_mut());
         if !self.merged {
             self.add_lora_branch(x, out);
         }
+    }
+
+    /// out ← X Wᵀ + b: with a bias, out is pre-filled with b (broadcast over rows) and the gemm
+    /// accumulates into it with β = 1, so the bias costs one pass of writes and no temporary.
+    fn base_into(&self, x: ArrayView2<'_, A>, mut out: ArrayViewMut2<'_, A>) {
+        let beta = match &self.bias {
+            Some(b) => {
+                out.assign(b);
+                A::one()
+            }
+            None => A::zero(),
+        };
+        gemm(A::one(), x, self.base_weight.t(), beta, out);
     }
 
     /// out += s·(X Aᵀ) Bᵀ: two thin gemms through an n×r temporary.
@@ -506,6 +566,19 @@ pub(crate) fn check_finite<A: LoraFloat>(what: &'static str, m: ArrayView2<'_, A
     }
 }
 
+/// A bias must have length d and finite elements.
+fn check_bias<A: LoraFloat>(bias: ArrayView1<'_, A>, d: usize) -> Result<()> {
+    check_shape("bias", bias.shape(), &[d])?;
+    match bias.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(LoraError::NonFinite {
+            what: "bias",
+            index: (0, i),
+            value: bias[i].into_f64(),
+        }),
+    }
+}
+
 fn max_abs<A: LoraFloat>(m: ArrayView2<'_, A>) -> f64 {
     m.fold(0.0_f64, |acc, v| acc.max(v.into_f64().abs()))
 }
@@ -513,10 +586,13 @@ fn max_abs<A: LoraFloat>(m: ArrayView2<'_, A>) -> f64 {
 /// The serialised form: all state, validated again on load.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LayerRepr<W> {
+struct LayerRepr<W, V> {
     base_weight: W,
     weight_a: W,
     weight_b: W,
+    /// Absent in documents written before layers had a bias, hence the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bias: Option<V>,
     config: LoraConfig,
     scaling: f64,
     merged: bool,
@@ -529,6 +605,7 @@ impl<A: LoraFloat> Serialize for LoraLayer<A> {
             base_weight: &self.base_weight,
             weight_a: &self.weight_a,
             weight_b: &self.weight_b,
+            bias: self.bias.as_ref(),
             config: self.config.clone(),
             scaling: self.scaling,
             merged: self.merged,
@@ -539,10 +616,11 @@ impl<A: LoraFloat> Serialize for LoraLayer<A> {
 }
 
 impl<'de, A: LoraFloat> Deserialize<'de> for LoraLayer<A> {
-    /// Validates like [`LoraLayer::from_parts`]: a document with inconsistent shapes, a bad
-    /// config or non-finite values is an error.
+    /// Validates like [`LoraLayer::from_parts`] and [`LoraLayer::with_bias`]: a document with
+    /// inconsistent shapes, a bad config or non-finite values is an error. A document without
+    /// a `bias` field loads as a layer without bias.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let r = LayerRepr::<Array2<A>>::deserialize(deserializer)?;
+        let r = LayerRepr::<Array2<A>, Array1<A>>::deserialize(deserializer)?;
         let mut layer = Self::from_state(
             r.base_weight,
             r.weight_a,
@@ -552,6 +630,9 @@ impl<'de, A: LoraFloat> Deserialize<'de> for LoraLayer<A> {
             r.merged,
         )
         .map_err(serde::de::Error::custom)?;
+        if let Some(bias) = r.bias {
+            layer = layer.with_bias(bias).map_err(serde::de::Error::custom)?;
+        }
         layer.dropout_rng = r.dropout_rng;
         Ok(layer)
     }

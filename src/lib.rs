@@ -15,6 +15,10 @@
 //!
 //! * forward: **Y = X Wᵀ + s·(X Aᵀ) Bᵀ**, with s = α/r (or α/√r with rsLoRA)
 //! * merge: **W ← W + s·B A**, unmerge: **W ← W − s·B A**; while merged, Y = X Wᵀ
+//! * with the base layer's bias b (length d, [`LoraLayer::with_bias`]): Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ,
+//!   b added to every row; merge and unmerge leave b alone
+//! * [`peft`]: Hugging Face PEFT adapter directories (`adapter_config.json` +
+//!   `adapter_model.safetensors`) in and out, with PEFT's numbers
 //!
 //! ## Design
 //!
@@ -60,6 +64,8 @@
 //! ```
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod peft;
 
 mod backend;
 mod config;
