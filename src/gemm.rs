@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 
-use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2, LinalgScalar};
+use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2, CowArray, Ix2, LinalgScalar};
 
 thread_local! {
     static COUNTERS: Cell<GemmCounters> = const { Cell::new(GemmCounters::ZERO) };
@@ -168,6 +168,17 @@ fn blas_layout(rows: usize, cols: usize, strides: &[isize]) -> Option<BlasLayout
         }
     }
     None
+}
+
+/// `v` itself when BLAS can read it in place, else one standard-layout copy (counted), so a
+/// caller that uses an operand in several products copies it at most once.
+pub(crate) fn blas_operand<T: GemmScalar>(v: ArrayView2<'_, T>) -> CowArray<'_, T, Ix2> {
+    #[cfg(ndlora_blas)]
+    if blas_layout(v.nrows(), v.ncols(), v.strides()).is_none() {
+        count(|c| c.layout_copies += 1);
+        return CowArray::from(v.as_standard_layout().into_owned());
+    }
+    CowArray::from(v)
 }
 
 /// C ← α·A·B + β·C. With β = 0, C's old contents (even NaN) are ignored.

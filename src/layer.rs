@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::config::{LoraConfig, LoraInit};
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
-use crate::gemm::gemm;
+use crate::gemm::{blas_operand, gemm};
 
 /// Rows of W per block when a merge must be checked exactly for overflow (rare path).
 const OVERFLOW_CHECK_ROWS: usize = 64;
@@ -453,9 +453,11 @@ impl<A: LoraFloat> LoraLayer<A> {
     }
 
     fn forward_unchecked(&self, x: ArrayView2<'_, A>, mut out: ArrayViewMut2<'_, A>) {
-        self.base_into(x, out.view_mut());
+        // X feeds two products; a layout BLAS cannot read is copied once, not per product.
+        let x = blas_operand(x);
+        self.base_into(x.view(), out.view_mut());
         if !self.merged {
-            self.add_lora_branch(x, out);
+            self.add_lora_branch(x.view(), out);
         }
     }
 
