@@ -105,7 +105,7 @@ fn forward_mixed(c: &mut Criterion) {
         assert!(got.abs_diff_eq(&expected, 1e-2), "the three agree");
     }
 
-    let mut group = c.benchmark_group(format!("forward_mixed_a{ADAPTERS}_d{d}_k{k}_r{r}"));
+    let mut group = c.benchmark_group(format!("model_forward_mixed_a{ADAPTERS}_d{d}_k{k}_r{r}"));
     group.sample_size(10);
     group.throughput(Throughput::Elements((2 * n * d * k) as u64));
     group.bench_with_input(BenchmarkId::new("naive", n), &x, |bch, x| {
