@@ -228,7 +228,11 @@ impl<A: LoraFloat> LoraModel<A> {
 
     /// The names of all adapters, in id order.
     pub fn adapter_names(&self) -> Vec<&str> {
-        self.slots.iter().flatten().map(|a| a.name.as_str()).collect()
+        self.slots
+            .iter()
+            .flatten()
+            .map(|a| a.name.as_str())
+            .collect()
     }
 
     /// Makes exactly these adapters active (an empty list: none). [`forward`](Self::forward)
@@ -252,7 +256,10 @@ impl<A: LoraFloat> LoraModel<A> {
 
     /// The active adapters' names, in the order given to [`set_active`](Self::set_active).
     pub fn active_adapters(&self) -> Vec<&str> {
-        self.active.iter().map(|&id| self.adapter(id).name.as_str()).collect()
+        self.active
+            .iter()
+            .map(|&id| self.adapter(id).name.as_str())
+            .collect()
     }
 
     /// Y = X Wᵀ + Σ_{j active, unmerged} sⱼ·(X Aⱼᵀ) Bⱼᵀ for X of shape n×k (any layout;

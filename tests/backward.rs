@@ -102,11 +102,7 @@ fn backward_matches_finite_differences() {
 }
 
 /// The three gradient formulas in f64 with plain loops, and the same over magnitudes.
-fn reference_grads(
-    re: &Ref,
-    x: &Array2<f64>,
-    g: &Array2<f64>,
-) -> [(Array2<f64>, Array2<f64>); 3] {
+fn reference_grads(re: &Ref, x: &Array2<f64>, g: &Array2<f64>) -> [(Array2<f64>, Array2<f64>); 3] {
     let grads = |re: &Ref, x: &Array2<f64>, g: &Array2<f64>| {
         let h = matmul_t(x, &re.a); // X Aᵀ
         let gb = matmul_t(g, &re.b.t().to_owned()); // G B
@@ -223,21 +219,30 @@ fn sgd_step_errors_leave_the_layer_unchanged() {
         grad_b: Array2::ones((5, 3)),
         grad_x: Array2::zeros((0, 7)),
     };
-    let check = |grads: &LoraGrads<f32>, lr: f32, merged: bool, pred: &dyn Fn(&LoraError) -> bool| {
-        let mut l = layer.clone();
-        if merged {
-            l.merge().unwrap();
-        }
-        let before = l.clone();
-        let err = l.sgd_step(grads, lr).unwrap_err();
-        assert!(pred(&err), "unexpected {err:?}");
-        assert!(l == before, "layer changed on {err:?}");
-    };
+    let check =
+        |grads: &LoraGrads<f32>, lr: f32, merged: bool, pred: &dyn Fn(&LoraError) -> bool| {
+            let mut l = layer.clone();
+            if merged {
+                l.merge().unwrap();
+            }
+            let before = l.clone();
+            let err = l.sgd_step(grads, lr).unwrap_err();
+            assert!(pred(&err), "unexpected {err:?}");
+            assert!(l == before, "layer changed on {err:?}");
+        };
     check(&ok, 0.1, true, &|e| {
-        matches!(e, LoraError::MergeState { operation: "sgd_step", expected: false })
+        matches!(
+            e,
+            LoraError::MergeState {
+                operation: "sgd_step",
+                expected: false
+            }
+        )
     });
     for lr in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-        check(&ok, lr, false, &|e| matches!(e, LoraError::InvalidValue { .. }));
+        check(&ok, lr, false, &|e| {
+            matches!(e, LoraError::InvalidValue { .. })
+        });
     }
     let mut g = ok.clone();
     g.grad_a = Array2::ones((3, 6));
@@ -252,10 +257,19 @@ fn sgd_step_errors_leave_the_layer_unchanged() {
     let mut g = ok.clone();
     g.grad_b[[4, 2]] = f32::NAN;
     check(&g, 0.1, false, &|e| {
-        matches!(e, LoraError::NonFinite { what: "grad_b", index: (4, 2), .. })
+        matches!(
+            e,
+            LoraError::NonFinite {
+                what: "grad_b",
+                index: (4, 2),
+                ..
+            }
+        )
     });
     // A finite step that overflows: A − 3e38·10 = −∞ in f32. B is checked too, but A first.
     let mut g = ok.clone();
     g.grad_a.fill(10.0);
-    check(&g, 3e38, false, &|e| matches!(e, LoraError::NonFinite { .. }));
+    check(&g, 3e38, false, &|e| {
+        matches!(e, LoraError::NonFinite { .. })
+    });
 }

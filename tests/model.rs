@@ -13,7 +13,12 @@ const TOL: f64 = 8.0;
 const D: usize = 9;
 const K: usize = 13;
 /// (name, rank, alpha): different ranks and scalings.
-const ADAPTERS: [(&str, usize, f64); 4] = [("r1", 1, 3.0), ("r3", 3, 1.5), ("r8", 8, 16.0), ("r2", 2, -2.0)];
+const ADAPTERS: [(&str, usize, f64); 4] = [
+    ("r1", 1, 3.0),
+    ("r3", 3, 1.5),
+    ("r8", 8, 16.0),
+    ("r2", 2, -2.0),
+];
 
 fn model<A: LoraFloat>(seed: u64) -> LoraModel<A> {
     let mut g = rng(seed);
@@ -24,8 +29,13 @@ fn model<A: LoraFloat>(seed: u64) -> LoraModel<A> {
             alpha,
             ..Default::default()
         };
-        m.add_adapter_from_parts(name, random(&mut g, rank, K), random(&mut g, D, rank), config)
-            .unwrap();
+        m.add_adapter_from_parts(
+            name,
+            random(&mut g, rank, K),
+            random(&mut g, D, rank),
+            config,
+        )
+        .unwrap();
     }
     m
 }
@@ -38,11 +48,15 @@ fn patterns(n: usize) -> Vec<(&'static str, Vec<Option<usize>>)> {
         ("all one adapter", vec![Some(2); n]),
         (
             "contiguous blocks",
-            (0..n).map(|i| [Some(0), Some(1), None, Some(3)][4 * i / n.max(1)]).collect(),
+            (0..n)
+                .map(|i| [Some(0), Some(1), None, Some(3)][4 * i / n.max(1)])
+                .collect(),
         ),
         (
             "round robin",
-            (0..n).map(|i| [Some(0), Some(1), Some(2), Some(3), None][i % 5]).collect(),
+            (0..n)
+                .map(|i| [Some(0), Some(1), Some(2), Some(3), None][i % 5])
+                .collect(),
         ),
         (
             "scattered",
@@ -81,7 +95,9 @@ fn mixed_sweep<A: LoraFloat>() {
                 let xi = x64.slice(s![i..i + 1, ..]).to_owned();
                 let re = id.map_or(&base_ref, |j| &refs[j]);
                 expected.row_mut(i).assign(&re.forward(&xi).row(0));
-                magnitude.row_mut(i).assign(&re.forward_magnitude(&xi).row(0));
+                magnitude
+                    .row_mut(i)
+                    .assign(&re.forward_magnitude(&xi).row(0));
                 let xr = x.slice(s![i..i + 1, ..]);
                 let yi = match id {
                     Some(j) => layers[*j].forward(xr).unwrap(),
@@ -123,7 +139,10 @@ fn forward_mixed_runs_one_base_gemm_and_one_pair_per_adapter() {
         m.forward_mixed(x.view(), &rows).unwrap();
         let c = ndlora::gemm_counters();
         assert_eq!(c.blas_calls + c.fallback_calls, 1 + 2 * used, "{label}");
-        assert_eq!(c.layout_copies, 0, "{label}: row groups reach BLAS without copies");
+        assert_eq!(
+            c.layout_copies, 0,
+            "{label}: row groups reach BLAS without copies"
+        );
     }
 }
 
@@ -144,7 +163,13 @@ fn forward_sums_the_active_adapters() {
         magnitude = magnitude + re.forward_magnitude(&x);
     }
     let y = m.forward(x.view()).unwrap();
-    assert_close(y.view(), &expected, &magnitude, TOL, "three active adapters");
+    assert_close(
+        y.view(),
+        &expected,
+        &magnitude,
+        TOL,
+        "three active adapters",
+    );
 }
 
 #[test]
@@ -177,9 +202,16 @@ fn merge_and_unmerge_all_restore_w() {
     for name in m.adapter_names() {
         assert!(!m.is_merged(name).unwrap());
     }
-    assert_close(m.base_weight(), &w0, &magnitude, 4.0 * TOL, "W after unmerge_all");
+    assert_close(
+        m.base_weight(),
+        &w0,
+        &magnitude,
+        4.0 * TOL,
+        "W after unmerge_all",
+    );
     // Back to the base: mixed batches work again.
-    m.forward_mixed(x.view(), &[Some(0), None, Some(2), Some(3), None]).unwrap();
+    m.forward_mixed(x.view(), &[Some(0), None, Some(2), Some(3), None])
+        .unwrap();
 }
 
 #[test]
@@ -193,9 +225,18 @@ fn ids_are_stable_and_never_reused() {
     assert_eq!(m.adapter_id("r3"), None);
     assert_eq!(m.adapter_id("r8"), Some(2));
     let id = m
-        .add_adapter("r3", LoraConfig { rank: 2, ..Default::default() })
+        .add_adapter(
+            "r3",
+            LoraConfig {
+                rank: 2,
+                ..Default::default()
+            },
+        )
         .unwrap();
-    assert_eq!(id, 4, "a new adapter gets a fresh id, even under an old name");
+    assert_eq!(
+        id, 4,
+        "a new adapter gets a fresh id, even under an old name"
+    );
     assert_eq!(m.adapter_names(), ["r1", "r8", "r2", "r3"]);
     let x = Array2::<f64>::ones((1, K));
     for bad in [1, 5, usize::MAX] {
@@ -213,7 +254,10 @@ fn ids_are_stable_and_never_reused() {
 fn add_adapter_initialises_like_layer_new() {
     let w: Array2<f32> = random(&mut rng(10), D, K);
     let mut m = LoraModel::new(w.clone()).unwrap();
-    for (i, init) in [LoraInit::Gaussian, LoraInit::KaimingUniform].into_iter().enumerate() {
+    for (i, init) in [LoraInit::Gaussian, LoraInit::KaimingUniform]
+        .into_iter()
+        .enumerate()
+    {
         let config = LoraConfig {
             rank: 4,
             alpha: 5.0,
@@ -250,18 +294,31 @@ fn fails_unchanged<A: LoraFloat, T: std::fmt::Debug>(
 #[test]
 fn errors_leave_the_model_unchanged() {
     use LoraError::*;
-    assert!(matches!(LoraModel::<f32>::new(Array2::zeros((0, 3))), Err(ShapeMismatch { .. })));
+    assert!(matches!(
+        LoraModel::<f32>::new(Array2::zeros((0, 3))),
+        Err(ShapeMismatch { .. })
+    ));
     let mut nan = Array2::<f32>::zeros((2, 3));
     nan[[1, 2]] = f32::NAN;
-    assert!(matches!(LoraModel::new(nan), Err(NonFinite { index: (1, 2), .. })));
+    assert!(matches!(
+        LoraModel::new(nan),
+        Err(NonFinite { index: (1, 2), .. })
+    ));
 
     let mut m = model::<f32>(11);
     m.set_active(&["r1"]).unwrap();
-    let cfg = |rank| LoraConfig { rank, ..Default::default() };
+    let cfg = |rank| LoraConfig {
+        rank,
+        ..Default::default()
+    };
     let dup = |e: &LoraError| matches!(e, DuplicateAdapter { name } if name == "r3");
     let unknown = |e: &LoraError| matches!(e, UnknownAdapter { name } if name == "nope");
     fails_unchanged(&m, |m| m.add_adapter("r3", cfg(1)), dup);
-    fails_unchanged(&m, |m| m.add_adapter("new", cfg(10)), |e| matches!(e, InvalidRank { .. }));
+    fails_unchanged(
+        &m,
+        |m| m.add_adapter("new", cfg(10)),
+        |e| matches!(e, InvalidRank { .. }),
+    );
     fails_unchanged(
         &m,
         |m| m.add_adapter_from_parts("r3", Array2::zeros((1, K)), Array2::zeros((D, 1)), cfg(1)),
@@ -269,13 +326,36 @@ fn errors_leave_the_model_unchanged() {
     );
     fails_unchanged(
         &m,
-        |m| m.add_adapter_from_parts("new", Array2::zeros((1, K + 1)), Array2::zeros((D, 1)), cfg(1)),
-        |e| matches!(e, ShapeMismatch { what: "weight_a", .. }),
+        |m| {
+            m.add_adapter_from_parts(
+                "new",
+                Array2::zeros((1, K + 1)),
+                Array2::zeros((D, 1)),
+                cfg(1),
+            )
+        },
+        |e| {
+            matches!(
+                e,
+                ShapeMismatch {
+                    what: "weight_a",
+                    ..
+                }
+            )
+        },
     );
     fails_unchanged(
         &m,
         |m| m.add_adapter_from_parts("new", Array2::zeros((1, K)), Array2::zeros((D, 2)), cfg(1)),
-        |e| matches!(e, ShapeMismatch { what: "weight_b", .. }),
+        |e| {
+            matches!(
+                e,
+                ShapeMismatch {
+                    what: "weight_b",
+                    ..
+                }
+            )
+        },
     );
     fails_unchanged(
         &m,
@@ -283,52 +363,119 @@ fn errors_leave_the_model_unchanged() {
             let b = Array2::from_elem((D, 1), f32::INFINITY);
             m.add_adapter_from_parts("new", Array2::zeros((1, K)), b, cfg(1))
         },
-        |e| matches!(e, NonFinite { what: "weight_b", .. }),
+        |e| {
+            matches!(
+                e,
+                NonFinite {
+                    what: "weight_b",
+                    ..
+                }
+            )
+        },
     );
     fails_unchanged(&m, |m| m.set_active(&["r2", "nope"]), unknown);
-    fails_unchanged(&m, |m| m.set_active(&["r2", "r3", "r2"]), |e| {
-        matches!(e, DuplicateAdapter { name } if name == "r2")
-    });
+    fails_unchanged(
+        &m,
+        |m| m.set_active(&["r2", "r3", "r2"]),
+        |e| matches!(e, DuplicateAdapter { name } if name == "r2"),
+    );
     fails_unchanged(&m, |m| m.remove_adapter("nope"), unknown);
     fails_unchanged(&m, |m| m.merge("nope"), unknown);
     fails_unchanged(&m, |m| m.is_merged("nope"), unknown);
     fails_unchanged(&m, |m| m.weight_a("nope").map(|_| ()), unknown);
-    fails_unchanged(&m, |m| m.unmerge("r1"), |e| {
-        matches!(e, MergeState { operation: "unmerge", expected: true })
-    });
+    fails_unchanged(
+        &m,
+        |m| m.unmerge("r1"),
+        |e| {
+            matches!(
+                e,
+                MergeState {
+                    operation: "unmerge",
+                    expected: true
+                }
+            )
+        },
+    );
     let x = Array2::<f32>::ones((3, K));
-    fails_unchanged(&m, |m| m.forward_mixed(x.view(), &[None, Some(0)]), |e| {
-        matches!(e, ShapeMismatch { what: "adapter_of_row", .. })
-    });
-    fails_unchanged(&m, |m| m.forward_mixed(x.slice(s![.., 1..]), &[None; 3]), |e| {
-        matches!(e, ShapeMismatch { what: "input x", .. })
-    });
-    fails_unchanged(&m, |m| m.forward(x.slice(s![.., 1..])), |e| {
-        matches!(e, ShapeMismatch { what: "input x", .. })
-    });
+    fails_unchanged(
+        &m,
+        |m| m.forward_mixed(x.view(), &[None, Some(0)]),
+        |e| {
+            matches!(
+                e,
+                ShapeMismatch {
+                    what: "adapter_of_row",
+                    ..
+                }
+            )
+        },
+    );
+    fails_unchanged(
+        &m,
+        |m| m.forward_mixed(x.slice(s![.., 1..]), &[None; 3]),
+        |e| {
+            matches!(
+                e,
+                ShapeMismatch {
+                    what: "input x",
+                    ..
+                }
+            )
+        },
+    );
+    fails_unchanged(
+        &m,
+        |m| m.forward(x.slice(s![.., 1..])),
+        |e| {
+            matches!(
+                e,
+                ShapeMismatch {
+                    what: "input x",
+                    ..
+                }
+            )
+        },
+    );
 
     // Merged states.
     m.merge("r2").unwrap();
-    let merged = |op: &'static str| {
-        move |e: &LoraError| matches!(e, MergeState { operation, expected: false } if *operation == op)
-    };
+    let merged = |op: &'static str| move |e: &LoraError| matches!(e, MergeState { operation, expected: false } if *operation == op);
     fails_unchanged(&m, |m| m.merge("r2"), merged("merge"));
     fails_unchanged(&m, |m| m.remove_adapter("r2"), merged("remove_adapter"));
-    fails_unchanged(&m, |m| m.weight_b_mut("r2").map(|_| ()), merged("weight_b_mut"));
+    fails_unchanged(
+        &m,
+        |m| m.weight_b_mut("r2").map(|_| ()),
+        merged("weight_b_mut"),
+    );
     fails_unchanged(&m, |m| m.to_layer("r1"), merged("to_layer"));
-    fails_unchanged(&m, |m| m.forward_mixed(x.view(), &[None; 3]), merged("forward_mixed"));
+    fails_unchanged(
+        &m,
+        |m| m.forward_mixed(x.view(), &[None; 3]),
+        merged("forward_mixed"),
+    );
 }
 
 #[test]
 fn merges_that_would_overflow_are_refused_whole() {
     let big = f32::MAX / 3.0;
     let mut m = LoraModel::new(Array2::<f32>::from_elem((2, 2), big)).unwrap();
-    let cfg = LoraConfig { rank: 1, alpha: 1.0, ..Default::default() };
+    let cfg = LoraConfig {
+        rank: 1,
+        alpha: 1.0,
+        ..Default::default()
+    };
     let half = Array2::from_elem((2, 1), big * 1.2); // 0.4·MAX
-    m.add_adapter_from_parts("a", Array2::ones((1, 2)), half.clone(), cfg.clone()).unwrap();
-    m.add_adapter_from_parts("b", Array2::ones((1, 2)), half, cfg.clone()).unwrap();
-    m.add_adapter_from_parts("huge", Array2::ones((1, 2)), Array2::from_elem((2, 1), f32::MAX), cfg)
+    m.add_adapter_from_parts("a", Array2::ones((1, 2)), half.clone(), cfg.clone())
         .unwrap();
+    m.add_adapter_from_parts("b", Array2::ones((1, 2)), half, cfg.clone())
+        .unwrap();
+    m.add_adapter_from_parts(
+        "huge",
+        Array2::ones((1, 2)),
+        Array2::from_elem((2, 1), f32::MAX),
+        cfg,
+    )
+    .unwrap();
     let overflow = |e: &LoraError| matches!(e, WouldOverflow { operation: "merge" });
     use LoraError::WouldOverflow;
     fails_unchanged(&m, |m| m.merge("huge"), overflow);
