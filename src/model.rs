@@ -211,6 +211,18 @@ impl<A: LoraFloat> LoraModel<A> {
     /// Removes an adapter (and deactivates it). Its id is never given out again.
     ///
     /// Errors: unknown name; the adapter is merged ([`LoraError::MergeState`]): unmerge first.
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use ndlora::{LoraConfig, LoraModel};
+    /// let mut model = LoraModel::new(Array2::<f32>::ones((4, 4)))?;
+    /// let cfg = LoraConfig { rank: 1, ..Default::default() };
+    /// model.add_adapter("old", cfg.clone())?;
+    /// model.remove_adapter("old")?;
+    /// assert_eq!(model.add_adapter("new", cfg)?, 1); // id 0 is never reused
+    /// assert_eq!(model.adapter_names(), ["new"]);
+    /// # Ok::<(), ndlora::LoraError>(())
+    /// ```
     pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
         let id = self.id_of(name)?;
         self.require_unmerged(id, "remove_adapter")?;
@@ -239,6 +251,19 @@ impl<A: LoraFloat> LoraModel<A> {
     /// adds every active, unmerged adapter; [`merge_active`](Self::merge_active) merges them.
     ///
     /// Errors: an unknown name; a name listed twice ([`LoraError::DuplicateAdapter`]).
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use ndlora::{LoraConfig, LoraModel};
+    /// let mut model = LoraModel::new(Array2::<f64>::zeros((2, 2)))?;
+    /// let cfg = LoraConfig { rank: 1, alpha: 1.0, ..Default::default() };
+    /// model.add_adapter_from_parts("a", Array2::ones((1, 2)), Array2::ones((2, 1)), cfg.clone())?;
+    /// model.add_adapter_from_parts("b", Array2::ones((1, 2)), Array2::ones((2, 1)), cfg)?;
+    /// model.set_active(&["a", "b"])?;
+    /// let y = model.forward(Array2::ones((1, 2)).view())?;
+    /// assert_eq!(y, ndarray::array![[4.0, 4.0]]); // 0 + 2 + 2
+    /// # Ok::<(), ndlora::LoraError>(())
+    /// ```
     pub fn set_active(&mut self, names: &[&str]) -> Result<()> {
         let mut ids = Vec::with_capacity(names.len());
         for name in names {
@@ -353,6 +378,19 @@ impl<A: LoraFloat> LoraModel<A> {
     ///
     /// Errors, leaving the model unchanged: unknown name; already merged; a non-finite factor;
     /// a result that would hold NaN/∞ ([`LoraError::WouldOverflow`]).
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use ndlora::{LoraConfig, LoraModel};
+    /// let mut model = LoraModel::new(Array2::<f64>::zeros((2, 2)))?;
+    /// let cfg = LoraConfig { rank: 1, alpha: 1.0, ..Default::default() };
+    /// model.add_adapter_from_parts("a", Array2::ones((1, 2)), Array2::ones((2, 1)), cfg)?;
+    /// model.merge("a")?;
+    /// assert_eq!(model.base_weight(), Array2::<f64>::ones((2, 2)));
+    /// model.unmerge("a")?;
+    /// assert_eq!(model.base_weight(), Array2::<f64>::zeros((2, 2)));
+    /// # Ok::<(), ndlora::LoraError>(())
+    /// ```
     pub fn merge(&mut self, name: &str) -> Result<()> {
         let id = self.id_of(name)?;
         self.require_unmerged(id, "merge")?;
@@ -442,6 +480,18 @@ impl<A: LoraFloat> LoraModel<A> {
     ///
     /// Errors: unknown name; any adapter merged ([`LoraError::MergeState`]): W is then not
     /// the base weight.
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use ndlora::{LoraConfig, LoraModel};
+    /// let mut model = LoraModel::new(Array2::<f32>::eye(3))?;
+    /// let id = model.add_adapter("a", LoraConfig { rank: 2, ..Default::default() })?;
+    /// model.weight_b_mut("a")?.fill(0.1);
+    /// let layer = model.to_layer("a")?;
+    /// let x = Array2::ones((2, 3));
+    /// assert_eq!(layer.forward(x.view())?, model.forward_mixed(x.view(), &[Some(id); 2])?);
+    /// # Ok::<(), ndlora::LoraError>(())
+    /// ```
     pub fn to_layer(&self, name: &str) -> Result<LoraLayer<A>> {
         let id = self.id_of(name)?;
         if !self.merged.is_empty() {
