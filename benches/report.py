@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Print criterion results as ratio tables: each benchmark's median time divided by its
 group's baseline for the same parameter (bare-gemm, rw-pass, scalar or naive), all from the
-last `cargo bench` run. Usage: python3 benches/report.py [group-prefix ...]"""
+last `cargo bench` run (under $CARGO_TARGET_DIR if set). Usage: python3 benches/report.py [group-prefix ...]"""
 import json
+import os
 import pathlib
 import sys
 
 BASELINES = ["bare-gemm", "rw-pass", "scalar", "naive"]
-root = pathlib.Path(__file__).resolve().parent.parent / "target" / "criterion"
+target = os.environ.get("CARGO_TARGET_DIR") or pathlib.Path(__file__).resolve().parent.parent / "target"
+root = pathlib.Path(target) / "criterion"
 prefixes = sys.argv[1:]
 
 

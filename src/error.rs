@@ -62,6 +62,24 @@ pub enum LoraError {
         /// The merged state it requires.
         expected: bool,
     },
+    /// No adapter with this name (never added, or removed).
+    #[error("no adapter named {name:?}")]
+    UnknownAdapter {
+        /// The name that was asked for.
+        name: String,
+    },
+    /// No adapter with this id (never added, or removed; ids are never reused).
+    #[error("no adapter with id {id}")]
+    UnknownAdapterId {
+        /// The id that was asked for.
+        id: usize,
+    },
+    /// An adapter name given twice: already present in the model, or repeated in a list.
+    #[error("adapter name {name:?} is already taken")]
+    DuplicateAdapter {
+        /// The repeated name.
+        name: String,
+    },
     /// A size whose product overflows `usize`.
     #[error("size overflow: {what} = {dims:?} does not fit in usize")]
     SizeOverflow {

@@ -1,6 +1,6 @@
 //! [`LoraLayer`]: a frozen weight with a trainable low-rank update.
 
-use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
@@ -10,9 +10,7 @@ use crate::config::{LoraConfig, LoraInit};
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
 use crate::gemm::{blas_operand, gemm};
-
-/// Rows of W per block when a merge must be checked exactly for overflow (rare path).
-const OVERFLOW_CHECK_ROWS: usize = 64;
+use crate::update::{max_abs, update_weight};
 
 /// A linear layer with a frozen weight W (d×k), an optional frozen bias b (d), and a low-rank
 /// update s·B A.
@@ -397,59 +395,15 @@ impl<A: LoraFloat> LoraLayer<A> {
 
     /// W ← W + sign·s·B A after proving the result finite.
     fn update_weight(&mut self, sign: f64, operation: &'static str) -> Result<()> {
-        check_finite("weight_a", self.weight_a.view())?;
-        check_finite("weight_b", self.weight_b.view())?;
         let alpha = A::from_f64_lossy(sign * self.scaling);
-        let new_bound = self.checked_update_bound(alpha, operation)?;
-        gemm(
-            alpha,
-            self.weight_b.view(),
-            self.weight_a.view(),
-            A::one(),
+        update_weight(
             self.base_weight.view_mut(),
-        );
-        self.w_abs_bound = new_bound;
-        Ok(())
-    }
-
-    /// Proves that W + α·B A is finite without writing W and returns a bound on its largest
-    /// magnitude. Fast path: |W + αBA|ᵢⱼ ≤ max|W| + |α|·maxᵢ Σₗ|Bᵢₗ|·max|A|, with a factor-2
-    /// margin for rounding; only near overflow is the update evaluated block by block.
-    fn checked_update_bound(&mut self, alpha: A, operation: &'static str) -> Result<f64> {
-        let limit = A::max_value().into_f64() / 2.0;
-        let row_sum_b = self
-            .weight_b
-            .rows()
-            .into_iter()
-            .map(|row| row.iter().map(|v| v.into_f64().abs()).sum::<f64>())
-            .fold(0.0, f64::max);
-        let delta = alpha.into_f64().abs() * row_sum_b * max_abs(self.weight_a.view());
-        if self.w_abs_bound + delta < limit {
-            return Ok(self.w_abs_bound + delta);
-        }
-        // The cached bound may have grown loose over many merges: tighten it, then retry.
-        self.w_abs_bound = max_abs(self.base_weight.view());
-        if self.w_abs_bound + delta < limit {
-            return Ok(self.w_abs_bound + delta);
-        }
-        let mut bound = 0.0_f64;
-        let d = self.out_features();
-        for start in (0..d).step_by(OVERFLOW_CHECK_ROWS) {
-            let rows = s![start..(start + OVERFLOW_CHECK_ROWS).min(d), ..];
-            let mut block = self.base_weight.slice(rows).to_owned();
-            gemm(
-                alpha,
-                self.weight_b.slice(rows),
-                self.weight_a.view(),
-                A::one(),
-                block.view_mut(),
-            );
-            if block.iter().any(|v| !v.is_finite()) {
-                return Err(LoraError::WouldOverflow { operation });
-            }
-            bound = bound.max(max_abs(block.view()));
-        }
-        Ok(bound)
+            &mut self.w_abs_bound,
+            self.weight_a.view(),
+            self.weight_b.view(),
+            alpha,
+            operation,
+        )
     }
 
     fn forward_unchecked(&self, x: ArrayView2<'_, A>, mut out: ArrayViewMut2<'_, A>) {
@@ -579,10 +533,6 @@ fn check_bias<A: LoraFloat>(bias: ArrayView1<'_, A>, d: usize) -> Result<()> {
             value: bias[i].into_f64(),
         }),
     }
-}
-
-fn max_abs<A: LoraFloat>(m: ArrayView2<'_, A>) -> f64 {
-    m.fold(0.0_f64, |acc, v| acc.max(v.into_f64().abs()))
 }
 
 /// The serialised form: all state, validated again on load.

@@ -32,6 +32,10 @@
 //!   finite in O(r·(d + k)); only near overflow is the update evaluated block by block first.
 //! * Fallible operations validate everything before they mutate, so an error leaves the
 //!   value as it was. [`LoraLayer::forward`] takes `&self`: share one layer across threads.
+//! * [`LoraLayer::backward`] returns ∂L/∂A, ∂L/∂B and ∂L/∂X in six gemms. [`LoraModel`] keeps
+//!   several named adapters on one W; its mixed-batch forward runs one base gemm for the whole
+//!   batch plus one thin gemm pair per adapter over that adapter's rows (strided views, no copy,
+//!   when the rows are evenly spaced).
 //!
 //! ## Backends
 //!
@@ -73,6 +77,9 @@ mod error;
 mod float;
 mod gemm;
 mod layer;
+mod model;
+mod train;
+mod update;
 
 pub use backend::{backend, set_blas_threads, use_native_openblas_kernel, Backend};
 pub use config::{LoraConfig, LoraInit};
@@ -80,6 +87,8 @@ pub use error::{LoraError, Result};
 pub use float::LoraFloat;
 pub use gemm::{gemm_counters, reset_gemm_counters, GemmCounters};
 pub use layer::LoraLayer;
+pub use model::LoraModel;
+pub use train::LoraGrads;
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

@@ -1,0 +1,104 @@
+//! The checked rank-r update W ← W + α·B A shared by [`LoraLayer`](crate::LoraLayer) and
+//! [`LoraModel`](crate::LoraModel): it never writes a NaN or ∞ into W.
+
+use ndarray::{s, ArrayView2, ArrayViewMut2};
+
+use crate::error::{LoraError, Result};
+use crate::float::LoraFloat;
+use crate::gemm::gemm;
+use crate::layer::check_finite;
+
+/// Rows of W per block when a merge must be checked exactly for overflow (rare path).
+const OVERFLOW_CHECK_ROWS: usize = 64;
+
+/// W ← W + α·B A after proving the result finite. `w_abs_bound` is an upper bound on max|W|
+/// (a cache); it is updated to a bound on the new W. On error W is unchanged (the bound may
+/// have been tightened, which keeps it a valid bound).
+pub(crate) fn update_weight<A: LoraFloat>(
+    mut base_weight: ArrayViewMut2<'_, A>,
+    w_abs_bound: &mut f64,
+    weight_a: ArrayView2<'_, A>,
+    weight_b: ArrayView2<'_, A>,
+    alpha: A,
+    operation: &'static str,
+) -> Result<()> {
+    check_finite("weight_a", weight_a)?;
+    check_finite("weight_b", weight_b)?;
+    let new_bound = checked_update_bound(
+        base_weight.view(),
+        w_abs_bound,
+        weight_a,
+        weight_b,
+        alpha,
+        operation,
+    )?;
+    gemm(alpha, weight_b, weight_a, A::one(), base_weight.view_mut());
+    *w_abs_bound = new_bound;
+    Ok(())
+}
+
+/// |α|·maxᵢ Σₗ|Bᵢₗ|·max|A|: a bound on max|α·B A| in O(r·(d + k)).
+pub(crate) fn update_magnitude_bound<A: LoraFloat>(
+    weight_a: ArrayView2<'_, A>,
+    weight_b: ArrayView2<'_, A>,
+    alpha: A,
+) -> f64 {
+    let row_sum_b = weight_b
+        .rows()
+        .into_iter()
+        .map(|row| row.iter().map(|v| v.into_f64().abs()).sum::<f64>())
+        .fold(0.0, f64::max);
+    alpha.into_f64().abs() * row_sum_b * max_abs(weight_a)
+}
+
+/// The largest magnitude `|W|` may reach and still be safe: half of `A::MAX`, a factor-2
+/// margin for rounding in the bound.
+pub(crate) fn magnitude_limit<A: LoraFloat>() -> f64 {
+    A::max_value().into_f64() / 2.0
+}
+
+/// Proves that W + α·B A is finite without writing W and returns a bound on its largest
+/// magnitude. Fast path: |W + αBA|ᵢⱼ ≤ max|W| + |α|·maxᵢ Σₗ|Bᵢₗ|·max|A|, with a factor-2
+/// margin for rounding; only near overflow is the update evaluated block by block.
+fn checked_update_bound<A: LoraFloat>(
+    base_weight: ArrayView2<'_, A>,
+    w_abs_bound: &mut f64,
+    weight_a: ArrayView2<'_, A>,
+    weight_b: ArrayView2<'_, A>,
+    alpha: A,
+    operation: &'static str,
+) -> Result<f64> {
+    let limit = magnitude_limit::<A>();
+    let delta = update_magnitude_bound(weight_a, weight_b, alpha);
+    if *w_abs_bound + delta < limit {
+        return Ok(*w_abs_bound + delta);
+    }
+    // The cached bound may have grown loose over many merges: tighten it, then retry.
+    *w_abs_bound = max_abs(base_weight);
+    if *w_abs_bound + delta < limit {
+        return Ok(*w_abs_bound + delta);
+    }
+    let mut bound = 0.0_f64;
+    let d = base_weight.nrows();
+    for start in (0..d).step_by(OVERFLOW_CHECK_ROWS) {
+        let rows = s![start..(start + OVERFLOW_CHECK_ROWS).min(d), ..];
+        let mut block = base_weight.slice(rows).to_owned();
+        gemm(
+            alpha,
+            weight_b.slice(rows),
+            weight_a,
+            A::one(),
+            block.view_mut(),
+        );
+        if block.iter().any(|v| !v.is_finite()) {
+            return Err(LoraError::WouldOverflow { operation });
+        }
+        bound = bound.max(max_abs(block.view()));
+    }
+    Ok(bound)
+}
+
+/// max |mᵢⱼ| in f64 (0 for an empty matrix).
+pub(crate) fn max_abs<A: LoraFloat>(m: ArrayView2<'_, A>) -> f64 {
+    m.fold(0.0_f64, |acc, v| acc.max(v.into_f64().abs()))
+}
