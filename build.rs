@@ -110,6 +110,7 @@ fn use_feature(feature: &str, backend: &str) {
 }
 
 /// How a system OpenBLAS was found.
+#[allow(clippy::large_enum_variant)] // one short-lived value per build; boxing buys nothing
 enum Found {
     PkgConfig(pkg_config::Library),
     Dir(PathBuf),

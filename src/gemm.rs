@@ -219,7 +219,7 @@ fn gemm_nonempty<T: GemmScalar>(
     match c_layout {
         // A column-major C is the row-major Cᵀ = Bᵀ·Aᵀ.
         Some(l) if l.transposed && dims_fit && fits(l.ld) => {
-            return gemm_nonempty(alpha, b.t(), a.t(), beta, c.reversed_axes());
+            gemm_nonempty(alpha, b.t(), a.t(), beta, c.reversed_axes());
         }
         Some(l) if dims_fit && fits(l.ld) => {
             let a_owned;

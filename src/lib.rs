@@ -67,6 +67,8 @@ mod error;
 mod float;
 mod gemm;
 mod layer;
+mod micro;
+mod simd;
 
 pub use backend::{backend, set_blas_threads, Backend};
 pub use config::{LoraConfig, LoraInit};
@@ -74,3 +76,5 @@ pub use error::{LoraError, Result};
 pub use float::LoraFloat;
 pub use gemm::{gemm_counters, reset_gemm_counters, GemmCounters};
 pub use layer::LoraLayer;
+pub use micro::{LearningSignal, MicroLora};
+pub use simd::{simd_level, SimdLevel};
