@@ -3,14 +3,13 @@
 //! One kernel computes y ← y + s·Uᵀ (D x) for a rank-1 or rank-2 adapter: the r dot products
 //! h = D x in one pass over x, then the fused update y ← y + Σⱼ (s·hⱼ)·Uⱼ in a second pass.
 //!
-//! * [`lanes`] holds the kernel body once, written over blocks of `L` lanes (`[f32; L]`, four
-//!   independent accumulators per rank row, body/`L`-block/scalar tail, unaligned loads). The
-//!   per-ISA files instantiate it under `#[target_feature]`, where LLVM maps each block onto
-//!   one vector register and each lane-wise `mul_add` onto one FMA: `L = 8` for AVX2+FMA and
-//!   `L = 16` for AVX-512F ([`x86`]), `L = 4` for NEON ([`aarch64`]). Writing the body once
-//!   means the AVX-512 and NEON builds run the very code the AVX2 tests exercise; only the
-//!   width differs (and width 16 is tested under AVX2 in this module's unit tests). It also
-//!   keeps the crate on its MSRV: the AVX-512 intrinsics in `core::arch` need Rust 1.89.
+//! * [`lanes`] holds the kernel body once, generic over a vector type (`Lanes`): independent
+//!   accumulators, body/vector/scalar tail, unaligned loads. [`x86`] instantiates it with
+//!   AVX2+FMA intrinsics (`__m256`) and, for AVX-512F, with a portable 16-lane `[f32; 16]`
+//!   vector that LLVM maps onto `zmm` registers (the `core::arch` AVX-512 intrinsics need
+//!   Rust 1.89, above the crate's MSRV of 1.85); [`aarch64`] with NEON intrinsics. One body
+//!   means the AVX-512 and NEON builds run the logic the AVX2 tests exercise; the 16- and
+//!   4-lane instantiations are also run on any host by this module's unit tests.
 //! * [`scalar`] is the portable fallback and the `forward_scalar` reference.
 //! * CPU features are detected once; the chosen [`Kernel`] (a function pointer) is cached in
 //!   a `OnceLock`. [`Kernel::run`] is the one safe entry: it checks the slice lengths that the
@@ -240,13 +239,13 @@ mod tests {
             println!("tested width 16 under avx2+fma");
         }
         check_width(
-            // SAFETY: the body without target features runs on any CPU; lengths consistent.
-            |a, x, y| unsafe { lanes::forward::<4>(a, x, y) },
+            // SAFETY: `Portable` needs no CPU feature; check_width passes consistent lengths.
+            |a, x, y| unsafe { lanes::forward::<lanes::Portable<4>>(a, x, y) },
             "width 4 (baseline)",
         );
         check_width(
             // SAFETY: as above.
-            |a, x, y| unsafe { lanes::forward::<16>(a, x, y) },
+            |a, x, y| unsafe { lanes::forward::<lanes::Portable<16>>(a, x, y) },
             "width 16 (baseline)",
         );
     }
