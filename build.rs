@@ -110,9 +110,8 @@ fn use_feature(feature: &str, backend: &str) {
 }
 
 /// How a system OpenBLAS was found.
-#[allow(clippy::large_enum_variant)] // one short-lived value per build; boxing buys nothing
 enum Found {
-    PkgConfig(pkg_config::Library),
+    PkgConfig(Box<pkg_config::Library>),
     Dir(PathBuf),
 }
 
@@ -126,7 +125,7 @@ fn find_system_openblas() -> Option<Found> {
         .cargo_metadata(false)
         .probe("openblas")
     {
-        return Some(Found::PkgConfig(lib));
+        return Some(Found::PkgConfig(Box::new(lib)));
     }
     let mut dirs: Vec<PathBuf> = env::var("LIBRARY_PATH")
         .map(|p| env::split_paths(&p).collect())

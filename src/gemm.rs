@@ -130,6 +130,7 @@ impl_gemm_scalar!(f64, cblas_dgemm);
 
 /// How a view's memory reads as a row-major BLAS operand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(ndlora_blas), allow(dead_code))]
 struct BlasLayout {
     /// The memory is the row-major transpose of the view (the view is column-major).
     transposed: bool,
@@ -139,6 +140,7 @@ struct BlasLayout {
 
 /// The row-major BLAS description of `rows × cols` memory with `strides`, if there is one.
 /// Axes of extent ≤ 1 may have any stride, since it is never used.
+#[cfg_attr(not(ndlora_blas), allow(dead_code))]
 fn blas_layout(rows: usize, cols: usize, strides: &[isize]) -> Option<BlasLayout> {
     let (s0, s1) = (strides[0], strides[1]);
     let unit = |extent: usize, s: isize| extent <= 1 || s == 1;
@@ -219,7 +221,7 @@ fn gemm_nonempty<T: GemmScalar>(
     match c_layout {
         // A column-major C is the row-major Cᵀ = Bᵀ·Aᵀ.
         Some(l) if l.transposed && dims_fit && fits(l.ld) => {
-            gemm_nonempty(alpha, b.t(), a.t(), beta, c.reversed_axes());
+            gemm_nonempty(alpha, b.t(), a.t(), beta, c.reversed_axes())
         }
         Some(l) if dims_fit && fits(l.ld) => {
             let a_owned;
