@@ -29,6 +29,14 @@
 //! * Fallible operations validate everything before they mutate, so an error leaves the
 //!   value as it was. [`LoraLayer::forward`] takes `&self`: share one layer across threads.
 //!
+//! ## Per-request micro-adapters
+//!
+//! [`MicroLora`] is a square rank-1 or rank-2 adapter on vectors of length H, for serving
+//! loops: `forward` adds s·Uᵀ (D x) into an output slice with a hand-vectorised kernel
+//! (AVX-512F, AVX2+FMA or NEON, picked once at run time; [`simd_level`] says which), without
+//! allocating, and learns online from [`LearningSignal`]s (gradient ascent on q·⟨g, y(x)⟩,
+//! both factors trained). `forward_batch` runs many vectors through the gemm entry point.
+//!
 //! ## Backends
 //!
 //! `build.rs` picks the BLAS: one of the cargo features `openblas`, `openblas-static`, `blis`,

@@ -294,7 +294,17 @@ fn forward_batch_matches_rows() {
                         lora.forward(&xr.to_vec(), yr.as_slice_mut().unwrap());
                     }
                     let mut out_c = y0.clone();
+                    ndlora::reset_gemm_counters();
                     lora.forward_batch(x, out_c.view_mut()).unwrap();
+                    let calls = ndlora::gemm_counters();
+                    if n > 0 {
+                        // Two thin products through the gemm entry point: X Dᵀ, then (X Dᵀ) U.
+                        assert_eq!(
+                            calls.blas_calls + calls.fallback_calls,
+                            2,
+                            "{name}: {calls:?}"
+                        );
+                    }
                     let mut out_f = Array2::zeros((n, h).f());
                     out_f.assign(&y0);
                     lora.forward_batch(x, out_f.view_mut()).unwrap();
