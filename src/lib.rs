@@ -37,6 +37,14 @@
 //!   batch plus one thin gemm pair per adapter over that adapter's rows (strided views, no copy,
 //!   when the rows are evenly spaced).
 //!
+//! ## Per-request micro-adapters
+//!
+//! [`MicroLora`] is a square rank-1 or rank-2 adapter on vectors of length H, for serving
+//! loops: `forward` adds s·Uᵀ (D x) into an output slice with a hand-vectorised kernel
+//! (AVX-512F, AVX2+FMA or NEON, picked once at run time; [`simd_level`] says which), without
+//! allocating, and learns online from [`LearningSignal`]s (gradient ascent on q·⟨g, y(x)⟩,
+//! both factors trained). `forward_batch` runs many vectors through the gemm entry point.
+//!
 //! ## Backends
 //!
 //! `build.rs` picks the BLAS: one of the cargo features `openblas`, `openblas-static`, `blis`,
@@ -77,7 +85,9 @@ mod error;
 mod float;
 mod gemm;
 mod layer;
+mod micro;
 mod model;
+mod simd;
 mod train;
 mod update;
 
@@ -87,7 +97,9 @@ pub use error::{LoraError, Result};
 pub use float::LoraFloat;
 pub use gemm::{gemm_counters, reset_gemm_counters, GemmCounters};
 pub use layer::LoraLayer;
+pub use micro::{LearningSignal, MicroLora};
 pub use model::LoraModel;
+pub use simd::{simd_level, SimdLevel};
 pub use train::LoraGrads;
 
 /// The README's code blocks, compiled and run as doctests.

@@ -1,0 +1,63 @@
+//! aarch64 kernel: NEON intrinsics (`float32x4_t`) instantiating [`lanes::forward`].
+
+use std::arch::aarch64::{
+    float32x4_t, vaddq_f32, vaddvq_f32, vdupq_n_f32, vfmaq_f32, vld1q_f32, vst1q_f32,
+};
+
+use super::lanes::{self, Lanes};
+use super::Adapter;
+
+/// Four f32 lanes in one `q` register. Methods need NEON (the [`Lanes`] contract).
+#[derive(Clone, Copy)]
+struct Neon(float32x4_t);
+
+impl Lanes for Neon {
+    const LANES: usize = 4;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: the CPU has NEON, per the trait contract.
+        Self(unsafe { vdupq_n_f32(0.0) })
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        // SAFETY: NEON present.
+        Self(unsafe { vdupq_n_f32(v) })
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: NEON present; 4 readable floats at `p`; `vld1q` needs only f32 alignment,
+        // which every `*const f32` from a slice has.
+        Self(unsafe { vld1q_f32(p) })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: NEON present; 4 writable floats at `p` (f32-aligned, from a slice).
+        unsafe { vst1q_f32(p, self.0) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(self, a: Self, b: Self) -> Self {
+        // SAFETY: NEON present. vfmaq_f32(acc, a, b) = acc + a·b, fused.
+        Self(unsafe { vfmaq_f32(self.0, a.0, b.0) })
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        // SAFETY: NEON present.
+        Self(unsafe { vaddq_f32(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        // SAFETY: NEON present.
+        unsafe { vaddvq_f32(self.0) }
+    }
+}
+
+/// NEON kernel.
+///
+/// # Safety
+/// The CPU supports NEON (every aarch64 Linux/macOS CPU does), and the lengths satisfy the
+/// `KernelFn` contract in [`super`] (rank 1 or 2, `down`/`up` of `rank·n`, `y` of `n`).
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn forward_neon(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
+    // SAFETY: NEON enabled here and present by our contract; lengths forwarded.
+    unsafe { lanes::forward::<Neon>(a, x, y) }
+}

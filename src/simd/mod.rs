@@ -1,0 +1,252 @@
+//! Hand-vectorised forward kernels for [`MicroLora`](crate::MicroLora), chosen at run time.
+//!
+//! One kernel computes y ← y + s·Uᵀ (D x) for a rank-1 or rank-2 adapter: the r dot products
+//! h = D x in one pass over x, then the fused update y ← y + Σⱼ (s·hⱼ)·Uⱼ in a second pass.
+//!
+//! * [`lanes`] holds the kernel body once, generic over a vector type (`Lanes`): independent
+//!   accumulators, body/vector/scalar tail, unaligned loads. [`x86`] instantiates it with
+//!   AVX2+FMA intrinsics (`__m256`) and, for AVX-512F, with a portable 16-lane `[f32; 16]`
+//!   vector that LLVM maps onto `zmm` registers (the `core::arch` AVX-512 intrinsics need
+//!   Rust 1.89, above the crate's MSRV of 1.85); [`aarch64`] with NEON intrinsics. One body
+//!   means the AVX-512 and NEON builds run the logic the AVX2 tests exercise; the 16- and
+//!   4-lane instantiations are also run on any host by this module's unit tests.
+//! * [`scalar`] is the portable fallback and the `forward_scalar` reference.
+//! * CPU features are detected once; the chosen [`Kernel`] (a function pointer) is cached in
+//!   a `OnceLock`. [`Kernel::run`] is the one safe entry: it checks the slice lengths that the
+//!   `unsafe` kernels rely on.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64", test)),
+    allow(dead_code)
+)]
+mod lanes;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// The instruction-set variants of [`MicroLora`](crate::MicroLora)'s forward kernel.
+///
+/// [`simd_level`] says which one [`MicroLora::forward`](crate::MicroLora::forward) uses on
+/// this CPU; [`MicroLora::forward_with`](crate::MicroLora::forward_with) runs a given one.
+///
+/// ```
+/// use ndlora::SimdLevel;
+/// let level = ndlora::simd_level();
+/// assert!(level.is_available());
+/// assert!(SimdLevel::Scalar.is_available()); // always compiled, always runs
+/// println!("MicroLora::forward runs the {level} kernel");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SimdLevel {
+    /// Portable scalar loop (every CPU).
+    Scalar,
+    /// x86-64 with AVX2 and FMA: 8 lanes.
+    Avx2Fma,
+    /// x86-64 with AVX-512F: 16 lanes.
+    Avx512F,
+    /// aarch64 with NEON: 4 lanes.
+    Neon,
+}
+
+impl SimdLevel {
+    /// Every variant, from the most portable to the widest.
+    pub const ALL: [SimdLevel; 4] = [
+        SimdLevel::Scalar,
+        SimdLevel::Avx2Fma,
+        SimdLevel::Avx512F,
+        SimdLevel::Neon,
+    ];
+
+    /// A short name: `"scalar"`, `"avx2+fma"`, `"avx512f"` or `"neon"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Avx2Fma => "avx2+fma",
+            SimdLevel::Avx512F => "avx512f",
+            SimdLevel::Neon => "neon",
+        }
+    }
+
+    /// Whether this build and this CPU can run the variant.
+    pub fn is_available(self) -> bool {
+        Kernel::for_level(self).is_some()
+    }
+}
+
+impl fmt::Display for SimdLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The kernel variant [`MicroLora::forward`](crate::MicroLora::forward) dispatches to on this
+/// CPU: the widest available of AVX-512F, AVX2+FMA, NEON, else scalar. Detected on first use
+/// and cached for the life of the process.
+///
+/// ```
+/// let level = ndlora::simd_level();
+/// println!("{level}");
+/// assert_eq!(level, ndlora::simd_level()); // cached
+/// ```
+pub fn simd_level() -> SimdLevel {
+    Kernel::best().level
+}
+
+/// The adapter a kernel applies: row-major D (r×n) and U (r×n) as flat slices.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Adapter<'a> {
+    pub down: &'a [f32],
+    pub up: &'a [f32],
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// y ← y + s·Uᵀ (D x).
+///
+/// # Safety
+/// `a.rank` is 1 or 2, `a.down.len() == a.up.len() == a.rank * x.len()`, `y.len() == x.len()`,
+/// and the CPU supports the instructions the kernel was compiled for.
+type KernelFn = unsafe fn(a: Adapter<'_>, x: &[f32], y: &mut [f32]);
+
+/// A forward kernel this CPU can run. Only [`Kernel::for_level`] makes one, after checking the
+/// CPU's features, so holding a `Kernel` proves its instructions are supported.
+#[derive(Clone, Copy)]
+pub(crate) struct Kernel {
+    level: SimdLevel,
+    f: KernelFn,
+}
+
+impl Kernel {
+    const SCALAR: Kernel = Kernel {
+        level: SimdLevel::Scalar,
+        f: scalar::forward,
+    };
+
+    /// The kernel for `level`, if this build and CPU can run it.
+    pub(crate) fn for_level(level: SimdLevel) -> Option<Kernel> {
+        let f: KernelFn = match level {
+            SimdLevel::Scalar => return Some(Self::SCALAR),
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2Fma
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") =>
+            {
+                x86::forward_avx2_fma
+            }
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512F if is_x86_feature_detected!("avx512f") => x86::forward_avx512f,
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Neon if std::arch::is_aarch64_feature_detected!("neon") => {
+                aarch64::forward_neon
+            }
+            _ => return None,
+        };
+        Some(Kernel { level, f })
+    }
+
+    /// The widest kernel this CPU runs, detected once.
+    pub(crate) fn best() -> Kernel {
+        static BEST: OnceLock<Kernel> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            [SimdLevel::Avx512F, SimdLevel::Avx2Fma, SimdLevel::Neon]
+                .into_iter()
+                .find_map(Kernel::for_level)
+                .unwrap_or(Self::SCALAR)
+        })
+    }
+
+    /// The portable scalar kernel.
+    pub(crate) fn scalar() -> Kernel {
+        Self::SCALAR
+    }
+
+    /// y ← y + s·Uᵀ (D x) with this kernel.
+    ///
+    /// # Panics
+    /// If the lengths are inconsistent (callers check first and report their own message).
+    #[inline]
+    pub(crate) fn run(self, a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        assert!(
+            (a.rank == 1 || a.rank == 2)
+                && a.down.len() == a.rank * n
+                && a.up.len() == a.rank * n
+                && y.len() == n,
+            "MicroLora kernel: inconsistent lengths"
+        );
+        // SAFETY: the assert above establishes the length and rank preconditions of `KernelFn`;
+        // `self` was built by `for_level`, which checked that the CPU has the kernel's features.
+        unsafe { (self.f)(a, x, y) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(len: usize, seed: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as f32 + seed) * 0.7548777).fract() - 0.5)
+            .collect()
+    }
+
+    /// Runs the generic body at width `L` on this CPU and compares it with scalar.
+    fn check_width(kernel: impl Fn(Adapter<'_>, &[f32], &mut [f32]), name: &str) {
+        for rank in 1..=2 {
+            for n in (0..=70).chain([130, 4099]) {
+                let down = pattern(rank * n, 1.0);
+                let up = pattern(rank * n, 2.0);
+                let x = pattern(n, 3.0);
+                let a = Adapter {
+                    down: &down,
+                    up: &up,
+                    rank,
+                    scale: 0.75,
+                };
+                let mut want = pattern(n, 4.0);
+                let mut got = want.clone();
+                Kernel::scalar().run(a, &x, &mut want);
+                kernel(a, &x, &mut got);
+                for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                    let tol = 1e-5 * (1.0 + (n as f32).sqrt());
+                    assert!(
+                        (w - g).abs() <= tol,
+                        "{name} rank {rank} n {n} i {i}: {g} vs scalar {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 and NEON builds instantiate the same body at widths 16 and 4; run those
+    /// widths here (compiled for AVX2+FMA, or for the baseline) so their block and tail logic
+    /// is tested on any x86-64 host, even one without AVX-512.
+    #[test]
+    fn generic_body_at_every_width() {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            check_width(
+                // SAFETY: run only after detecting AVX2 and FMA; lengths as `run` checks them
+                // (check_width builds consistent slices).
+                |a, x, y| unsafe { x86::forward_width16_on_avx2(a, x, y) },
+                "width 16 on avx2",
+            );
+            println!("tested width 16 under avx2+fma");
+        }
+        check_width(
+            // SAFETY: `Portable` needs no CPU feature; check_width passes consistent lengths.
+            |a, x, y| unsafe { lanes::forward::<lanes::Portable<4>>(a, x, y) },
+            "width 4 (baseline)",
+        );
+        check_width(
+            // SAFETY: as above.
+            |a, x, y| unsafe { lanes::forward::<lanes::Portable<16>>(a, x, y) },
+            "width 16 (baseline)",
+        );
+    }
+}
