@@ -74,7 +74,7 @@ impl LearningSignal {
 /// assert!(y.iter().all(|&v| v == 1.0)); // U = 0: no change yet
 ///
 /// lora.accumulate_gradient(&LearningSignal::with_gradient(x.clone(), g.clone(), 1.0))?;
-/// lora.apply_accumulated(0.5)?;
+/// lora.apply_accumulated(0.5);
 ///
 /// let mut y = vec![0.0; h];
 /// lora.forward(&x, &mut y);
@@ -373,24 +373,50 @@ impl MicroLora {
 
     /// One ascent step with the mean pending gradient: U ← U + (lr / pending)·ΣΔU,
     /// D ← D + (lr / pending)·ΣΔD, then clears the sums. Does nothing when nothing is pending.
+    /// A negative `lr` descends. The fallible form is
+    /// [`try_apply_accumulated`](Self::try_apply_accumulated).
+    ///
+    /// # Panics
+    /// If `lr` is not finite or the step would make a weight NaN/∞ (the weights are not
+    /// changed before the panic). Serving loops that take `lr` from outside should call
+    /// `try_apply_accumulated`.
+    ///
+    /// ```
+    /// use ndlora::{LearningSignal, MicroLora};
+    /// let mut lora = MicroLora::new(4, 1);
+    /// lora.accumulate_gradient(&LearningSignal::with_gradient(vec![1.0; 4], vec![1.0; 4], 1.0))?;
+    /// lora.apply_accumulated(0.1);
+    /// assert_eq!(lora.pending_updates(), 0);
+    /// assert!(lora.get_weights().1.iter().any(|&u| u != 0.0));
+    /// # Ok::<(), ndlora::LoraError>(())
+    /// ```
+    #[track_caller]
+    pub fn apply_accumulated(&mut self, lr: f32) {
+        if let Err(e) = self.try_apply_accumulated(lr) {
+            panic!("MicroLora::apply_accumulated: {e}");
+        }
+    }
+
+    /// One ascent step with the mean pending gradient: U ← U + (lr / pending)·ΣΔU,
+    /// D ← D + (lr / pending)·ΣΔD, then clears the sums. Does nothing when nothing is pending.
     /// A negative `lr` descends.
     ///
-    /// Returns `Result` (the seed returned nothing) so that bad input cannot corrupt the
-    /// weights. Errors, leaving the adapter unchanged: [`LoraError::InvalidValue`] if `lr` is
+    /// [`apply_accumulated`](Self::apply_accumulated) as a `Result`, so that bad input cannot
+    /// corrupt the weights. Errors, leaving the adapter unchanged: [`LoraError::InvalidValue`] if `lr` is
     /// not finite; [`LoraError::WouldOverflow`] if a weight would become NaN/∞.
     ///
     /// ```
     /// use ndlora::{LearningSignal, MicroLora};
     /// let mut lora = MicroLora::new(4, 1);
     /// lora.accumulate_gradient(&LearningSignal::with_gradient(vec![1.0; 4], vec![1.0; 4], 1.0))?;
-    /// assert!(lora.apply_accumulated(f32::NAN).is_err());
+    /// assert!(lora.try_apply_accumulated(f32::NAN).is_err());
     /// assert_eq!(lora.pending_updates(), 1);
-    /// lora.apply_accumulated(0.1)?;
+    /// lora.try_apply_accumulated(0.1)?;
     /// assert_eq!(lora.pending_updates(), 0);
     /// assert!(lora.get_weights().1.iter().any(|&u| u != 0.0));
     /// # Ok::<(), ndlora::LoraError>(())
     /// ```
-    pub fn apply_accumulated(&mut self, lr: f32) -> Result<()> {
+    pub fn try_apply_accumulated(&mut self, lr: f32) -> Result<()> {
         if !lr.is_finite() {
             return Err(LoraError::InvalidValue {
                 what: "learning rate",

@@ -360,7 +360,7 @@ fn update_moves_output_along_gradient() {
             let before = along(&lora);
             lora.accumulate_gradient(&LearningSignal::with_gradient(x.clone(), g.clone(), 1.0))
                 .unwrap();
-            lora.apply_accumulated(0.1).unwrap();
+            lora.apply_accumulated(0.1);
             let after = along(&lora);
             assert!(
                 after > before,
@@ -369,7 +369,7 @@ fn update_moves_output_along_gradient() {
             // A negative quality pushes the other way.
             lora.accumulate_gradient(&LearningSignal::with_gradient(x.clone(), g.clone(), -1.0))
                 .unwrap();
-            lora.apply_accumulated(0.1).unwrap();
+            lora.apply_accumulated(0.1);
             assert!(along(&lora) < after);
         }
     }
@@ -383,11 +383,11 @@ fn down_trains_once_up_is_nonzero() {
     let signal = LearningSignal::with_gradient(random_vec(&mut r, 32), random_vec(&mut r, 32), 1.0);
     let d0 = lora.get_weights().0.to_owned();
     lora.accumulate_gradient(&signal).unwrap();
-    lora.apply_accumulated(0.5).unwrap();
+    lora.apply_accumulated(0.5);
     assert_eq!(lora.get_weights().0, d0, "first step: U was 0, so D stays");
     assert!(lora.get_weights().1.iter().any(|&u| u != 0.0));
     lora.accumulate_gradient(&signal).unwrap();
-    lora.apply_accumulated(0.5).unwrap();
+    lora.apply_accumulated(0.5);
     let moved = (&lora.get_weights().0 - &d0)
         .iter()
         .map(|v| v.abs())
@@ -404,7 +404,7 @@ fn rank2_rows_stay_different() {
     for _ in 0..20 {
         let s = LearningSignal::with_gradient(random_vec(&mut r, 40), random_vec(&mut r, 40), 1.0);
         lora.accumulate_gradient(&s).unwrap();
-        lora.apply_accumulated(0.5).unwrap();
+        lora.apply_accumulated(0.5);
     }
     let (down, up) = lora.get_weights();
     let cos = |a: &[f32], b: &[f32]| dot(a, b) / (dot(a, a) * dot(b, b)).sqrt();
@@ -466,7 +466,7 @@ fn apply_uses_mean_and_clears() {
         lora.pending_gradients().0.to_owned(),
         lora.pending_gradients().1.to_owned(),
     );
-    lora.apply_accumulated(0.2).unwrap();
+    lora.apply_accumulated(0.2);
     let (d1, u1) = lora.get_weights();
     for (w1, (w0, g)) in d1
         .iter()
@@ -484,7 +484,7 @@ fn apply_uses_mean_and_clears() {
         .all(|&g| g == 0.0));
     // Nothing pending: a no-op.
     let before = lora.clone();
-    lora.apply_accumulated(1.0).unwrap();
+    lora.apply_accumulated(1.0);
     assert_eq!(lora, before);
 }
 
@@ -560,7 +560,7 @@ fn learn_target(rank: usize, steps: usize) -> (f64, f64) {
         let g: Vec<f32> = t.iter().zip(&y).map(|(t, y)| t - y).collect();
         lora.accumulate_gradient(&LearningSignal::with_gradient(x, g, 1.0))
             .unwrap();
-        lora.apply_accumulated(0.05).unwrap();
+        lora.apply_accumulated(0.05);
     }
     (e0, held_out_error(&lora, &target, &held_out))
 }
@@ -679,7 +679,7 @@ fn bad_learning_rates_leave_adapter_unchanged() {
         let mut lora = busy();
         let before = lora.clone();
         assert!(matches!(
-            lora.apply_accumulated(lr),
+            lora.try_apply_accumulated(lr),
             Err(LoraError::InvalidValue {
                 what: "learning rate",
                 ..
@@ -690,7 +690,7 @@ fn bad_learning_rates_leave_adapter_unchanged() {
     let mut lora = busy();
     let before = lora.clone();
     assert_eq!(
-        lora.apply_accumulated(3e38).unwrap_err(),
+        lora.try_apply_accumulated(3e38).unwrap_err(),
         LoraError::WouldOverflow {
             operation: "apply_accumulated"
         }
@@ -743,7 +743,7 @@ fn set_scale_rejects_nan() {
 #[test]
 fn reset_restores_new_but_keeps_scale() {
     let mut lora = busy();
-    lora.apply_accumulated(0.1).unwrap();
+    lora.apply_accumulated(0.1);
     lora.accumulate_gradient(&LearningSignal::with_gradient(
         vec![1.0; 10],
         vec![1.0; 10],
@@ -782,10 +782,10 @@ fn serde_round_trip_keeps_outputs_and_learning() {
         // Learning works after loading (the seed panicked here), and matches the original
         // adapter once its pending sums are dropped the same way.
         let mut original = lora.clone();
-        original.apply_accumulated(0.0).unwrap(); // clears pending without moving weights
+        original.apply_accumulated(0.0); // clears pending without moving weights
         for l in [&mut original, &mut back] {
             l.accumulate_gradient(&signal).unwrap();
-            l.apply_accumulated(0.3).unwrap();
+            l.apply_accumulated(0.3);
         }
         assert_eq!(back, original);
 
@@ -905,8 +905,26 @@ proptest! {
         let (x, g) = (random_vec(&mut r, n), random_vec(&mut r, n));
         let before = RefLora::of(&lora).objective(&x, &g, q);
         lora.accumulate_gradient(&LearningSignal::with_gradient(x.clone(), g.clone(), q)).unwrap();
-        lora.apply_accumulated(1e-3).unwrap();
+        lora.apply_accumulated(1e-3);
         let after = RefLora::of(&lora).objective(&x, &g, q);
         prop_assert!(after >= before - 1e-9 * (1.0 + before.abs()), "{} → {}", before, after);
     }
+}
+
+#[test]
+fn apply_accumulated_panics_on_bad_lr_before_touching_weights() {
+    let mut lora = MicroLora::new(8, 2);
+    lora.accumulate_gradient(&LearningSignal::with_gradient(
+        vec![0.5; 8],
+        vec![1.0; 8],
+        1.0,
+    ))
+    .unwrap();
+    let before = lora.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lora.apply_accumulated(f32::NAN)
+    }));
+    let message = *result.unwrap_err().downcast::<String>().unwrap();
+    assert!(message.contains("learning rate"), "{message}");
+    assert_eq!(lora, before);
 }
