@@ -409,50 +409,26 @@ mod tests {
     #[test]
     fn layouts() {
         let l = |r, c, s: [isize; 2]| blas_layout(r, c, &s);
-        assert_eq!(
-            l(3, 4, [4, 1]),
+        let row = |ld| {
             Some(BlasLayout {
                 transposed: false,
-                ld: 4
+                ld,
             })
-        );
-        assert_eq!(
-            l(3, 4, [8, 1]),
-            Some(BlasLayout {
-                transposed: false,
-                ld: 8
-            })
-        );
-        assert_eq!(
-            l(3, 4, [1, 3]),
+        };
+        let col = |ld| {
             Some(BlasLayout {
                 transposed: true,
-                ld: 3
+                ld,
             })
-        );
+        };
+        assert_eq!(l(3, 4, [4, 1]), row(4));
+        assert_eq!(l(3, 4, [8, 1]), row(8)); // sub-view with a leading dimension
+        assert_eq!(l(3, 4, [1, 3]), col(3));
         assert_eq!(l(3, 4, [2, 1]), None); // overlapping rows
         assert_eq!(l(3, 4, [8, 2]), None); // doubly strided
         assert_eq!(l(3, 4, [-4, 1]), None); // negative
-        assert_eq!(
-            l(1, 4, [0, 1]),
-            Some(BlasLayout {
-                transposed: false,
-                ld: 4
-            })
-        );
-        assert_eq!(
-            l(3, 1, [5, 0]),
-            Some(BlasLayout {
-                transposed: false,
-                ld: 5
-            })
-        );
-        assert_eq!(
-            l(1, 1, [7, 9]),
-            Some(BlasLayout {
-                transposed: false,
-                ld: 1
-            })
-        );
+        assert_eq!(l(1, 4, [0, 1]), row(4)); // one row: its stride is never used
+        assert_eq!(l(3, 1, [5, 0]), row(5)); // one column
+        assert_eq!(l(1, 1, [7, 9]), row(1));
     }
 }
