@@ -662,7 +662,9 @@ impl<A: LoraFloat> LoraScratch<A> {
     /// If n·r overflows `usize` or the allocation fails (as `Vec::with_capacity`).
     #[track_caller]
     pub fn with_capacity(n: usize, r: usize) -> Self {
-        let len = n.checked_mul(r).expect("LoraScratch::with_capacity: n·r overflows usize");
+        let len = n
+            .checked_mul(r)
+            .expect("LoraScratch::with_capacity: n·r overflows usize");
         Self {
             buf: vec![A::zero(); len],
         }
