@@ -49,6 +49,9 @@ const TOTAL: usize = LAYER_CONSTRUCT
     + PEFT_CONFIG
     + PEFT_TENSORS_AND_LAYERS;
 
+/// A boxed check on an error, for tables of cases.
+type Check = Box<dyn Fn(&LoraError) -> bool>;
+
 #[derive(Default)]
 struct Tally {
     cases: usize,
@@ -1958,7 +1961,6 @@ fn peft_configs() {
         matches!(e, LoraError::InModule { module, source } if module == "m.proj"
             && matches!(**source, LoraError::ShapeMismatch { what: "lora_A (rank from the config)", .. }))
     };
-    type Check = Box<dyn Fn(&LoraError) -> bool>;
     let cases: Vec<(&str, String, Check)> = vec![
         (
             "not JSON",
@@ -2008,7 +2010,7 @@ fn peft_configs() {
         ),
         (
             "r beyond u64",
-            format!("{{\"peft_type\":\"LORA\",\"r\":1e30}}"),
+            "{\"peft_type\":\"LORA\",\"r\":1e30}".to_string(),
             Box::new(field("r")),
         ),
         (
@@ -2141,12 +2143,11 @@ fn peft_tensors_and_layers() {
         safetensors::serialize(views, None).unwrap()
     };
     let f32s = |n: usize, v: f32| -> Vec<u8> { (0..n).flat_map(|_| v.to_le_bytes()).collect() };
-    let (ka, kb) = (
-        "base_model.model.m.proj.lora_A.weight",
-        "base_model.model.m.proj.lora_B.weight",
-    );
+    const KA: &str = "base_model.model.m.proj.lora_A.weight";
+    const KB: &str = "base_model.model.m.proj.lora_B.weight";
+    let (ka, kb) = (KA, KB);
     let tensor = |e: &LoraError| matches!(e, LoraError::PeftTensor { .. });
-    let cases: Vec<(&str, Vec<u8>, Box<dyn Fn(&LoraError) -> bool>)> = vec![
+    let cases: Vec<(&str, Vec<u8>, Check)> = vec![
         (
             "no tensors",
             raw(vec![]),
@@ -2155,12 +2156,12 @@ fn peft_tensors_and_layers() {
         (
             "A without B",
             raw(vec![(ka, Dtype::F32, vec![2, 4], f32s(8, 1.0))]),
-            Box::new(|e| matches!(e, LoraError::MissingTensor { name } if name == kb)),
+            Box::new(|e| matches!(e, LoraError::MissingTensor { name } if name == KB)),
         ),
         (
             "B without A",
             raw(vec![(kb, Dtype::F32, vec![3, 2], f32s(6, 1.0))]),
-            Box::new(|e| matches!(e, LoraError::MissingTensor { name } if name == ka)),
+            Box::new(|e| matches!(e, LoraError::MissingTensor { name } if name == KA)),
         ),
         (
             "foreign key",
