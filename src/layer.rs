@@ -363,7 +363,9 @@ impl<A: LoraFloat> LoraLayer<A> {
     /// have a row- or column-major layout (unit stride on one axis; sub-views with a leading
     /// dimension are fine). A negative- or doubly-strided X or `out` is copied once, as in
     /// `forward_into`. (`tests/alloc.rs` proves this with a counting global allocator; the
-    /// BLAS library's own internal buffers are outside Rust's allocator.)
+    /// BLAS library's own internal buffers are outside Rust's allocator.) This holds with a
+    /// BLAS backend; the pure-Rust fallback (`NDLORA_BLAS=none`) multiplies through
+    /// matrixmultiply, which allocates a packing buffer per product itself (ndlora adds none).
     ///
     /// Errors (`out` and `scratch` untouched): as [`forward_into`](Self::forward_into).
     ///

@@ -67,8 +67,9 @@
 //!
 //! [`MicroLora::forward`] and [`LoraLayer::forward_into_with_scratch`] (given a
 //! [`LoraScratch`] that is large enough, and inputs/outputs in a row- or column-major layout)
-//! never allocate; `tests/alloc.rs` proves it with a counting global allocator. The other
-//! methods allocate their results and small temporaries.
+//! never allocate with a BLAS backend; `tests/alloc.rs` proves it with a counting global
+//! allocator. (The pure-Rust fallback's matrixmultiply allocates a packing buffer per product;
+//! ndlora itself adds none.) The other methods allocate their results and small temporaries.
 //!
 //! ## Backends
 //!
