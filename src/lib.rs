@@ -31,7 +31,8 @@
 //! * Merge never writes a non-finite value into W: a cached bound on max|W| proves the result
 //!   finite in O(r·(d + k)); only near overflow is the update evaluated block by block first.
 //! * Fallible operations validate everything before they mutate, so an error leaves the
-//!   value as it was. [`LoraLayer::forward`] takes `&self`: share one layer across threads.
+//!   value as it was (`tests/hostile.rs` checks this bit for bit over a catalogue of hostile
+//!   inputs).
 //! * [`LoraLayer::backward`] returns ∂L/∂A, ∂L/∂B and ∂L/∂X in six gemms. [`LoraModel`] keeps
 //!   several named adapters on one W; its mixed-batch forward runs one base gemm for the whole
 //!   batch plus one thin gemm pair per adapter over that adapter's rows (strided views, no copy,
@@ -44,6 +45,31 @@
 //! (AVX-512F, AVX2+FMA or NEON, picked once at run time; [`simd_level`] says which), without
 //! allocating, and learns online from [`LearningSignal`]s (gradient ascent on q·⟨g, y(x)⟩,
 //! both factors trained). `forward_batch` runs many vectors through the gemm entry point.
+//!
+//! ## Threads
+//!
+//! [`LoraLayer`], [`LoraModel`], [`MicroLora`] and [`peft::PeftAdapter`] are `Send + Sync`,
+//! and everything that computes an output takes `&self`, so one value can serve many threads
+//! (e.g. behind an `Arc`) with results bit-identical to a single-threaded run
+//! (`tests/concurrency.rs`):
+//!
+//! * `&self`: `LoraLayer::{forward, forward_into, forward_into_with_scratch, backward,
+//!   effective_weight}` (the scratch is `&mut`, so keep one [`LoraScratch`] per thread),
+//!   `LoraModel::{forward, forward_mixed, to_layer}`, `MicroLora::{forward, forward_with,
+//!   forward_batch}`, `PeftAdapter::{to_layer, factors, save}`;
+//! * `&mut self` (wrap in a lock to share): `LoraLayer::{forward_train, merge, merge_exact,
+//!   unmerge, sgd_step, set_scaling, set_bias, weight_a_mut, weight_b_mut}`,
+//!   `LoraModel::{add_adapter*, remove_adapter, set_active, merge*, unmerge*, weight_*_mut}`,
+//!   `MicroLora::{accumulate_gradient*, apply_accumulated, try_apply_accumulated,
+//!   set_weights, set_scale, reset}`.
+//!
+//! ## Allocation
+//!
+//! [`MicroLora::forward`] and [`LoraLayer::forward_into_with_scratch`] (given a
+//! [`LoraScratch`] that is large enough, and inputs/outputs in a row- or column-major layout)
+//! never allocate with a BLAS backend; `tests/alloc.rs` proves it with a counting global
+//! allocator. (The pure-Rust fallback's matrixmultiply allocates a packing buffer per product;
+//! ndlora itself adds none.) The other methods allocate their results and small temporaries.
 //!
 //! ## Backends
 //!
@@ -96,7 +122,7 @@ pub use config::{LoraConfig, LoraInit};
 pub use error::{LoraError, Result};
 pub use float::LoraFloat;
 pub use gemm::{gemm_counters, reset_gemm_counters, GemmCounters};
-pub use layer::LoraLayer;
+pub use layer::{LoraLayer, LoraScratch};
 pub use micro::{LearningSignal, MicroLora};
 pub use model::LoraModel;
 pub use simd::{simd_level, SimdLevel};

@@ -108,7 +108,7 @@ impl MicroLora {
     ///
     /// # Panics
     /// If `rank` is not 1 or 2, with the message `"MicroLoRA rank must be 1-2, got {rank}"`,
-    /// or if r·H overflows `usize`. [`try_new`](Self::try_new) returns these as errors.
+    /// or if [`try_new`](Self::try_new) refuses the size; `try_new` returns these as errors.
     ///
     /// ```
     /// let lora = ndlora::MicroLora::new(256, 2);
@@ -127,7 +127,10 @@ impl MicroLora {
     }
 
     /// Like [`new`](Self::new), returning [`LoraError::InvalidRank`] for a rank outside
-    /// 1 ..= 2 and [`LoraError::SizeOverflow`] if r·H does not fit in `usize`.
+    /// 1 ..= 2 and [`LoraError::SizeOverflow`] if 2·r·H does not fit in `usize` or an r×H
+    /// matrix of `f32` would exceed `isize::MAX` bytes (Rust's limit for one allocation).
+    /// Sizes below that limit that the system cannot provide abort on allocation failure, as
+    /// with any `Vec`.
     ///
     /// ```
     /// use ndlora::{LoraError, MicroLora};
@@ -144,6 +147,15 @@ impl MicroLora {
                 dims: vec![2, rank, hidden_dim],
             })?;
         debug_assert_eq!(len, 2 * rank * hidden_dim);
+        // Each r×H matrix must fit in isize::MAX bytes (Rust's limit for one allocation);
+        // past it `Vec` would panic with "capacity overflow" instead of returning this error.
+        let bytes = (rank * hidden_dim).checked_mul(std::mem::size_of::<f32>());
+        if bytes.is_none_or(|b| isize::try_from(b).is_err()) {
+            return Err(LoraError::SizeOverflow {
+                what: "MicroLora matrix bytes r·H·4 (limit isize::MAX)",
+                dims: vec![rank, hidden_dim, std::mem::size_of::<f32>()],
+            });
+        }
         Ok(Self::assemble(
             initial_down(rank, hidden_dim),
             Array2::zeros((rank, hidden_dim)),

@@ -1,0 +1,175 @@
+//! One shared value, many threads: the `&self` forwards are thread-safe and give bit-identical
+//! results to a single-threaded run.
+
+mod common;
+
+use common::{random, rng};
+use ndarray::{Array2, Axis};
+use ndlora::peft::PeftAdapter;
+use ndlora::{LoraConfig, LoraFloat, LoraLayer, LoraModel, LoraScratch, MicroLora};
+use rayon::prelude::*;
+
+/// Compile-time: the public types can be shared between and moved across threads.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<LoraLayer<f32>>();
+    send_sync::<LoraLayer<f64>>();
+    send_sync::<LoraModel<f32>>();
+    send_sync::<LoraModel<f64>>();
+    send_sync::<MicroLora>();
+    send_sync::<PeftAdapter<f32>>();
+    send_sync::<PeftAdapter<f64>>();
+    send_sync::<LoraScratch<f32>>();
+    send_sync::<ndlora::LoraError>();
+};
+
+fn bits<A: LoraFloat>(m: &Array2<A>) -> Vec<u64> {
+    m.iter().map(|v| v.into_f64().to_bits()).collect()
+}
+
+const THREADS: usize = 8;
+const ROUNDS: usize = 64;
+
+fn pool() -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(THREADS)
+        .build()
+        .unwrap()
+}
+
+/// The BLAS library is pinned to one thread for these tests. A multi-threaded OpenBLAS splits
+/// a product between its own threads by the size of the problem only, so results would still
+/// be identical; but several callers at once make it queue on its thread server and it may
+/// then run a call on the caller's thread alone, which the documented guarantee should not
+/// have to depend on. With one BLAS thread each call runs the same kernel sequence whichever
+/// Rust thread makes it.
+fn single_blas_thread() {
+    ndlora::set_blas_threads(1);
+}
+
+fn layer_forward<A: LoraFloat>() {
+    let mut g = rng(21);
+    let (d, k, r) = (65, 130, 8);
+    let layer = LoraLayer::from_parts(
+        random::<A>(&mut g, d, k),
+        random(&mut g, r, k),
+        random(&mut g, d, r),
+        LoraConfig {
+            rank: r,
+            alpha: 5.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut merged = layer.clone();
+    merged.merge().unwrap();
+    // Inputs of several batch sizes, one per task.
+    let inputs: Vec<Array2<A>> = (0..ROUNDS).map(|i| random(&mut g, 1 + i % 17, k)).collect();
+    for l in [&layer, &merged] {
+        let expected: Vec<Vec<u64>> = inputs
+            .iter()
+            .map(|x| bits(&l.forward(x.view()).unwrap()))
+            .collect();
+        let got: Vec<(Vec<u64>, Vec<u64>)> = pool().install(|| {
+            inputs
+                .par_iter()
+                .map_init(LoraScratch::new, |scratch, x| {
+                    let y = l.forward(x.view()).unwrap();
+                    let mut y2 = Array2::zeros((x.nrows(), d));
+                    l.forward_into_with_scratch(x.view(), y2.view_mut(), scratch)
+                        .unwrap();
+                    (bits(&y), bits(&y2))
+                })
+                .collect()
+        });
+        for (i, (y, y2)) in got.iter().enumerate() {
+            assert_eq!(y, &expected[i], "{} forward, input {i}", A::NAME);
+            assert_eq!(
+                y2,
+                &expected[i],
+                "{} forward_into_with_scratch, input {i}",
+                A::NAME
+            );
+        }
+    }
+}
+
+#[test]
+fn layer_forward_is_bit_identical_across_threads() {
+    single_blas_thread();
+    layer_forward::<f32>();
+    layer_forward::<f64>();
+}
+
+#[test]
+fn model_forward_mixed_is_bit_identical_across_threads() {
+    single_blas_thread();
+    let mut g = rng(22);
+    let (d, k) = (40, 33);
+    let mut model = LoraModel::<f32>::new(random(&mut g, d, k)).unwrap();
+    let cfg = |rank| LoraConfig {
+        rank,
+        alpha: 3.0,
+        ..Default::default()
+    };
+    let ids: Vec<usize> = (0..3)
+        .map(|j| {
+            let r = 1 + 3 * j;
+            model
+                .add_adapter_from_parts(
+                    &format!("a{j}"),
+                    random(&mut g, r, k),
+                    random(&mut g, d, r),
+                    cfg(r),
+                )
+                .unwrap()
+        })
+        .collect();
+    let batches: Vec<(Array2<f32>, Vec<Option<usize>>)> = (0..ROUNDS)
+        .map(|i| {
+            let n = 1 + i % 23;
+            let rows = (0..n)
+                .map(|row| {
+                    if (row + i) % 4 == 3 {
+                        None
+                    } else {
+                        Some(ids[(row * 7 + i) % 3])
+                    }
+                })
+                .collect();
+            (random(&mut g, n, k), rows)
+        })
+        .collect();
+    let expected: Vec<Vec<u64>> = batches
+        .iter()
+        .map(|(x, rows)| bits(&model.forward_mixed(x.view(), rows).unwrap()))
+        .collect();
+    let got: Vec<Vec<u64>> = pool().install(|| {
+        batches
+            .par_iter()
+            .map(|(x, rows)| bits(&model.forward_mixed(x.view(), rows).unwrap()))
+            .collect()
+    });
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn micro_forward_is_bit_identical_across_threads() {
+    let h = 257;
+    let mut lora = MicroLora::new(h, 2);
+    let mut g = rng(23);
+    let (down, up) = (random::<f32>(&mut g, 2, h), random::<f32>(&mut g, 2, h));
+    lora.set_weights(down.view(), up.view()).unwrap();
+    let inputs = random::<f32>(&mut g, ROUNDS, h);
+    let run = |x: ndarray::ArrayView1<'_, f32>| {
+        let mut y = vec![0.5_f32; h];
+        lora.forward(x.as_slice().unwrap(), &mut y);
+        y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    };
+    let expected: Vec<Vec<u32>> = inputs.axis_iter(Axis(0)).map(run).collect();
+    let rows: Vec<_> = inputs.axis_iter(Axis(0)).collect();
+    for _ in 0..4 {
+        let got: Vec<Vec<u32>> = pool().install(|| rows.par_iter().map(|x| run(*x)).collect());
+        assert_eq!(got, expected);
+    }
+}
