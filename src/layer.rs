@@ -592,14 +592,7 @@ impl<A: LoraFloat> LoraLayer<A> {
     }
 
     fn check_input(&self, x: ArrayView2<'_, A>) -> Result<()> {
-        if x.ncols() != self.in_features() {
-            return Err(LoraError::ShapeMismatch {
-                what: "input x",
-                expected: format!("[_, {}]", self.in_features()),
-                got: shape_str(x.shape()),
-            });
-        }
-        Ok(())
+        check_input_width(x, self.in_features())
     }
 
     /// A loaded `unmerge_weight` must belong to a merged layer, be d×k and finite. (That it
@@ -696,6 +689,18 @@ fn check_weight_dims(d: usize, k: usize) -> Result<()> {
             what: "base_weight",
             expected: "[d, k] with d > 0 and k > 0".into(),
             got: shape_str(&[d, k]),
+        });
+    }
+    Ok(())
+}
+
+/// An input batch X must be n×k for this k (any n).
+pub(crate) fn check_input_width<A>(x: ArrayView2<'_, A>, in_features: usize) -> Result<()> {
+    if x.ncols() != in_features {
+        return Err(LoraError::ShapeMismatch {
+            what: "input x",
+            expected: format!("[_, {in_features}]"),
+            got: shape_str(x.shape()),
         });
     }
     Ok(())

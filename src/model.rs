@@ -6,7 +6,7 @@ use crate::config::LoraConfig;
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
 use crate::gemm::gemm;
-use crate::layer::{check_finite, check_shape, LoraLayer};
+use crate::layer::{check_finite, check_input_width, check_shape, LoraLayer};
 use crate::update::{magnitude_limit, max_abs, update_magnitude_bound, update_weight};
 
 /// One adapter: its factors A (r×k), B (d×r) and scaling s.
@@ -594,14 +594,7 @@ impl<A: LoraFloat> LoraModel<A> {
     }
 
     fn check_input(&self, x: ArrayView2<'_, A>) -> Result<()> {
-        if x.ncols() != self.in_features() {
-            return Err(LoraError::ShapeMismatch {
-                what: "input x",
-                expected: format!("[_, {}]", self.in_features()),
-                got: shape_str(x.shape()),
-            });
-        }
-        Ok(())
+        check_input_width(x, self.in_features())
     }
 }
 
