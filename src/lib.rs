@@ -105,6 +105,18 @@
 
 pub mod peft;
 
+// A BLAS chosen by cargo feature comes through blas-src; naming the crate keeps it (and the
+// library it links) in the final link, since nothing else refers to it by name.
+#[cfg(any(
+    feature = "openblas",
+    feature = "openblas-static",
+    feature = "blis",
+    feature = "netlib",
+    feature = "intel-mkl",
+    feature = "accelerate"
+))]
+extern crate blas_src;
+
 mod backend;
 mod config;
 mod error;
