@@ -25,6 +25,7 @@ fn abs_f64<A: LoraFloat>(m: ArrayView2<'_, A>) -> Array2<f64> {
 /// Per element of Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ: M = |X| (|W| + 2|s|·|B||A|)ᵀ + |b|, computed in
 /// f64 from the layer's current state (merged or not; the factor 2 covers W ± s·B A). Any
 /// summation order of the products gives an error below γₙ·M with n the number of terms.
+/// Rows whose intermediate X Aᵀ may overflow get M = ∞ (no claim).
 fn layer_magnitude<A: LoraFloat>(layer: &LoraLayer<A>, x: ArrayView2<'_, A>) -> Array2<f64> {
     let s = A::from_f64_lossy(layer.scaling()).into_f64().abs();
     let ba = abs_f64(layer.weight_b()).dot(&abs_f64(layer.weight_a()));
@@ -33,6 +34,14 @@ fn layer_magnitude<A: LoraFloat>(layer: &LoraLayer<A>, x: ArrayView2<'_, A>) -> 
     if let Some(b) = layer.bias() {
         let b = b.map(|v| v.into_f64().abs());
         m += &b;
+    }
+    // The LoRA branch goes through the n×r intermediate X Aᵀ: where that can overflow, the
+    // row may legitimately come out NaN (∞·0) even though the exact result is small.
+    let xa = abs_f64(x).dot(&abs_f64(layer.weight_a()).t());
+    for (mut row, xa_row) in m.rows_mut().into_iter().zip(xa.rows()) {
+        if xa_row.iter().any(|v| !(*v < FINITE_LIMIT)) {
+            row.fill(f64::INFINITY);
+        }
     }
     m
 }
@@ -141,6 +150,11 @@ fn micro_magnitude(lora: &MicroLora, x: &[f32], y0: &[f32]) -> Vec<f64> {
     let mut m: Vec<f64> = y0.iter().map(|v| f64::from(*v).abs()).collect();
     for j in 0..lora.rank() {
         let h: f64 = down.row(j).iter().zip(x).map(|(d, x)| f64::from(d.abs()) * f64::from(x.abs())).sum();
+        if !(h < FINITE_LIMIT) {
+            // The intermediate h = D x can overflow (then ∞·0 = NaN) though y is small.
+            m.fill(f64::INFINITY);
+            return m;
+        }
         for (mi, u) in m.iter_mut().zip(up.row(j)) {
             *mi += s * f64::from(u.abs()) * h;
         }
