@@ -8,11 +8,20 @@ use ndlora::{LoraError, LoraFloat, LoraLayer, MicroLora};
 /// result's size below this means the computed result cannot overflow either.
 const FINITE_LIMIT: f64 = 1e30;
 
+/// Whether a magnitude bound (possibly ∞ or NaN in f64) is small enough to make claims.
+fn bounded(m: f64) -> bool {
+    m < FINITE_LIMIT
+}
+
 /// A deterministic n×k input in [-4, 4) from `seed` bytes (cycled; zeros when empty).
 fn input_from<A: LoraFloat>(n: usize, k: usize, seed: &[u8]) -> Array2<A> {
     let mut i = 0_usize;
     Array2::from_shape_simple_fn((n, k), || {
-        let b = if seed.is_empty() { 0 } else { seed[i % seed.len()] };
+        let b = if seed.is_empty() {
+            0
+        } else {
+            seed[i % seed.len()]
+        };
         i += 1;
         A::from_f64_lossy(f64::from(b as i8) / 32.0)
     })
@@ -39,7 +48,7 @@ fn layer_magnitude<A: LoraFloat>(layer: &LoraLayer<A>, x: ArrayView2<'_, A>) -> 
     // row may legitimately come out NaN (∞·0) even though the exact result is small.
     let xa = abs_f64(x).dot(&abs_f64(layer.weight_a()).t());
     for (mut row, xa_row) in m.rows_mut().into_iter().zip(xa.rows()) {
-        if xa_row.iter().any(|v| !(*v < FINITE_LIMIT)) {
+        if xa_row.iter().any(|v| !bounded(*v)) {
             row.fill(f64::INFINITY);
         }
     }
@@ -61,7 +70,7 @@ fn assert_close_layer<A: LoraFloat>(
     let tiny = A::min_positive_value().into_f64();
     let n = terms as f64;
     for ((idx, &x), (&y, &mag)) in a.indexed_iter().zip(b.iter().zip(m.iter())) {
-        if !(mag < FINITE_LIMIT) {
+        if !bounded(mag) {
             continue;
         }
         let (x, y) = (x.into_f64(), y.into_f64());
@@ -78,8 +87,12 @@ fn assert_close_layer<A: LoraFloat>(
 #[track_caller]
 fn assert_finite_where_bounded<A: LoraFloat>(what: &str, y: ArrayView2<'_, A>, m: &Array2<f64>) {
     for ((idx, v), &mag) in y.indexed_iter().zip(m.iter()) {
-        if mag < FINITE_LIMIT {
-            assert!(v.is_finite(), "{what}: non-finite {idx:?} = {:e} with M = {mag:e}", v.into_f64());
+        if bounded(mag) {
+            assert!(
+                v.is_finite(),
+                "{what}: non-finite {idx:?} = {:e} with M = {mag:e}",
+                v.into_f64()
+            );
         }
     }
 }
@@ -95,7 +108,10 @@ fn assert_layer_round_trip<A: LoraFloat>(layer: &LoraLayer<A>) {
     let bytes = layer_state(layer);
     let back: LoraLayer<A> = match serde_json::from_slice(&bytes) {
         Ok(l) => l,
-        Err(e) => panic!("a serialised layer must load again: {e}\n{}", String::from_utf8_lossy(&bytes)),
+        Err(e) => panic!(
+            "a serialised layer must load again: {e}\n{}",
+            String::from_utf8_lossy(&bytes)
+        ),
     };
     assert!(back == *layer, "round trip changed the layer");
     assert_eq!(layer_state(&back), bytes, "round trip changed the document");
@@ -113,13 +129,29 @@ fn check_layer_consistent<A: LoraFloat>(layer: &LoraLayer<A>, x: &Array2<A>) {
 
     let mut other = layer.clone();
     let before = layer_state(layer);
-    let toggled = if layer.is_merged() { other.unmerge() } else { other.merge() };
+    let toggled = if layer.is_merged() {
+        other.unmerge()
+    } else {
+        other.merge()
+    };
     match toggled {
         Ok(()) => {
-            let y2 = other.forward(x.view()).expect("forward after merge/unmerge");
-            assert_close_layer("merged vs unmerged forward", y.view(), y2.view(), &m, k + r + 6);
+            let y2 = other
+                .forward(x.view())
+                .expect("forward after merge/unmerge");
+            assert_close_layer(
+                "merged vs unmerged forward",
+                y.view(),
+                y2.view(),
+                &m,
+                k + r + 6,
+            );
             // And back: W must return to where it was, within the merge bound.
-            let back = if other.is_merged() { other.unmerge() } else { other.merge() };
+            let back = if other.is_merged() {
+                other.unmerge()
+            } else {
+                other.merge()
+            };
             match back {
                 Ok(()) => {
                     let s = A::from_f64_lossy(layer.scaling()).into_f64().abs();
@@ -137,8 +169,15 @@ fn check_layer_consistent<A: LoraFloat>(layer: &LoraLayer<A>, x: &Array2<A>) {
             }
         }
         Err(e) => {
-            assert!(matches!(e, LoraError::WouldOverflow { .. }), "unexpected error {e:?}");
-            assert_eq!(layer_state(&other), before, "failed merge/unmerge changed the layer");
+            assert!(
+                matches!(e, LoraError::WouldOverflow { .. }),
+                "unexpected error {e:?}"
+            );
+            assert_eq!(
+                layer_state(&other),
+                before,
+                "failed merge/unmerge changed the layer"
+            );
         }
     }
 }
@@ -149,8 +188,13 @@ fn micro_magnitude(lora: &MicroLora, x: &[f32], y0: &[f32]) -> Vec<f64> {
     let s = f64::from(lora.scale()).abs();
     let mut m: Vec<f64> = y0.iter().map(|v| f64::from(*v).abs()).collect();
     for j in 0..lora.rank() {
-        let h: f64 = down.row(j).iter().zip(x).map(|(d, x)| f64::from(d.abs()) * f64::from(x.abs())).sum();
-        if !(h < FINITE_LIMIT) {
+        let h: f64 = down
+            .row(j)
+            .iter()
+            .zip(x)
+            .map(|(d, x)| f64::from(d.abs()) * f64::from(x.abs()))
+            .sum();
+        if !bounded(h) {
             // The intermediate h = D x can overflow (then ∞·0 = NaN) though y is small.
             m.fill(f64::INFINITY);
             return m;
@@ -172,11 +216,15 @@ fn check_micro_forward(lora: &MicroLora, x: &[f32], y0: &[f32]) {
     lora.forward_scalar(x, &mut reference);
     let check = |what: &str, y: &[f32]| {
         for (i, ((&a, &b), &mag)) in y.iter().zip(&reference).zip(&m).enumerate() {
-            if mag < FINITE_LIMIT {
+            if bounded(mag) {
                 assert!(a.is_finite(), "{what}: y[{i}] = {a:e} with M = {mag:e}");
-                let tol = 4.0 * terms * f64::from(f32::EPSILON) * mag + terms * f64::from(f32::MIN_POSITIVE);
+                let tol = 4.0 * terms * f64::from(f32::EPSILON) * mag
+                    + terms * f64::from(f32::MIN_POSITIVE);
                 let diff = (f64::from(a) - f64::from(b)).abs();
-                assert!(diff <= tol, "{what}: y[{i}] {a:e} vs scalar {b:e}: {diff:e} > {tol:e}");
+                assert!(
+                    diff <= tol,
+                    "{what}: y[{i}] {a:e} vs scalar {b:e}: {diff:e} > {tol:e}"
+                );
             }
         }
     };
@@ -196,7 +244,8 @@ fn check_micro_forward(lora: &MicroLora, x: &[f32], y0: &[f32]) {
     }
     let xb = ndarray::Array2::from_shape_vec((1, h), x.to_vec()).expect("1×H");
     let mut yb = ndarray::Array2::from_shape_vec((1, h), y0.to_vec()).expect("1×H");
-    lora.forward_batch(xb.view(), yb.view_mut()).expect("forward_batch on 1×H");
+    lora.forward_batch(xb.view(), yb.view_mut())
+        .expect("forward_batch on 1×H");
     check("forward_batch", yb.as_slice().expect("standard layout"));
 }
 

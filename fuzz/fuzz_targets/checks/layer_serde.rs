@@ -24,16 +24,27 @@ fn check_layer_doc<A: LoraFloat>(data: &[u8]) {
     check_layer_consistent(&layer, &x);
 
     let mut trained = layer.clone();
-    let y = trained.forward_train(x.view()).expect("forward_train on a width-k input");
+    let y = trained
+        .forward_train(x.view())
+        .expect("forward_train on a width-k input");
     assert_eq!(y.dim(), (3, layer.out_features()));
     let g = input_from::<A>(3, layer.out_features(), &data[data.len() / 2..]);
-    let grads = layer.backward(x.view(), g.view()).expect("backward with matching shapes");
+    let grads = layer
+        .backward(x.view(), g.view())
+        .expect("backward with matching shapes");
     let before = layer_state(&trained);
     if let Err(e) = trained.sgd_step(&grads, A::from_f64_lossy(1e-3)) {
         assert!(
-            matches!(e, LoraError::MergeState { .. } | LoraError::NonFinite { .. }),
+            matches!(
+                e,
+                LoraError::MergeState { .. } | LoraError::NonFinite { .. }
+            ),
             "{e:?}"
         );
-        assert_eq!(layer_state(&trained), before, "failed sgd_step changed the layer");
+        assert_eq!(
+            layer_state(&trained),
+            before,
+            "failed sgd_step changed the layer"
+        );
     }
 }

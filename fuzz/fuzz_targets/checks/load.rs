@@ -51,4 +51,3 @@ fn exercise<A: LoraFloat>(config: &str, weights: &[u8]) {
     }
     let _ = PeftAdapter::from_layers(layers.iter().map(|(n, l)| (n.as_str(), l)));
 }
-

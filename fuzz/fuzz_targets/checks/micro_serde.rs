@@ -14,15 +14,22 @@ pub fn check_micro_serde(data: &[u8]) {
         return;
     }
     let x = input_from::<f32>(1, h, data).into_raw_vec_and_offset().0;
-    let y0 = input_from::<f32>(1, h, &data[data.len() / 3..]).into_raw_vec_and_offset().0;
+    let y0 = input_from::<f32>(1, h, &data[data.len() / 3..])
+        .into_raw_vec_and_offset()
+        .0;
     check_micro_forward(&lora, &x, &y0);
 
-    let g = input_from::<f32>(1, h, &data[data.len() / 2..]).into_raw_vec_and_offset().0;
+    let g = input_from::<f32>(1, h, &data[data.len() / 2..])
+        .into_raw_vec_and_offset()
+        .0;
     let mut learner = lora.clone();
     let signal = ndlora::LearningSignal::with_gradient(x.clone(), g, 1.0);
     if let Err(e) = learner.accumulate_gradient(&signal) {
         assert!(matches!(e, LoraError::NonFinite { .. }), "{e:?}");
-        assert_eq!(learner, lora, "failed accumulate_gradient changed the adapter");
+        assert_eq!(
+            learner, lora,
+            "failed accumulate_gradient changed the adapter"
+        );
         return;
     }
     assert_eq!(learner.pending_updates(), 1);
@@ -37,7 +44,10 @@ pub fn check_micro_serde(data: &[u8]) {
         }
         Err(e) => {
             assert!(matches!(e, LoraError::WouldOverflow { .. }), "{e:?}");
-            assert_eq!(learner, accumulated, "failed try_apply_accumulated changed the adapter");
+            assert_eq!(
+                learner, accumulated,
+                "failed try_apply_accumulated changed the adapter"
+            );
         }
     }
 }

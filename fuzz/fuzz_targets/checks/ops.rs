@@ -33,29 +33,78 @@ pub struct OpsInput {
 /// One operation. `i8` values map to v/32 ∈ [-4, 4); `u32`/`u64` are raw float bits.
 #[derive(Arbitrary, Debug)]
 pub enum Op {
-    Forward { rows: u8, x: Vec<i8> },
-    ForwardTrain { rows: u8, x: Vec<i8> },
-    ForwardWrongWidth { rows: u8 },
+    Forward {
+        rows: u8,
+        x: Vec<i8>,
+    },
+    ForwardTrain {
+        rows: u8,
+        x: Vec<i8>,
+    },
+    ForwardWrongWidth {
+        rows: u8,
+    },
     Merge,
     Unmerge,
     SetScaling(i8),
     SetScalingRaw(u64),
-    WriteB { i: u8, j: u8, v: i8 },
-    WriteA { i: u8, j: u8, v: i8 },
+    WriteB {
+        i: u8,
+        j: u8,
+        v: i8,
+    },
+    WriteA {
+        i: u8,
+        j: u8,
+        v: i8,
+    },
     SetBias(Option<Vec<i8>>),
     SetBiasRaw(u32),
-    BackwardSgd { rows: u8, x: Vec<i8>, g: Vec<i8>, lr: i8 },
-    SgdRaw { lr: u32, grad: u32 },
+    BackwardSgd {
+        rows: u8,
+        x: Vec<i8>,
+        g: Vec<i8>,
+        lr: i8,
+    },
+    SgdRaw {
+        lr: u32,
+        grad: u32,
+    },
     LayerSerde,
-    Model { merge: bool },
-    MicroForward { x: Vec<i8>, y0: Vec<i8> },
-    MicroAccumulate { x: Vec<i8>, g: Vec<i8>, q: i8 },
-    MicroAccumulateRaw { x: u32, at: u8, q: u32 },
-    MicroAccumulateBatch { rows: u8, x: Vec<i8>, g: Vec<i8>, q: Vec<i8> },
+    Model {
+        merge: bool,
+    },
+    MicroForward {
+        x: Vec<i8>,
+        y0: Vec<i8>,
+    },
+    MicroAccumulate {
+        x: Vec<i8>,
+        g: Vec<i8>,
+        q: i8,
+    },
+    MicroAccumulateRaw {
+        x: u32,
+        at: u8,
+        q: u32,
+    },
+    MicroAccumulateBatch {
+        rows: u8,
+        x: Vec<i8>,
+        g: Vec<i8>,
+        q: Vec<i8>,
+    },
     MicroApply(i8),
     MicroApplyRaw(u32),
-    MicroSetWeights { down: Vec<i8>, up: Vec<i8>, wrong_shape: bool },
-    MicroSetWeightsRaw { v: u32, at: u8 },
+    MicroSetWeights {
+        down: Vec<i8>,
+        up: Vec<i8>,
+        wrong_shape: bool,
+    },
+    MicroSetWeightsRaw {
+        v: u32,
+        at: u8,
+    },
     MicroSetScale(i8),
     MicroSerde,
     MicroReset,
@@ -66,7 +115,15 @@ fn small(v: i8) -> f32 {
 }
 
 fn vec_from(n: usize, v: &[i8]) -> Vec<f32> {
-    (0..n).map(|i| if v.is_empty() { 0.0 } else { small(v[i % v.len()]) }).collect()
+    (0..n)
+        .map(|i| {
+            if v.is_empty() {
+                0.0
+            } else {
+                small(v[i % v.len()])
+            }
+        })
+        .collect()
 }
 
 fn mat_from(r: usize, c: usize, v: &[i8]) -> Array2<f32> {
@@ -94,7 +151,9 @@ fn run_ops(input: OpsInput) {
     };
     let mut layer = LoraLayer::new(mat_from(d, k, &input.w), config.clone()).expect("valid config");
     if let Some(b) = &input.bias {
-        layer = layer.with_bias(ndarray::Array1::from(vec_from(d, b))).expect("finite bias");
+        layer = layer
+            .with_bias(ndarray::Array1::from(vec_from(d, b)))
+            .expect("finite bias");
     }
     let h = usize::from(input.micro_h) % 40;
     let mut micro = MicroLora::try_new(h, 1 + usize::from(input.micro_rank2)).expect("rank 1 or 2");
@@ -113,13 +172,17 @@ fn run_ops(input: OpsInput) {
                 let m = layer_magnitude(&layer, x.view());
                 assert_finite_where_bounded("forward", y.view(), &m);
                 let mut out = Array2::from_elem(y.dim(), f32::NAN);
-                layer.forward_into(x.view(), out.view_mut()).expect("forward_into");
+                layer
+                    .forward_into(x.view(), out.view_mut())
+                    .expect("forward_into");
                 assert_eq!(out, y, "forward_into differs from forward");
                 Ok(())
             }
             Op::ForwardTrain { rows, x } => {
                 let x = mat_from(usize::from(*rows % 5), k, x);
-                let y = layer.forward_train(x.view()).expect("width-k forward_train");
+                let y = layer
+                    .forward_train(x.view())
+                    .expect("width-k forward_train");
                 let p = layer.config().dropout;
                 if p == 0.0 || layer.is_merged() {
                     assert_eq!(y, layer.forward(x.view()).expect("forward"));
@@ -146,7 +209,9 @@ fn run_ops(input: OpsInput) {
                 let (r, c) = a.dim();
                 a[[usize::from(*i) % r, usize::from(*j) % c]] = small(*v);
             }),
-            Op::SetBias(b) => layer.set_bias(b.as_ref().map(|b| ndarray::Array1::from(vec_from(d, b)))),
+            Op::SetBias(b) => {
+                layer.set_bias(b.as_ref().map(|b| ndarray::Array1::from(vec_from(d, b))))
+            }
             Op::SetBiasRaw(bits) => {
                 let mut b = ndarray::Array1::zeros(d);
                 b[0] = f32::from_bits(*bits);
@@ -155,12 +220,16 @@ fn run_ops(input: OpsInput) {
             Op::BackwardSgd { rows, x, g, lr } => {
                 let n = usize::from(*rows % 5);
                 let x = mat_from(n, k, x);
-                let grads = layer.backward(x.view(), mat_from(n, d, g).view()).expect("backward");
+                let grads = layer
+                    .backward(x.view(), mat_from(n, d, g).view())
+                    .expect("backward");
                 layer.sgd_step(&grads, f32::from(*lr) / 64.0)
             }
             Op::SgdRaw { lr, grad } => {
                 let x = mat_from(1, k, &[32]);
-                let mut grads = layer.backward(x.view(), mat_from(1, d, &[32]).view()).expect("backward");
+                let mut grads = layer
+                    .backward(x.view(), mat_from(1, d, &[32]).view())
+                    .expect("backward");
                 grads.grad_b[[0, 0]] = f32::from_bits(*grad);
                 layer.sgd_step(&grads, f32::from_bits(*lr))
             }
@@ -178,11 +247,9 @@ fn run_ops(input: OpsInput) {
                 check_micro_forward(&micro, &vec_from(h, x), &vec_from(h, y0));
                 Ok(())
             }
-            Op::MicroAccumulate { x, g, q } => micro.accumulate_gradient(&LearningSignal::with_gradient(
-                vec_from(h, x),
-                vec_from(h, g),
-                small(*q),
-            )),
+            Op::MicroAccumulate { x, g, q } => micro.accumulate_gradient(
+                &LearningSignal::with_gradient(vec_from(h, x), vec_from(h, g), small(*q)),
+            ),
             Op::MicroAccumulateRaw { x, at, q } => {
                 let mut xs = probe_h.clone();
                 if h > 0 {
@@ -208,15 +275,25 @@ fn run_ops(input: OpsInput) {
                 if r.is_ok() {
                     assert_eq!(micro.pending_updates(), 0);
                     if pending == 0 {
-                        assert_eq!(micro, micro_before, "apply with nothing pending changed weights");
+                        assert_eq!(
+                            micro, micro_before,
+                            "apply with nothing pending changed weights"
+                        );
                     }
                 }
                 r
             }
             Op::MicroApplyRaw(bits) => micro.try_apply_accumulated(f32::from_bits(*bits)),
-            Op::MicroSetWeights { down, up, wrong_shape } => {
+            Op::MicroSetWeights {
+                down,
+                up,
+                wrong_shape,
+            } => {
                 let r = micro.rank() + usize::from(*wrong_shape);
-                micro.set_weights(mat_from(r, h, down).view(), mat_from(micro.rank(), h, up).view())
+                micro.set_weights(
+                    mat_from(r, h, down).view(),
+                    mat_from(micro.rank(), h, up).view(),
+                )
             }
             Op::MicroSetWeightsRaw { v, at } => {
                 let (down, up) = micro.get_weights();
@@ -243,7 +320,11 @@ fn run_ops(input: OpsInput) {
             }
         };
         if result.is_err() {
-            assert_eq!(layer_state(&layer), layer_bytes, "failed {op:?} changed the layer");
+            assert_eq!(
+                layer_state(&layer),
+                layer_bytes,
+                "failed {op:?} changed the layer"
+            );
             assert!(layer == layer_before, "failed {op:?} changed the layer");
             assert_eq!(micro, micro_before, "failed {op:?} changed the MicroLora");
         }
@@ -279,7 +360,13 @@ fn check_model(layer: &LoraLayer<f32>, x: &Array2<f32>, merge: bool) {
     assert_close_layer("model vs layer forward", y.view(), ym.view(), &m, terms);
     if merge && model.merge("a").is_ok() {
         let ym = model.forward(x.view()).expect("merged model forward");
-        assert_close_layer("merged model vs layer forward", y.view(), ym.view(), &m, terms);
+        assert_close_layer(
+            "merged model vs layer forward",
+            y.view(),
+            ym.view(),
+            &m,
+            terms,
+        );
         if let Err(e) = model.unmerge_all() {
             assert!(matches!(e, LoraError::WouldOverflow { .. }), "{e:?}");
         }
