@@ -46,9 +46,11 @@ fn layer_magnitude<A: LoraFloat>(layer: &LoraLayer<A>, x: ArrayView2<'_, A>) -> 
     }
     // The LoRA branch goes through the n×r intermediate X Aᵀ: where that can overflow, the
     // row may legitimately come out NaN (∞·0) even though the exact result is small.
+    // Likewise (X Aᵀ) Bᵀ before the scaling s (a gemm may scale last).
     let xa = abs_f64(x).dot(&abs_f64(layer.weight_a()).t());
-    for (mut row, xa_row) in m.rows_mut().into_iter().zip(xa.rows()) {
-        if xa_row.iter().any(|v| !bounded(*v)) {
+    let xab = xa.dot(&abs_f64(layer.weight_b()).t());
+    for ((mut row, xa_row), xab_row) in m.rows_mut().into_iter().zip(xa.rows()).zip(xab.rows()) {
+        if xa_row.iter().chain(xab_row.iter()).any(|v| !bounded(*v)) {
             row.fill(f64::INFINITY);
         }
     }
