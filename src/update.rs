@@ -37,7 +37,11 @@ pub(crate) fn update_weight<A: LoraFloat>(
     Ok(())
 }
 
-/// |α|·maxᵢ Σₗ|Bᵢₗ|·max|A|: a bound on max|α·B A| in O(r·(d + k)).
+/// A bound, in O(r·(d + k)), on max|α·B A| = |α|·maxᵢ Σₗ|Bᵢₗ|·max|A| and on every
+/// intermediate a gemm may form on the way: the unscaled B A (BLAS and matrixmultiply scale
+/// by α last), α·B or α·A. Proving only the final |α·B A| finite is not enough: with
+/// α ≈ 1e-13 and B A ≈ 1e42 (∞ in f32), α·B A ≈ 1e29 is finite but a gemm that forms B A
+/// first writes ∞ into W, and the unmerge after it NaN (found by the `ops` fuzzer).
 pub(crate) fn update_magnitude_bound<A: LoraFloat>(
     weight_a: ArrayView2<'_, A>,
     weight_b: ArrayView2<'_, A>,
@@ -48,7 +52,12 @@ pub(crate) fn update_magnitude_bound<A: LoraFloat>(
         .into_iter()
         .map(|row| row.iter().map(|v| v.into_f64().abs()).sum::<f64>())
         .fold(0.0, f64::max);
-    alpha.into_f64().abs() * row_sum_b * max_abs(weight_a)
+    let (alpha, max_a) = (alpha.into_f64().abs(), max_abs(weight_a));
+    let unscaled = row_sum_b * max_a;
+    (alpha * unscaled)
+        .max(unscaled)
+        .max(alpha * max_abs(weight_b))
+        .max(alpha * max_a)
 }
 
 /// The largest magnitude `|W|` may reach and still be safe: half of `A::MAX`, a factor-2

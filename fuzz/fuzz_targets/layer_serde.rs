@@ -1,0 +1,13 @@
+//! The `layer_serde` fuzz target; the check itself is `checks/layer_serde.rs`, shared with the corpus
+//! replay in the main crate's `tests/fuzz_replay.rs`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[allow(dead_code)]
+mod checks {
+    include!("checks/common.rs");
+    include!("checks/layer_serde.rs");
+}
+
+fuzz_target!(|data: &[u8]| checks::check_layer_serde(data));
