@@ -928,3 +928,26 @@ fn apply_accumulated_panics_on_bad_lr_before_touching_weights() {
     assert!(message.contains("learning rate"), "{message}");
     assert_eq!(lora, before);
 }
+
+#[test]
+fn huge_scale_with_zero_up_entries_adds_exactly_zero() {
+    // s·h overflows f32 (s = 1e34, h ≈ 1e6) though every weight and input is finite; entries
+    // with Uᵢ = 0 must stay exactly y₀ (not ∞·0 = NaN), small Uᵢ give finite values.
+    let h = 37;
+    let mut lora = MicroLora::new(h, 1);
+    let mut down = ndarray::Array2::<f32>::zeros((1, h));
+    down[[0, 3]] = 1.0e6;
+    let mut up = ndarray::Array2::<f32>::zeros((1, h));
+    up[[0, 5]] = 1.0e-30;
+    lora.set_weights(down.view(), up.view()).unwrap();
+    lora.set_scale(1.0e34);
+    let x = vec![1.0f32; h];
+    for level in SimdLevel::ALL.into_iter().filter(|l| l.is_available()) {
+        let mut y = vec![2.0f32; h];
+        lora.forward_with(level, &x, &mut y).unwrap();
+        for (i, &v) in y.iter().enumerate() {
+            let expected = if i == 5 { 2.0 + 1.0e10 } else { 2.0 };
+            assert_eq!(v, expected, "{level}: y[{i}]");
+        }
+    }
+}

@@ -196,6 +196,16 @@ unsafe fn forward_rank<V: Lanes, const R: usize, const ACC: usize>(
 
     // Pass 2: y ← y + Σⱼ (s·hⱼ)·Uⱼ.
     let c = h.map(|h| a.scale * h);
+    if c.iter()
+        .zip(&h)
+        .any(|(c, h)| !c.is_finite() && h.is_finite())
+    {
+        // s·hⱼ overflows f32 (a huge scale): form the terms in f64 instead (rare, slow path).
+        for (j, &h) in h.iter().enumerate() {
+            super::scalar::add_term_wide(a.scale, h, &a.up[j * n..(j + 1) * n], y);
+        }
+        return;
+    }
     // SAFETY: CPU support, as above.
     let cv = c.map(|c| unsafe { V::splat(c) });
     let mut i = 0;
