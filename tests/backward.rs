@@ -2,30 +2,12 @@
 
 mod common;
 
-use common::{assert_close, matmul_t, random, rng, to_f64, Laid, Ref, LAYOUTS};
+use common::{assert_close, matmul_t, random, random_layer, rng, to_f64, Laid, Ref, LAYOUTS};
 use ndarray::Array2;
-use ndlora::{LoraConfig, LoraError, LoraFloat, LoraGrads, LoraLayer};
+use ndlora::{LoraError, LoraFloat, LoraGrads, LoraLayer};
 
-/// α ≠ r so that a missing or doubled scaling shows.
-const ALPHA: f64 = 3.0;
 /// Rounding bound factor, as in tests/layer.rs: |error| ≤ TOL·ε·(the sum over magnitudes).
 const TOL: f64 = 8.0;
-
-fn random_layer<A: LoraFloat>(d: usize, k: usize, r: usize, seed: u64) -> LoraLayer<A> {
-    let mut g = rng(seed);
-    let config = LoraConfig {
-        rank: r,
-        alpha: ALPHA,
-        ..Default::default()
-    };
-    LoraLayer::from_parts(
-        random(&mut g, d, k),
-        random(&mut g, r, k),
-        random(&mut g, d, r),
-        config,
-    )
-    .unwrap()
-}
 
 /// L = Σ Y ⊙ R, so ∂L/∂Y = R.
 fn loss(layer: &LoraLayer<f64>, x: &Array2<f64>, r: &Array2<f64>) -> f64 {

@@ -2,34 +2,15 @@
 
 mod common;
 
-use common::{assert_close, random, rng, to_f64, Laid, Ref, LAYOUTS};
+use common::{assert_close, random, random_layer, rng, to_f64, Laid, Ref, LAYOUTS};
 use ndarray::{Array2, ShapeBuilder};
 use ndlora::{LoraConfig, LoraFloat, LoraInit, LoraLayer};
 
 const DIMS: [usize; 4] = [1, 7, 33, 130];
 const RANKS: [usize; 3] = [1, 2, 8];
-/// α ≠ r on purpose: scaling must touch only the LoRA branch.
-const ALPHA: f64 = 3.0;
 /// Error bound factor: |error| ≤ TOL·ε·(the same sum over magnitudes). A dot product of length
 /// k has error ≤ k·ε·Σ|terms| in the worst case; BLAS blocking keeps it far below that.
 const TOL: f64 = 8.0;
-
-/// A layer with random W, A, B (B ≠ 0) built from parts.
-fn random_layer<A: LoraFloat>(d: usize, k: usize, r: usize, seed: u64) -> LoraLayer<A> {
-    let mut g = rng(seed);
-    let config = LoraConfig {
-        rank: r,
-        alpha: ALPHA,
-        ..Default::default()
-    };
-    LoraLayer::from_parts(
-        random(&mut g, d, k),
-        random(&mut g, r, k),
-        random(&mut g, d, r),
-        config,
-    )
-    .unwrap()
-}
 
 fn forward_sweep<A: LoraFloat>() {
     let mut cases = 0;

@@ -172,3 +172,21 @@ impl<A: LoraFloat> Laid<A> {
         }
     }
 }
+
+/// A layer with random W, A, B (B ≠ 0) and α = 3 ≠ r, so scaling must touch only the LoRA
+/// branch.
+pub fn random_layer<A: LoraFloat>(d: usize, k: usize, r: usize, seed: u64) -> ndlora::LoraLayer<A> {
+    let mut g = rng(seed);
+    let config = ndlora::LoraConfig {
+        rank: r,
+        alpha: 3.0,
+        ..Default::default()
+    };
+    ndlora::LoraLayer::from_parts(
+        random(&mut g, d, k),
+        random(&mut g, r, k),
+        random(&mut g, d, r),
+        config,
+    )
+    .unwrap()
+}
