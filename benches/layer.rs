@@ -74,7 +74,7 @@ fn forward(c: &mut Criterion) {
     }
     eprintln!("backend: {}", ndlora::backend());
     for dk in [1024, 4096] {
-        for r in [8, 16] {
+        for r in [8, 16, 64, 128] {
             let layer = trained_layer(dk, dk, r);
             let mut merged = layer.clone();
             merged.merge().expect("finite");
@@ -103,10 +103,44 @@ fn forward(c: &mut Criterion) {
     }
 }
 
+/// W ← W + α·B A as one bare BLAS gemm with β = 1: what merge cost before the fused kernel.
+fn bare_update(alpha: f32, b: &Array2<f32>, a: &Array2<f32>, w: &mut Array2<f32>) {
+    #[cfg(ndlora_blas)]
+    {
+        use cblas_sys::{cblas_sgemm, CblasNoTrans, CblasRowMajor};
+        let ((d, r), k) = (b.dim(), a.ncols());
+        assert!(a.is_standard_layout() && b.is_standard_layout() && w.is_standard_layout());
+        assert_eq!((a.nrows(), w.dim()), (r, (d, k)));
+        let i = |v: usize| i32::try_from(v).expect("fits BLAS int");
+        // SAFETY: all three arrays are standard (row-major) layout with the asserted shapes,
+        // so the leading dimensions r, k, k describe them; w is borrowed mutably, no alias.
+        unsafe {
+            cblas_sgemm(
+                CblasRowMajor,
+                CblasNoTrans,
+                CblasNoTrans,
+                i(d),
+                i(k),
+                i(r),
+                alpha,
+                b.as_ptr(),
+                i(r),
+                a.as_ptr(),
+                i(k),
+                1.0,
+                w.as_mut_ptr(),
+                i(k),
+            );
+        }
+    }
+    #[cfg(not(ndlora_blas))]
+    ndarray::linalg::general_mat_mul(alpha, b, a, 1.0, w);
+}
+
 fn merge(c: &mut Criterion) {
     ndlora::set_blas_threads(1);
     for dk in [1024, 4096] {
-        for r in [8, 16] {
+        for r in [8, 16, 64, 128] {
             let layer = trained_layer(dk, dk, r);
             let mut merged = layer.clone();
             merged.merge().expect("finite");
@@ -116,6 +150,15 @@ fn merge(c: &mut Criterion) {
             // One pass that reads and writes every element of W: the memory-traffic floor.
             let mut w = layer.base_weight().to_owned();
             group.bench_function("rw-pass", |bch| bch.iter(|| w.mapv_inplace(|v| -v)));
+            // The same update as one BLAS gemm (alternating sign keeps W bounded).
+            let (a, b) = (layer.weight_a().to_owned(), layer.weight_b().to_owned());
+            let mut sign = 1.0;
+            group.bench_function("blas-gemm", |bch| {
+                bch.iter(|| {
+                    sign = -sign;
+                    bare_update(sign * 2.0, &b, &a, &mut w)
+                })
+            });
             group.bench_function("merge", |bch| {
                 bch.iter_batched(
                     || layer.clone(),

@@ -6,12 +6,14 @@ use ndarray::ScalarOperand;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::gemm::GemmScalar;
+use crate::simd::rank_update::UpdateElement;
 
 /// `f32` or `f64`: the element types [`LoraLayer`](crate::LoraLayer) is generic over.
 ///
 /// Sealed: its supertrait lives in a private module, so no other type can implement it.
 pub trait LoraFloat:
     GemmScalar
+    + UpdateElement
     + num_traits::Float
     + ScalarOperand
     + Debug

@@ -10,6 +10,9 @@ use std::cell::Cell;
 
 use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2, CowArray, Ix2, LinalgScalar};
 
+use crate::simd::rank_update::{fused_rank_update, UpdateElement};
+use crate::simd::{simd_level, SimdLevel};
+
 thread_local! {
     static COUNTERS: Cell<GemmCounters> = const { Cell::new(GemmCounters::ZERO) };
 }
@@ -23,6 +26,9 @@ pub struct GemmCounters {
     pub fallback_calls: u64,
     /// Operands copied because their strides had no BLAS-compatible layout.
     pub layout_copies: u64,
+    /// Merge/unmerge updates W ← W ± s·B A run by the fused SIMD kernel instead of a gemm
+    /// (see [`LoraLayer::merge`](crate::LoraLayer::merge)).
+    pub fused_updates: u64,
 }
 
 impl GemmCounters {
@@ -30,6 +36,7 @@ impl GemmCounters {
         blas_calls: 0,
         fallback_calls: 0,
         layout_copies: 0,
+        fused_updates: 0,
     };
 }
 
@@ -309,6 +316,27 @@ fn fallback<T: GemmScalar>(
 ) {
     count(|c| c.fallback_calls += 1);
     general_mat_mul(alpha, &a, &b, beta, &mut c);
+}
+
+/// W ← W + α·B A (B d×r, A r×k, W d×k): the merge update. Runs the fused SIMD kernel
+/// (`simd::rank_update`) when it applies — a SIMD CPU, r ≤ `MAX_FUSED_RANK`, W with a unit
+/// stride — and otherwise one gemm with β = 1. Either way no d×k temporary is made.
+///
+/// # Panics
+/// If the shapes do not chain (an internal bug: callers validate first).
+#[track_caller]
+pub(crate) fn rank_update<T: GemmScalar + UpdateElement>(
+    alpha: T,
+    b: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    mut w: ArrayViewMut2<'_, T>,
+) {
+    let level = simd_level();
+    if level != SimdLevel::Scalar && fused_rank_update(level, alpha, b, a, w.view_mut()) {
+        count(|c| c.fused_updates += 1);
+        return;
+    }
+    gemm(alpha, b, a, T::one(), w);
 }
 
 /// Whether this build calls a BLAS library.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::config::{LoraConfig, LoraInit};
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
-use crate::gemm::{blas_operand, gemm};
+use crate::gemm::{blas_operand, gemm, rank_update};
 use crate::update::{max_abs, update_weight};
 
 /// A linear layer with a frozen weight W (d×k), an optional frozen bias b (d), and a low-rank
@@ -423,11 +423,10 @@ impl<A: LoraFloat> LoraLayer<A> {
     pub fn effective_weight(&self) -> Array2<A> {
         let mut w = self.base_weight.clone();
         if !self.merged {
-            gemm(
+            rank_update(
                 self.scaling_a(),
                 self.weight_b.view(),
                 self.weight_a.view(),
-                A::one(),
                 w.view_mut(),
             );
         }

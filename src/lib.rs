@@ -137,6 +137,7 @@ pub use gemm::{gemm_counters, reset_gemm_counters, GemmCounters};
 pub use layer::{LoraLayer, LoraScratch};
 pub use micro::{LearningSignal, MicroLora};
 pub use model::LoraModel;
+pub use simd::rank_update::MAX_FUSED_RANK;
 pub use simd::{simd_level, SimdLevel};
 pub use train::LoraGrads;
 

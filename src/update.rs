@@ -5,7 +5,7 @@ use ndarray::{s, ArrayView2, ArrayViewMut2};
 
 use crate::error::{LoraError, Result};
 use crate::float::LoraFloat;
-use crate::gemm::gemm;
+use crate::gemm::rank_update;
 use crate::layer::check_finite;
 
 /// Rows of W per block when a merge must be checked exactly for overflow (rare path).
@@ -32,7 +32,7 @@ pub(crate) fn update_weight<A: LoraFloat>(
         alpha,
         operation,
     )?;
-    gemm(alpha, weight_b, weight_a, A::one(), base_weight.view_mut());
+    rank_update(alpha, weight_b, weight_a, base_weight.view_mut());
     *w_abs_bound = new_bound;
     Ok(())
 }
@@ -92,13 +92,7 @@ fn checked_update_bound<A: LoraFloat>(
     for start in (0..d).step_by(OVERFLOW_CHECK_ROWS) {
         let rows = s![start..(start + OVERFLOW_CHECK_ROWS).min(d), ..];
         let mut block = base_weight.slice(rows).to_owned();
-        gemm(
-            alpha,
-            weight_b.slice(rows),
-            weight_a,
-            A::one(),
-            block.view_mut(),
-        );
+        rank_update(alpha, weight_b.slice(rows), weight_a, block.view_mut());
         if block.iter().any(|v| !v.is_finite()) {
             return Err(LoraError::WouldOverflow { operation });
         }

@@ -1,17 +1,22 @@
-//! aarch64 kernel: NEON intrinsics (`float32x4_t`) instantiating [`lanes::forward`].
+//! aarch64 kernels: NEON intrinsics (`float32x4_t`) instantiating the MicroLora forward
+//! ([`lanes::forward`]) and the f32 merge update ([`rank_update::update`]); the f64 update
+//! uses the portable 2-lane vector, which NEON (baseline on aarch64) holds in one register.
 
 use std::arch::aarch64::{
     float32x4_t, vaddq_f32, vaddvq_f32, vdupq_n_f32, vfmaq_f32, vld1q_f32, vst1q_f32,
 };
 
 use super::lanes::{self, Lanes};
+use super::rank_update::{self, Operands};
+use super::vector::{Portable, Vector};
 use super::Adapter;
 
 /// Four f32 lanes in one `q` register. Methods need NEON (the [`Lanes`] contract).
 #[derive(Clone, Copy)]
 struct Neon(float32x4_t);
 
-impl Lanes for Neon {
+impl Vector for Neon {
+    type Elem = f32;
     const LANES: usize = 4;
     #[inline(always)]
     unsafe fn zero() -> Self {
@@ -39,6 +44,9 @@ impl Lanes for Neon {
         // SAFETY: NEON present. vfmaq_f32(acc, a, b) = acc + a·b, fused.
         Self(unsafe { vfmaq_f32(self.0, a.0, b.0) })
     }
+}
+
+impl Lanes for Neon {
     #[inline(always)]
     unsafe fn add(self, o: Self) -> Self {
         // SAFETY: NEON present.
@@ -60,4 +68,24 @@ impl Lanes for Neon {
 pub(super) unsafe fn forward_neon(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
     // SAFETY: NEON enabled here and present by our contract; lengths forwarded.
     unsafe { lanes::forward::<Neon>(a, x, y) }
+}
+
+/// Merge update, f32, NEON.
+///
+/// # Safety
+/// The CPU supports NEON; `o` satisfies the [`rank_update::UpdateFn`] contract.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn update_neon_f32(o: &Operands<f32>) {
+    // SAFETY: NEON enabled here and present by our contract; operands forwarded.
+    unsafe { rank_update::update::<Neon>(o) }
+}
+
+/// Merge update, f64, NEON (2-lane portable vectors).
+///
+/// # Safety
+/// As [`update_neon_f32`].
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn update_neon_f64(o: &Operands<f64>) {
+    // SAFETY: `Portable` needs no particular CPU feature; operands forwarded.
+    unsafe { rank_update::update::<Portable<f64, 2>>(o) }
 }

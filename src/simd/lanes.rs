@@ -6,86 +6,23 @@
 //! with cⱼ = s·hⱼ: both rank rows fused into one read-modify-write of y per vector, then a
 //! scalar tail. All loads and stores are unaligned.
 
-/// A SIMD vector of `LANES` f32 and the operations the kernel needs.
-///
-/// Every method is `unsafe`: the CPU must support the instructions of the implementing type
-/// (callers are `#[target_feature]` functions that require it), and `load`/`store` need
-/// `LANES` readable/writable floats at `p` (any alignment).
-pub(super) trait Lanes: Copy {
-    /// Number of f32 lanes.
-    const LANES: usize;
-    /// All lanes 0.
-    ///
-    /// # Safety
-    /// The CPU supports the implementing type's instructions.
-    unsafe fn zero() -> Self;
-    /// All lanes `v`.
-    ///
-    /// # Safety
-    /// As [`zero`](Lanes::zero).
-    unsafe fn splat(v: f32) -> Self;
-    /// Unaligned load of `LANES` floats.
-    ///
-    /// # Safety
-    /// As [`zero`](Lanes::zero), and `p..p + LANES` is readable.
-    unsafe fn load(p: *const f32) -> Self;
-    /// Unaligned store of `LANES` floats.
-    ///
-    /// # Safety
-    /// As [`zero`](Lanes::zero), and `p..p + LANES` is writable.
-    unsafe fn store(self, p: *mut f32);
-    /// self + a·b, lane-wise, fused.
-    ///
-    /// # Safety
-    /// As [`zero`](Lanes::zero).
-    unsafe fn mul_add(self, a: Self, b: Self) -> Self;
+use super::vector::{Portable, Vector};
+
+/// The extra operations the MicroLora forward needs on an f32 [`Vector`] (its reductions).
+pub(super) trait Lanes: Vector<Elem = f32> {
     /// self + o, lane-wise.
     ///
     /// # Safety
-    /// As [`zero`](Lanes::zero).
+    /// The CPU supports the implementing type's instructions.
     unsafe fn add(self, o: Self) -> Self;
     /// The sum of the lanes.
     ///
     /// # Safety
-    /// As [`zero`](Lanes::zero).
+    /// As [`add`](Lanes::add).
     unsafe fn sum(self) -> f32;
 }
 
-/// A portable `[f32; L]` vector. After inlining into a `#[target_feature]` function LLVM maps
-/// it onto vector registers (used for AVX-512F, whose `core::arch` intrinsics need Rust 1.89,
-/// above the crate's MSRV; the emitted code was checked for `zmm` FMAs), and it lets the
-/// tests run the kernel logic at any width on any CPU.
-#[cfg_attr(not(any(target_arch = "x86_64", test)), allow(dead_code))]
-#[derive(Clone, Copy)]
-pub(super) struct Portable<const L: usize>([f32; L]);
-
-impl<const L: usize> Lanes for Portable<L> {
-    const LANES: usize = L;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        Self([0.0; L])
-    }
-    #[inline(always)]
-    unsafe fn splat(v: f32) -> Self {
-        Self([v; L])
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        // SAFETY: readable by this method's contract; `read_unaligned` needs no alignment.
-        Self(unsafe { p.cast::<[f32; L]>().read_unaligned() })
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        // SAFETY: writable by this method's contract; `write_unaligned` needs no alignment.
-        unsafe { p.cast::<[f32; L]>().write_unaligned(self.0) }
-    }
-    #[inline(always)]
-    unsafe fn mul_add(mut self, a: Self, b: Self) -> Self {
-        for ((s, a), b) in self.0.iter_mut().zip(a.0).zip(b.0) {
-            *s = a.mul_add(b, *s);
-        }
-        self
-    }
+impl<const L: usize> Lanes for Portable<f32, L> {
     #[inline(always)]
     unsafe fn add(mut self, o: Self) -> Self {
         for (s, o) in self.0.iter_mut().zip(o.0) {

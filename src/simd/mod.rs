@@ -25,7 +25,9 @@ mod aarch64;
     allow(dead_code)
 )]
 mod lanes;
+pub(crate) mod rank_update;
 mod scalar;
+mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -240,12 +242,12 @@ mod tests {
         }
         check_width(
             // SAFETY: `Portable` needs no CPU feature; check_width passes consistent lengths.
-            |a, x, y| unsafe { lanes::forward::<lanes::Portable<4>>(a, x, y) },
+            |a, x, y| unsafe { lanes::forward::<vector::Portable<f32, 4>>(a, x, y) },
             "width 4 (baseline)",
         );
         check_width(
             // SAFETY: as above.
-            |a, x, y| unsafe { lanes::forward::<lanes::Portable<16>>(a, x, y) },
+            |a, x, y| unsafe { lanes::forward::<vector::Portable<f32, 16>>(a, x, y) },
             "width 16 (baseline)",
         );
     }

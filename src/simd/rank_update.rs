@@ -1,0 +1,631 @@
+//! The fused rank-r update W ← W + α·B A that merge and unmerge run (W d×k, B d×r, A r×k).
+//!
+//! Why not BLAS: with K = r ≤ 64 a `?gemm` spends its time packing and in a micro-kernel
+//! built for long K, and runs well below the FMA peak (OpenBLAS: 30–60 GFLOP/s single-thread
+//! for r = 16 on a 92 GFLOP/s sgemm machine), so merge cost 2.3× one read-write pass of W.
+//! This kernel is the same gemm update, register-tiled for short K and streaming W once:
+//!
+//! * a tile of `MR` rows × `NR` vectors of W is accumulated in registers as
+//!   acc = Σₚ Bᵢₚ·Aₚⱼ (one FMA per term, p = 0..r in order), then written once as
+//!   Wᵢⱼ ← Wᵢⱼ + α·accᵢⱼ (one more FMA). Per p the tile costs `NR` loads of A, `MR`
+//!   broadcasts of B and `MR·NR` FMAs, so the loop is FMA-bound, not load-bound;
+//! * columns are walked in blocks of [`A_BLOCK_BYTES`] worth of A so that A stays in L2
+//!   for every row block, whatever r and k;
+//! * the vector tail and the scalar tail run the same tile code with narrower vectors
+//!   (one lane at the end), so **every element is computed by the same formula** in the
+//!   same order: the result does not depend on the SIMD width or on where an element falls
+//!   in a tile. The checked merge relies on that (see `update.rs`).
+//!
+//! Like a gemm with β = 1 it makes no d×k temporary. It is used for r ≤ [`MAX_FUSED_RANK`]
+//! and on CPUs with AVX2+FMA, AVX-512F or NEON; otherwise merge calls BLAS `?gemm`.
+
+use ndarray::{ArrayView2, ArrayViewMut2};
+
+use super::vector::{Element, Portable, Vector};
+use super::SimdLevel;
+
+/// Rows of W per register tile.
+const MR: usize = 6;
+/// Vectors of W per tile row (MR·NR = 12 accumulators: with `NR` vectors of A and one
+/// broadcast, 16 registers on AVX2).
+const NR: usize = 2;
+/// How far ahead along a row of W a tile prefetches, in elements: a few tiles, so that W
+/// streams in from memory while the FMAs of the tiles before it run.
+const PREFETCH_AHEAD: usize = 128;
+/// The part of A one column block keeps hot, in bytes: about a quarter of a typical L2.
+const A_BLOCK_BYTES: usize = 128 * 1024;
+
+/// The largest rank the fused kernel takes; above it BLAS `?gemm` is used, whose packed
+/// micro-kernel wins once K = r is long enough (measured: see the README's merge table).
+pub const MAX_FUSED_RANK: usize = 64;
+
+/// Raw operands of W ← W + α·B A. W and A have unit column stride; B any strides.
+#[derive(Clone, Copy)]
+pub struct Operands<T> {
+    w: *mut T,
+    w_row: isize,
+    a: *const T,
+    a_row: isize,
+    b: *const T,
+    b_row: isize,
+    b_col: isize,
+    d: usize,
+    k: usize,
+    r: usize,
+    alpha: T,
+}
+
+/// W ← W + α·B A over `o`.
+///
+/// # Safety
+/// `o` describes valid memory: Wᵢⱼ at `w + i·w_row + j` (writable, aliasing nothing else
+/// read here) for i < d, j < k; Aₚⱼ at `a + p·a_row + j` and Bᵢₚ at `b + i·b_row + p·b_col`
+/// readable for p < r. The CPU supports the kernel's instructions.
+pub type UpdateFn<T> = unsafe fn(o: &Operands<T>);
+
+/// The element types with a fused kernel, and which kernel runs at each SIMD level. Sealed
+/// (lives in a private module); a supertrait of [`LoraFloat`](crate::LoraFloat).
+pub trait UpdateElement: Element {
+    /// The kernel for `level`, if this build has one (the CPU check is the caller's).
+    fn kernel(level: SimdLevel) -> Option<UpdateFn<Self>>;
+}
+
+macro_rules! impl_update_element {
+    ($t:ty, $avx2:ident, $avx512:ident, $neon:ident) => {
+        impl UpdateElement for $t {
+            fn kernel(level: SimdLevel) -> Option<UpdateFn<Self>> {
+                match level {
+                    SimdLevel::Scalar => Some(update_scalar::<$t>),
+                    #[cfg(target_arch = "x86_64")]
+                    SimdLevel::Avx2Fma => Some(super::x86::$avx2),
+                    #[cfg(target_arch = "x86_64")]
+                    SimdLevel::Avx512F => Some(super::x86::$avx512),
+                    #[cfg(target_arch = "aarch64")]
+                    SimdLevel::Neon => Some(super::aarch64::$neon),
+                    #[allow(unreachable_patterns)]
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+impl_update_element!(f32, update_avx2_f32, update_avx512_f32, update_neon_f32);
+impl_update_element!(f64, update_avx2_f64, update_avx512_f64, update_neon_f64);
+
+/// The portable one-lane kernel: the same formula as the SIMD ones, element by element. Too
+/// slow to use for merge (`mul_add` is a libm call without FMA); it is the tests' reference
+/// for bit-identical results.
+///
+/// # Safety
+/// As [`UpdateFn`]; `Portable` needs no CPU feature.
+unsafe fn update_scalar<T: Element>(o: &Operands<T>) {
+    // SAFETY: forwarded.
+    unsafe { update::<Portable<T, 1>>(o) }
+}
+
+/// Runs W ← W + α·B A with the fused kernel at `level`, if it applies: the level runs on
+/// this CPU, r ≤ [`MAX_FUSED_RANK`] and W has a unit stride on one axis. Returns `false`
+/// (W untouched) otherwise, and the caller uses a gemm. Copies A (or B, for a column-major
+/// W) only when it lacks a unit stride along k (d): r·k (r·d) elements, never d×k.
+///
+/// # Panics
+/// If the shapes do not chain (an internal bug: callers validate first).
+#[track_caller]
+pub(crate) fn fused_rank_update<T: UpdateElement>(
+    level: SimdLevel,
+    alpha: T,
+    b: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    w: ArrayViewMut2<'_, T>,
+) -> bool {
+    let ((d, r), (r2, k)) = (b.dim(), a.dim());
+    assert!(
+        r == r2 && w.dim() == (d, k),
+        "rank update shapes do not chain: {:?} · {:?} → {:?}",
+        b.dim(),
+        a.dim(),
+        w.dim()
+    );
+    if r > MAX_FUSED_RANK || !level.is_available() {
+        return false;
+    }
+    match T::kernel(level) {
+        // SAFETY: `level` runs on this CPU (checked above), r ≤ MAX_FUSED_RANK.
+        Some(kernel) => unsafe { apply(kernel, alpha, b, a, w) },
+        None => false,
+    }
+}
+
+/// [`fused_rank_update`] with a given kernel: picks the orientation in which W has unit
+/// column stride, or returns `false` when W has no unit stride.
+///
+/// # Safety
+/// The CPU supports `kernel`'s instructions; r ≤ [`MAX_FUSED_RANK`]; shapes chain.
+unsafe fn apply<T: Element>(
+    kernel: UpdateFn<T>,
+    alpha: T,
+    b: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    w: ArrayViewMut2<'_, T>,
+) -> bool {
+    let (d, k) = w.dim();
+    let unit = |extent: usize, stride: isize| extent <= 1 || stride == 1;
+    if unit(k, w.strides()[1]) {
+        // SAFETY: forwarded.
+        unsafe { run(kernel, alpha, b, a, w) };
+        true
+    } else if unit(d, w.strides()[0]) {
+        // Column-major W: Wᵀ (k×d, unit column stride) ← Wᵀ + α·Aᵀ Bᵀ. Every element is
+        // still the FMA chain Σₚ Bᵢₚ·Aₚⱼ in order p = 0..r (products commute exactly).
+        // SAFETY: forwarded.
+        unsafe {
+            run(
+                kernel,
+                alpha,
+                a.reversed_axes(),
+                b.reversed_axes(),
+                w.reversed_axes(),
+            )
+        };
+        true
+    } else {
+        false
+    }
+}
+
+/// W ← W + α·B A with W of unit column stride.
+///
+/// # Safety
+/// As [`apply`], and W has unit column stride (or k ≤ 1).
+unsafe fn run<T: Element>(
+    kernel: UpdateFn<T>,
+    alpha: T,
+    b: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    mut w: ArrayViewMut2<'_, T>,
+) {
+    let (d, k) = w.dim();
+    let r = a.nrows();
+    if d == 0 || k == 0 || r == 0 {
+        return;
+    }
+    let a_owned;
+    let a = if k <= 1 || a.strides()[1] == 1 {
+        a
+    } else {
+        a_owned = a.as_standard_layout().into_owned();
+        a_owned.view()
+    };
+    let o = Operands {
+        w: w.as_mut_ptr(),
+        w_row: w.strides()[0],
+        a: a.as_ptr(),
+        a_row: a.strides()[0],
+        b: b.as_ptr(),
+        b_row: b.strides()[0],
+        b_col: b.strides()[1],
+        d,
+        k,
+        r,
+        alpha,
+    };
+    // SAFETY: the pointers and strides are those of live views of the stated shapes (for an
+    // axis of extent 1 the stride is never multiplied by a non-zero index); W's column
+    // stride is 1 (or k = 1) and so is A's (checked or copied above); `w` is a unique
+    // borrow, so W aliases neither A nor B. The CPU supports `kernel` and r ≤
+    // MAX_FUSED_RANK, by this function's contract.
+    unsafe { kernel(&o) }
+}
+
+/// The kernel body: column blocks (A's block packed tile by tile), then row blocks of `MR`
+/// (and single rows, B's rows packed), then tiles.
+///
+/// # Safety
+/// As [`UpdateFn`], with the CPU supporting `V`'s instructions, and r ≤ [`MAX_FUSED_RANK`].
+#[inline(always)]
+pub(super) unsafe fn update<V: Vector>(o: &Operands<V::Elem>) {
+    let tile_width = NR * V::LANES;
+    let per_column = std::mem::size_of::<V::Elem>() * o.r.max(1);
+    let block = ((A_BLOCK_BYTES / per_column) / tile_width).max(1) * tile_width;
+    let mut packed = Vec::with_capacity(o.r * block.min(o.k));
+    let mut j0 = 0;
+    while j0 < o.k {
+        let j1 = (j0 + block).min(o.k);
+        // SAFETY: columns j0..j1 ≤ k; the rest is forwarded.
+        unsafe { pack_a(o, j0, (j1 - j0) / tile_width, tile_width, &mut packed) };
+        let mut i = 0;
+        while i + MR <= o.d {
+            // SAFETY: rows i..i + MR ≤ d, columns j0..j1 ≤ k; `packed` holds this block.
+            unsafe { row_block::<V, MR>(o, &packed, i, j0, j1) };
+            i += MR;
+        }
+        while i < o.d {
+            // SAFETY: row i < d, columns j0..j1 ≤ k; `packed` holds this block.
+            unsafe { row_block::<V, 1>(o, &packed, i, j0, j1) };
+            i += 1;
+        }
+        j0 = j1;
+    }
+}
+
+/// Copies A's columns j0..j0 + tiles·width into `packed`, tile after tile, each tile as r
+/// contiguous rows of `width`: the tile loop then reads A sequentially instead of r rows a
+/// large power-of-two stride apart, which would all map to one L1 set.
+///
+/// # Safety
+/// j0 + tiles·width ≤ k; A as in [`UpdateFn`].
+#[inline(always)]
+unsafe fn pack_a<T: Element>(
+    o: &Operands<T>,
+    j0: usize,
+    tiles: usize,
+    width: usize,
+    packed: &mut Vec<T>,
+) {
+    packed.clear();
+    for t in 0..tiles {
+        for p in 0..o.r {
+            // SAFETY: row p < r of A, columns j0 + t·width .. + width ≤ k, readable by the
+            // contract; the slice lives only for this copy, while nothing writes A.
+            let row = unsafe {
+                std::slice::from_raw_parts(
+                    o.a.offset(p as isize * o.a_row).add(j0 + t * width),
+                    width,
+                )
+            };
+            packed.extend_from_slice(row);
+        }
+    }
+}
+
+/// Where a tile reads A: row p's vectors start at `ptr + p·stride`.
+#[derive(Clone, Copy)]
+struct ASource<T> {
+    ptr: *const T,
+    stride: isize,
+}
+
+/// Rows i..i + M, columns j0..j1: whole tiles (from `packed`), then single vectors, then
+/// single elements (both from A itself).
+///
+/// # Safety
+/// i + M ≤ d, j1 ≤ k, `packed` is `pack_a` of columns j0..; as [`update`].
+#[inline(always)]
+unsafe fn row_block<V: Vector, const M: usize>(
+    o: &Operands<V::Elem>,
+    packed: &[V::Elem],
+    i: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let l = V::LANES;
+    // B's rows i..i + M, transposed so a tile reads its M values for one p contiguously.
+    let mut b = [[<V::Elem as Element>::ZERO; M]; MAX_FUSED_RANK];
+    for (p, b) in b.iter_mut().take(o.r).enumerate() {
+        for (m, b) in b.iter_mut().enumerate() {
+            // SAFETY: row i + m < d, column p < r of B, readable by the contract.
+            *b = unsafe {
+                *o.b.offset((i + m) as isize * o.b_row + p as isize * o.b_col)
+            };
+        }
+    }
+    let unpacked = |j: usize| ASource {
+        // SAFETY: column j < k of A's row 0 (r ≥ 1 here).
+        ptr: unsafe { o.a.add(j) },
+        stride: o.a_row,
+    };
+    let mut j = j0;
+    let mut tile_start = 0;
+    while j + NR * l <= j1 {
+        let a = ASource {
+            ptr: packed[tile_start..].as_ptr(),
+            stride: (NR * l) as isize,
+        };
+        // SAFETY: columns j..j + NR·l ≤ j1 ≤ k; `a` is this tile's packed r × NR·l block.
+        unsafe { tile::<V, M, NR>(o, a, &b, i, j) };
+        j += NR * l;
+        tile_start += o.r * NR * l;
+    }
+    while j + l <= j1 {
+        // SAFETY: columns j..j + l ≤ k, read from A itself.
+        unsafe { tile::<V, M, 1>(o, unpacked(j), &b, i, j) };
+        j += l;
+    }
+    while j < j1 {
+        // SAFETY: column j < k; `Portable` needs no CPU feature.
+        unsafe { tile::<Portable<V::Elem, 1>, M, 1>(o, unpacked(j), &b, i, j) };
+        j += 1;
+    }
+}
+
+/// One register tile: rows i..i + M, columns j..j + N·LANES.
+///
+/// # Safety
+/// i + M ≤ d, j + N·LANES ≤ k, `a` readable for r rows of N·LANES; as [`update`].
+#[inline(always)]
+unsafe fn tile<V: Vector, const M: usize, const N: usize>(
+    o: &Operands<V::Elem>,
+    a: ASource<V::Elem>,
+    b: &[[V::Elem; M]; MAX_FUSED_RANK],
+    i: usize,
+    j: usize,
+) {
+    let l = V::LANES;
+    // SAFETY (every `V::` call below): the CPU supports `V`, by this function's contract.
+    // Every address is W, A or the packed copy at an index inside the bounds the contract
+    // states: rows i..i + M ≤ d, columns j..j + N·l ≤ k, p < r ≤ MAX_FUSED_RANK.
+    unsafe {
+        for m in 0..M {
+            let ahead = (i + m) as isize * o.w_row + (j + PREFETCH_AHEAD) as isize;
+            V::prefetch(o.w.wrapping_offset(ahead));
+        }
+        let mut acc = [[V::zero(); N]; M];
+        for p in 0..o.r {
+            let a_row = a.ptr.offset(p as isize * a.stride);
+            let av: [V; N] = std::array::from_fn(|n| V::load(a_row.add(n * l)));
+            let b = b.get_unchecked(p);
+            for (acc, &b) in acc.iter_mut().zip(b) {
+                let bv = V::splat(b);
+                for (acc, av) in acc.iter_mut().zip(&av) {
+                    *acc = acc.mul_add(bv, *av);
+                }
+            }
+        }
+        let alpha = V::splat(o.alpha);
+        for (m, acc) in acc.iter().enumerate() {
+            let w_row = o.w.offset((i + m) as isize * o.w_row).add(j);
+            for (n, acc) in acc.iter().enumerate() {
+                let p = w_row.add(n * l);
+                V::load(p).mul_add(alpha, *acc).store(p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{s, Array2, ShapeBuilder};
+
+    use super::*;
+
+    fn pattern<T: From<f32>>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
+        Array2::from_shape_fn((rows, cols), |(i, j)| {
+            T::from((((i * cols + j) as f32 + seed) * 0.754_877_7).fract() - 0.5)
+        })
+    }
+
+    /// W + α·B A accumulated in f64.
+    fn reference<T: Into<f64> + Copy>(
+        alpha: T,
+        b: &Array2<T>,
+        a: &Array2<T>,
+        w: &Array2<T>,
+    ) -> Array2<f64> {
+        Array2::from_shape_fn(w.dim(), |(i, j)| {
+            let dot: f64 = (0..a.nrows())
+                .map(|p| b[[i, p]].into() * a[[p, j]].into())
+                .sum();
+            w[[i, j]].into() + alpha.into() * dot
+        })
+    }
+
+    /// Every kernel this host can run, by name, for one element type.
+    fn kernels<T: UpdateElement>(
+        extra: &[(&'static str, UpdateFn<T>)],
+    ) -> Vec<(&'static str, UpdateFn<T>)> {
+        let mut out: Vec<_> = SimdLevel::ALL
+            .into_iter()
+            .filter(|l| l.is_available())
+            .filter_map(|l| T::kernel(l).map(|k| (l.as_str(), k)))
+            .collect();
+        out.extend_from_slice(extra);
+        out
+    }
+
+    /// Runs `kernel` on W laid out as `w_layout` (0 C, 1 F, 2 sub-view of a wider array, 3
+    /// rows reversed) with B and A in C or F order; returns W as a standard array.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layout<T: Element + From<f32> + Into<f64>>(
+        kernel: UpdateFn<T>,
+        alpha: T,
+        b: &Array2<T>,
+        a: &Array2<T>,
+        w: &Array2<T>,
+        w_layout: usize,
+        f_order_factors: bool,
+    ) -> Array2<T> {
+        let (b, a) = if f_order_factors {
+            let mut bf = Array2::from_elem(b.dim().f(), T::ZERO);
+            bf.assign(b);
+            let mut af = Array2::from_elem(a.dim().f(), T::ZERO);
+            af.assign(a);
+            (bf, af)
+        } else {
+            (b.clone(), a.clone())
+        };
+        let (d, k) = w.dim();
+        // SAFETY (all `apply` calls): every kernel passed here runs on this host (checked
+        // when the list was built), r ≤ MAX_FUSED_RANK in every case, shapes chain.
+        match w_layout {
+            0 | 1 => {
+                let mut wl = if w_layout == 0 {
+                    w.clone()
+                } else {
+                    let mut wf = Array2::from_elem((d, k).f(), T::ZERO);
+                    wf.assign(w);
+                    wf
+                };
+                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), wl.view_mut()) });
+                wl.as_standard_layout().into_owned()
+            }
+            2 => {
+                let mut wide = Array2::from_elem((d, k + 5), T::from(f32::NAN));
+                wide.slice_mut(s![.., 2..k + 2]).assign(w);
+                let view = wide.slice_mut(s![.., 2..k + 2]);
+                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view) });
+                let untouched = |v: &T| Into::<f64>::into(*v).is_nan();
+                assert!(
+                    wide.slice(s![.., ..2]).iter().all(untouched),
+                    "left pad written"
+                );
+                assert!(
+                    wide.slice(s![.., k + 2..]).iter().all(untouched),
+                    "right pad written"
+                );
+                wide.slice(s![.., 2..k + 2]).to_owned()
+            }
+            _ => {
+                // Memory holds W's rows in reverse; the view reads them in order (negative
+                // row stride).
+                let mut rev = w.slice(s![..;-1, ..]).to_owned();
+                let view = rev.slice_mut(s![..;-1, ..]);
+                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view) });
+                rev.slice(s![..;-1, ..]).to_owned()
+            }
+        }
+    }
+
+    fn check_all<T>(extra: &[(&'static str, UpdateFn<T>)], eps: f64)
+    where
+        T: UpdateElement + From<f32> + Into<f64>,
+    {
+        let names: Vec<_> = kernels::<T>(extra).iter().map(|k| k.0).collect();
+        println!("kernels tested: {names:?}");
+        let alpha = T::from(-0.625);
+        for (d, k) in [
+            (1, 1),
+            (2, 3),
+            (7, 5),
+            (13, 33),
+            (33, 130),
+            (6, 97),
+            (7, 600),
+        ] {
+            for r in [1, 2, 3, 8, 17, MAX_FUSED_RANK] {
+                let (w, a, b) = (
+                    pattern::<T>(d, k, 1.0),
+                    pattern::<T>(r, k, 2.0),
+                    pattern::<T>(d, r, 3.0),
+                );
+                let want = reference(alpha, &b, &a, &w);
+                let scalar = run_layout(update_scalar::<T>, alpha, &b, &a, &w, 0, false);
+                for &(name, kernel) in &kernels::<T>(extra) {
+                    for w_layout in 0..4 {
+                        for f_order in [false, true] {
+                            let got = run_layout(kernel, alpha, &b, &a, &w, w_layout, f_order);
+                            for ((idx, g), want) in got.indexed_iter().zip(&want) {
+                                let bound = eps * (r as f64 + 2.0) * (want.abs() + 1.0);
+                                let g: f64 = (*g).into();
+                                assert!(
+                                    (g - want).abs() <= bound,
+                                    "{name} d{d} k{k} r{r} layout {w_layout}/{f_order} {idx:?}: {g} vs {want}"
+                                );
+                            }
+                            assert!(
+                                got == scalar,
+                                "{name} d{d} k{k} r{r} layout {w_layout}/{f_order}: not bit-identical to the one-lane kernel"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn wide_f32() -> Vec<(&'static str, UpdateFn<f32>)> {
+        let mut v: Vec<(&'static str, UpdateFn<f32>)> =
+            vec![("portable 4", update_portable::<f32, 4>)];
+        if SimdLevel::Avx2Fma.is_available() {
+            v.push((
+                "width 16 on avx2",
+                super::super::x86::update_width16_on_avx2_f32,
+            ));
+        }
+        v
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn wide_f64() -> Vec<(&'static str, UpdateFn<f64>)> {
+        let mut v: Vec<(&'static str, UpdateFn<f64>)> =
+            vec![("portable 2", update_portable::<f64, 2>)];
+        if SimdLevel::Avx2Fma.is_available() {
+            v.push((
+                "width 8 on avx2",
+                super::super::x86::update_width8_on_avx2_f64,
+            ));
+        }
+        v
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn wide_f32() -> Vec<(&'static str, UpdateFn<f32>)> {
+        vec![
+            ("portable 4", update_portable::<f32, 4>),
+            ("portable 16", update_portable::<f32, 16>),
+        ]
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn wide_f64() -> Vec<(&'static str, UpdateFn<f64>)> {
+        vec![
+            ("portable 2", update_portable::<f64, 2>),
+            ("portable 8", update_portable::<f64, 8>),
+        ]
+    }
+
+    /// The body at width `L` with no CPU feature (each `mul_add` a libm call; slow, exact).
+    ///
+    /// # Safety
+    /// As [`UpdateFn`].
+    unsafe fn update_portable<T: Element, const L: usize>(o: &Operands<T>) {
+        // SAFETY: forwarded; `Portable` needs no CPU feature.
+        unsafe { update::<Portable<T, L>>(o) }
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_f32() {
+        check_all::<f32>(&wide_f32(), f32::EPSILON as f64);
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_f64() {
+        check_all::<f64>(&wide_f64(), f64::EPSILON);
+    }
+
+    #[test]
+    fn declines_what_it_cannot_do() {
+        let level = crate::simd::simd_level();
+        let (b, a) = (
+            pattern::<f32>(4, MAX_FUSED_RANK + 1, 1.0),
+            pattern::<f32>(MAX_FUSED_RANK + 1, 6, 2.0),
+        );
+        let mut w = pattern::<f32>(4, 6, 3.0);
+        let before = w.clone();
+        assert!(!fused_rank_update(
+            level,
+            1.0,
+            b.view(),
+            a.view(),
+            w.view_mut()
+        ));
+        let (b, a) = (pattern::<f32>(4, 2, 1.0), pattern::<f32>(2, 6, 2.0));
+        let mut wide = pattern::<f32>(8, 12, 3.0);
+        let doubly_strided = wide.slice_mut(s![..;2, ..;2]);
+        assert!(!fused_rank_update(
+            level,
+            1.0,
+            b.view(),
+            a.view(),
+            doubly_strided
+        ));
+        assert_eq!(w, before);
+        assert!(fused_rank_update(
+            SimdLevel::Scalar,
+            1.0,
+            b.view(),
+            a.view(),
+            pattern::<f32>(4, 6, 3.0).view_mut()
+        ));
+    }
+}

@@ -1,0 +1,117 @@
+//! The vector abstraction every kernel body is written against: [`Vector`] (load, store,
+//! splat, fused multiply-add over `LANES` elements of `f32` or `f64`) and [`Portable`], a
+//! `[T; L]` implementation that LLVM maps onto vector registers inside a `#[target_feature]`
+//! function. x86.rs and aarch64.rs implement `Vector` with `core::arch` intrinsics.
+
+/// `f32` or `f64`: the element types the kernels compute in.
+pub trait Element: Copy + PartialEq + std::fmt::Debug + Send + Sync + 'static {
+    /// 0.
+    const ZERO: Self;
+    /// self + a·b with one rounding (`f32::mul_add` compiles to one FMA instruction where
+    /// the enclosing function enables FMA; elsewhere it is a correct but slow libm call).
+    fn fused_add(self, a: Self, b: Self) -> Self;
+}
+
+impl Element for f32 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn fused_add(self, a: Self, b: Self) -> Self {
+        a.mul_add(b, self)
+    }
+}
+
+impl Element for f64 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn fused_add(self, a: Self, b: Self) -> Self {
+        a.mul_add(b, self)
+    }
+}
+
+/// A SIMD vector of `LANES` elements and the operations every kernel needs.
+///
+/// Every method is `unsafe`: the CPU must support the instructions of the implementing type
+/// (callers are `#[target_feature]` functions that require it), and `load`/`store` need
+/// `LANES` readable/writable elements at `p` (any alignment).
+pub(super) trait Vector: Copy {
+    /// The element type.
+    type Elem: Element;
+    /// Number of lanes.
+    const LANES: usize;
+    /// All lanes 0.
+    ///
+    /// # Safety
+    /// The CPU supports the implementing type's instructions.
+    unsafe fn zero() -> Self;
+    /// All lanes `v`.
+    ///
+    /// # Safety
+    /// As [`zero`](Vector::zero).
+    unsafe fn splat(v: Self::Elem) -> Self;
+    /// Unaligned load of `LANES` elements.
+    ///
+    /// # Safety
+    /// As [`zero`](Vector::zero), and `p..p + LANES` is readable.
+    unsafe fn load(p: *const Self::Elem) -> Self;
+    /// Unaligned store of `LANES` elements.
+    ///
+    /// # Safety
+    /// As [`zero`](Vector::zero), and `p..p + LANES` is writable.
+    unsafe fn store(self, p: *mut Self::Elem);
+    /// self + a·b, lane-wise, fused (one rounding).
+    ///
+    /// # Safety
+    /// As [`zero`](Vector::zero).
+    unsafe fn mul_add(self, a: Self, b: Self) -> Self;
+    /// A hint to fetch the cache line holding `p` into L1 ahead of use. Never faults, so
+    /// `p` may be any address (form it with `wrapping_add`); a no-op where unsupported.
+    #[inline(always)]
+    fn prefetch(p: *const Self::Elem) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `prefetcht0` is SSE (x86-64 baseline) and only a hint: it never faults and
+        // has no effect on memory, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+}
+
+/// A portable `[T; L]` vector. After inlining into a `#[target_feature]` function LLVM maps
+/// it onto vector registers (used for AVX-512F, whose `core::arch` intrinsics need Rust 1.89,
+/// above the crate's MSRV; the emitted code was checked for `zmm` FMAs), and it lets the
+/// tests run the kernel logic at any width on any CPU.
+#[cfg_attr(not(any(target_arch = "x86_64", test)), allow(dead_code))]
+#[derive(Clone, Copy)]
+pub(super) struct Portable<T, const L: usize>(pub(super) [T; L]);
+
+impl<T: Element, const L: usize> Vector for Portable<T, L> {
+    type Elem = T;
+    const LANES: usize = L;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Self([T::ZERO; L])
+    }
+    #[inline(always)]
+    unsafe fn splat(v: T) -> Self {
+        Self([v; L])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const T) -> Self {
+        // SAFETY: readable by this method's contract; `read_unaligned` needs no alignment.
+        Self(unsafe { p.cast::<[T; L]>().read_unaligned() })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut T) {
+        // SAFETY: writable by this method's contract; `write_unaligned` needs no alignment.
+        unsafe { p.cast::<[T; L]>().write_unaligned(self.0) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(mut self, a: Self, b: Self) -> Self {
+        for ((s, a), b) in self.0.iter_mut().zip(a.0).zip(b.0) {
+            *s = s.fused_add(a, b);
+        }
+        self
+    }
+}
