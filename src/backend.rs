@@ -1,6 +1,7 @@
 //! Which gemm backend this build runs, as the library itself reports it.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A description of the linked gemm backend, from [`backend`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,10 +79,27 @@ pub fn backend() -> Backend {
     }
 }
 
-/// Sets the BLAS library's thread count (OpenBLAS only); returns whether it could.
-/// Benchmarks use it to measure one thread; `OPENBLAS_NUM_THREADS` does the same from outside.
+/// Sets how many threads ndlora's matrix work uses: the BLAS library's thread count
+/// (OpenBLAS only; the return value says whether that could be set) and the thread count of
+/// ndlora's own fused merge/unmerge kernel (always). Benchmarks use it to measure one thread.
+/// Until it is called, the fused kernel follows OpenBLAS's count (so `OPENBLAS_NUM_THREADS`
+/// applies to both), or uses every core with another backend.
 pub fn set_blas_threads(threads: usize) -> bool {
+    KERNEL_THREADS.store(threads.max(1), Ordering::Relaxed);
     crate::gemm::set_threads(threads)
+}
+
+/// The thread count set by [`set_blas_threads`]; 0 until then.
+static KERNEL_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Threads the fused merge kernel may use (see [`set_blas_threads`]).
+pub(crate) fn kernel_threads() -> usize {
+    match KERNEL_THREADS.load(Ordering::Relaxed) {
+        0 => crate::gemm::blas_threads()
+            .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+            .unwrap_or(1),
+        n => n,
+    }
 }
 
 /// Switches OpenBLAS to the kernel this CPU supports when it runs a generic one (the case

@@ -411,6 +411,21 @@ pub(crate) unsafe fn openblas_reselect_core(core: &str) -> Option<String> {
     openblas_info().map(|(_, core, _)| core)
 }
 
+/// OpenBLAS's current thread count; `None` with another backend.
+pub(crate) fn blas_threads() -> Option<usize> {
+    #[cfg(ndlora_backend = "openblas")]
+    {
+        extern "C" {
+            fn openblas_get_num_threads() -> std::ffi::c_int;
+        }
+        // SAFETY: plain getter of OpenBLAS's global thread pool size.
+        let n = unsafe { openblas_get_num_threads() };
+        usize::try_from(n).ok().filter(|&n| n > 0)
+    }
+    #[cfg(not(ndlora_backend = "openblas"))]
+    None
+}
+
 /// Sets OpenBLAS's thread count; `false` when the backend offers no such call.
 pub(crate) fn set_threads(n: usize) -> bool {
     #[cfg(ndlora_backend = "openblas")]

@@ -19,7 +19,7 @@
 //! Like a gemm with β = 1 it makes no d×k temporary. It is used for r ≤ [`MAX_FUSED_RANK`]
 //! and on CPUs with AVX2+FMA, AVX-512F or NEON; otherwise merge calls BLAS `?gemm`.
 
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use super::vector::{Element, Portable, Vector};
 use super::SimdLevel;
@@ -32,8 +32,13 @@ const NR: usize = 2;
 /// How far ahead along a row of W a tile prefetches, in elements: a few tiles, so that W
 /// streams in from memory while the FMAs of the tiles before it run.
 const PREFETCH_AHEAD: usize = 128;
+/// Multiply-adds (d·k·r) from which an update is split over threads: below it the spawn
+/// cost (tens of µs) is not worth it.
+const PARALLEL_MIN_WORK: usize = 1 << 24;
+/// Bytes per cache line (64 on every x86-64 and most aarch64 cores).
+const CACHE_LINE: usize = 64;
 /// The part of A one column block keeps hot, in bytes: about a quarter of a typical L2.
-const A_BLOCK_BYTES: usize = 128 * 1024;
+const A_BLOCK_BYTES: usize = 2048 * 1024;
 
 /// The largest rank the fused kernel takes; above it BLAS `?gemm` is used, whose packed
 /// micro-kernel wins once K = r is long enough (measured: see the README's merge table).
@@ -129,15 +134,21 @@ pub(crate) fn fused_rank_update<T: UpdateElement>(
     if r > MAX_FUSED_RANK || !level.is_available() {
         return false;
     }
+    let threads = if d.saturating_mul(k).saturating_mul(r) >= PARALLEL_MIN_WORK {
+        crate::backend::kernel_threads()
+    } else {
+        1
+    };
     match T::kernel(level) {
         // SAFETY: `level` runs on this CPU (checked above), r ≤ MAX_FUSED_RANK.
-        Some(kernel) => unsafe { apply(kernel, alpha, b, a, w) },
+        Some(kernel) => unsafe { apply(kernel, alpha, b, a, w, threads) },
         None => false,
     }
 }
 
-/// [`fused_rank_update`] with a given kernel: picks the orientation in which W has unit
-/// column stride, or returns `false` when W has no unit stride.
+/// [`fused_rank_update`] with a given kernel on up to `threads` threads: picks the
+/// orientation in which W has unit column stride, or returns `false` when W has no unit
+/// stride.
 ///
 /// # Safety
 /// The CPU supports `kernel`'s instructions; r ≤ [`MAX_FUSED_RANK`]; shapes chain.
@@ -147,12 +158,13 @@ unsafe fn apply<T: Element>(
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
     w: ArrayViewMut2<'_, T>,
+    threads: usize,
 ) -> bool {
     let (d, k) = w.dim();
     let unit = |extent: usize, stride: isize| extent <= 1 || stride == 1;
     if unit(k, w.strides()[1]) {
         // SAFETY: forwarded.
-        unsafe { run(kernel, alpha, b, a, w) };
+        unsafe { run(kernel, alpha, b, a, w, threads) };
         true
     } else if unit(d, w.strides()[0]) {
         // Column-major W: Wᵀ (k×d, unit column stride) ← Wᵀ + α·Aᵀ Bᵀ. Every element is
@@ -165,6 +177,7 @@ unsafe fn apply<T: Element>(
                 a.reversed_axes(),
                 b.reversed_axes(),
                 w.reversed_axes(),
+                threads,
             )
         };
         true
@@ -173,7 +186,9 @@ unsafe fn apply<T: Element>(
     }
 }
 
-/// W ← W + α·B A with W of unit column stride.
+/// W ← W + α·B A with W of unit column stride, its rows split over up to `threads`
+/// threads (scoped; each takes a band of whole `MR`-row blocks, so every element is still
+/// computed by the same formula).
 ///
 /// # Safety
 /// As [`apply`], and W has unit column stride (or k ≤ 1).
@@ -182,7 +197,8 @@ unsafe fn run<T: Element>(
     alpha: T,
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
-    mut w: ArrayViewMut2<'_, T>,
+    w: ArrayViewMut2<'_, T>,
+    threads: usize,
 ) {
     let (d, k) = w.dim();
     let r = a.nrows();
@@ -196,6 +212,40 @@ unsafe fn run<T: Element>(
         a_owned = a.as_standard_layout().into_owned();
         a_owned.view()
     };
+    let band = d
+        .div_ceil(threads.clamp(1, d.div_ceil(MR)))
+        .next_multiple_of(MR);
+    if band >= d {
+        // SAFETY: forwarded; A now has unit column stride.
+        unsafe { run_rows(kernel, alpha, b, a, w) };
+        return;
+    }
+    std::thread::scope(|scope| {
+        let (mut w, mut b) = (w, b);
+        while w.nrows() > band {
+            let (w_band, w_rest) = w.split_at(Axis(0), band);
+            let (b_band, b_rest) = b.split_at(Axis(0), band);
+            // SAFETY: forwarded for a band of rows, which no other thread touches.
+            scope.spawn(move || unsafe { run_rows(kernel, alpha, b_band, a, w_band) });
+            (w, b) = (w_rest, b_rest);
+        }
+        // SAFETY: as above, for the last band.
+        unsafe { run_rows(kernel, alpha, b, a, w) };
+    });
+}
+
+/// W ← W + α·B A on the calling thread.
+///
+/// # Safety
+/// As [`apply`], W and A have unit column stride (or k ≤ 1), and d, k, r ≥ 1.
+unsafe fn run_rows<T: Element>(
+    kernel: UpdateFn<T>,
+    alpha: T,
+    b: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    mut w: ArrayViewMut2<'_, T>,
+) {
+    let (d, k) = w.dim();
     let o = Operands {
         w: w.as_mut_ptr(),
         w_row: w.strides()[0],
@@ -206,14 +256,13 @@ unsafe fn run<T: Element>(
         b_col: b.strides()[1],
         d,
         k,
-        r,
+        r: a.nrows(),
         alpha,
     };
     // SAFETY: the pointers and strides are those of live views of the stated shapes (for an
-    // axis of extent 1 the stride is never multiplied by a non-zero index); W's column
-    // stride is 1 (or k = 1) and so is A's (checked or copied above); `w` is a unique
-    // borrow, so W aliases neither A nor B. The CPU supports `kernel` and r ≤
-    // MAX_FUSED_RANK, by this function's contract.
+    // axis of extent 1 the stride is never multiplied by a non-zero index); W's and A's
+    // column strides are 1 (or k = 1); `w` is a unique borrow, so W aliases neither A nor
+    // B. The CPU supports `kernel` and r ≤ MAX_FUSED_RANK, by this function's contract.
     unsafe { kernel(&o) }
 }
 
@@ -227,21 +276,23 @@ pub(super) unsafe fn update<V: Vector>(o: &Operands<V::Elem>) {
     let tile_width = NR * V::LANES;
     let per_column = std::mem::size_of::<V::Elem>() * o.r.max(1);
     let block = ((A_BLOCK_BYTES / per_column) / tile_width).max(1) * tile_width;
-    let mut packed = Vec::with_capacity(o.r * block.min(o.k));
+    let align = CACHE_LINE / std::mem::size_of::<V::Elem>();
+    let mut packed = Vec::with_capacity(o.r * block.min(o.k) + align);
     let mut j0 = 0;
     while j0 < o.k {
         let j1 = (j0 + block).min(o.k);
         // SAFETY: columns j0..j1 ≤ k; the rest is forwarded.
-        unsafe { pack_a(o, j0, (j1 - j0) / tile_width, tile_width, &mut packed) };
+        let start = unsafe { pack_a(o, j0, (j1 - j0) / tile_width, tile_width, &mut packed) };
+        let packed = &packed[start..];
         let mut i = 0;
         while i + MR <= o.d {
             // SAFETY: rows i..i + MR ≤ d, columns j0..j1 ≤ k; `packed` holds this block.
-            unsafe { row_block::<V, MR>(o, &packed, i, j0, j1) };
+            unsafe { row_block::<V, MR>(o, packed, i, j0, j1) };
             i += MR;
         }
         while i < o.d {
             // SAFETY: row i < d, columns j0..j1 ≤ k; `packed` holds this block.
-            unsafe { row_block::<V, 1>(o, &packed, i, j0, j1) };
+            unsafe { row_block::<V, 1>(o, packed, i, j0, j1) };
             i += 1;
         }
         j0 = j1;
@@ -250,7 +301,8 @@ pub(super) unsafe fn update<V: Vector>(o: &Operands<V::Elem>) {
 
 /// Copies A's columns j0..j0 + tiles·width into `packed`, tile after tile, each tile as r
 /// contiguous rows of `width`: the tile loop then reads A sequentially instead of r rows a
-/// large power-of-two stride apart, which would all map to one L1 set.
+/// large power-of-two stride apart, which would all map to one L1 set. The copy starts at
+/// the returned index, the first cache-line boundary, so no vector load splits a line.
 ///
 /// # Safety
 /// j0 + tiles·width ≤ k; A as in [`UpdateFn`].
@@ -261,8 +313,15 @@ unsafe fn pack_a<T: Element>(
     tiles: usize,
     width: usize,
     packed: &mut Vec<T>,
-) {
+) -> usize {
     packed.clear();
+    let misaligned = (packed.as_ptr() as usize % CACHE_LINE) / std::mem::size_of::<T>();
+    let start = if misaligned == 0 {
+        0
+    } else {
+        CACHE_LINE / std::mem::size_of::<T>() - misaligned
+    };
+    packed.resize(start, T::ZERO);
     for t in 0..tiles {
         for p in 0..o.r {
             // SAFETY: row p < r of A, columns j0 + t·width .. + width ≤ k, readable by the
@@ -276,6 +335,7 @@ unsafe fn pack_a<T: Element>(
             packed.extend_from_slice(row);
         }
     }
+    start
 }
 
 /// Where a tile reads A: row p's vectors start at `ptr + p·stride`.
@@ -433,6 +493,7 @@ mod tests {
         w: &Array2<T>,
         w_layout: usize,
         f_order_factors: bool,
+        threads: usize,
     ) -> Array2<T> {
         let (b, a) = if f_order_factors {
             let mut bf = Array2::from_elem(b.dim().f(), T::ZERO);
@@ -455,14 +516,16 @@ mod tests {
                     wf.assign(w);
                     wf
                 };
-                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), wl.view_mut()) });
+                assert!(unsafe {
+                    apply(kernel, alpha, b.view(), a.view(), wl.view_mut(), threads)
+                });
                 wl.as_standard_layout().into_owned()
             }
             2 => {
                 let mut wide = Array2::from_elem((d, k + 5), T::from(f32::NAN));
                 wide.slice_mut(s![.., 2..k + 2]).assign(w);
                 let view = wide.slice_mut(s![.., 2..k + 2]);
-                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view) });
+                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view, threads) });
                 let untouched = |v: &T| Into::<f64>::into(*v).is_nan();
                 assert!(
                     wide.slice(s![.., ..2]).iter().all(untouched),
@@ -479,7 +542,7 @@ mod tests {
                 // row stride).
                 let mut rev = w.slice(s![..;-1, ..]).to_owned();
                 let view = rev.slice_mut(s![..;-1, ..]);
-                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view) });
+                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view, threads) });
                 rev.slice(s![..;-1, ..]).to_owned()
             }
         }
@@ -508,11 +571,14 @@ mod tests {
                     pattern::<T>(d, r, 3.0),
                 );
                 let want = reference(alpha, &b, &a, &w);
-                let scalar = run_layout(update_scalar::<T>, alpha, &b, &a, &w, 0, false);
+                let scalar = run_layout(update_scalar::<T>, alpha, &b, &a, &w, 0, false, 1);
                 for &(name, kernel) in &kernels::<T>(extra) {
                     for w_layout in 0..4 {
                         for f_order in [false, true] {
-                            let got = run_layout(kernel, alpha, &b, &a, &w, w_layout, f_order);
+                            // Rows split over threads too (bands of whole tiles).
+                            let threads = 1 + 2 * (w_layout % 2);
+                            let got =
+                                run_layout(kernel, alpha, &b, &a, &w, w_layout, f_order, threads);
                             for ((idx, g), want) in got.indexed_iter().zip(&want) {
                                 let bound = eps * (r as f64 + 2.0) * (want.abs() + 1.0);
                                 let g: f64 = (*g).into();
