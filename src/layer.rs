@@ -729,6 +729,9 @@ fn check_scaling<A: LoraFloat>(scaling: f64) -> Result<f64> {
 }
 
 pub(crate) fn check_finite<A: LoraFloat>(what: &'static str, m: ArrayView2<'_, A>) -> Result<()> {
+    if crate::update::all_finite(m) {
+        return Ok(());
+    }
     match m.indexed_iter().find(|(_, v)| !v.is_finite()) {
         None => Ok(()),
         Some((index, v)) => Err(LoraError::NonFinite {

@@ -1,7 +1,7 @@
 //! The checked rank-r update W ← W + α·B A shared by [`LoraLayer`](crate::LoraLayer) and
 //! [`LoraModel`](crate::LoraModel): it never writes a NaN or ∞ into W.
 
-use ndarray::{s, ArrayView2, ArrayViewMut2};
+use ndarray::{s, ArrayView2, ArrayViewMut2, Axis};
 
 use crate::error::{LoraError, Result};
 use crate::float::LoraFloat;
@@ -37,26 +37,24 @@ pub(crate) fn update_weight<A: LoraFloat>(
     Ok(())
 }
 
-/// A bound, in O(r·(d + k)), on max|α·B A| = |α|·maxᵢ Σₗ|Bᵢₗ|·max|A| and on every
+/// A bound, in O(r·(d + k)), on max|α·B A| ≤ |α|·r·max|B|·max|A| and on every
 /// intermediate a gemm may form on the way: the unscaled B A (BLAS and matrixmultiply scale
 /// by α last), α·B or α·A. Proving only the final |α·B A| finite is not enough: with
 /// α ≈ 1e-13 and B A ≈ 1e42 (∞ in f32), α·B A ≈ 1e29 is finite but a gemm that forms B A
-/// first writes ∞ into W, and the unmerge after it NaN (found by the `ops` fuzzer).
+/// first writes ∞ into W, and the unmerge after it NaN (found by the `ops` fuzzer). The bound
+/// takes two vectorised passes (max|A|, max|B|); near overflow, where its looseness (≤ r)
+/// could matter, the exact block check in `checked_update_bound` decides.
 pub(crate) fn update_magnitude_bound<A: LoraFloat>(
     weight_a: ArrayView2<'_, A>,
     weight_b: ArrayView2<'_, A>,
     alpha: A,
 ) -> f64 {
-    let row_sum_b = weight_b
-        .rows()
-        .into_iter()
-        .map(|row| row.iter().map(|v| v.into_f64().abs()).sum::<f64>())
-        .fold(0.0, f64::max);
-    let (alpha, max_a) = (alpha.into_f64().abs(), max_abs(weight_a));
-    let unscaled = row_sum_b * max_a;
+    let (max_a, max_b) = (max_abs(weight_a), max_abs(weight_b));
+    let alpha = alpha.into_f64().abs();
+    let unscaled = weight_a.nrows() as f64 * max_b * max_a;
     (alpha * unscaled)
         .max(unscaled)
-        .max(alpha * max_abs(weight_b))
+        .max(alpha * max_b)
         .max(alpha * max_a)
 }
 
@@ -101,7 +99,36 @@ fn checked_update_bound<A: LoraFloat>(
     Ok(bound)
 }
 
-/// max |mᵢⱼ| in f64 (0 for an empty matrix).
+/// max |mᵢⱼ| in f64 (0 for an empty matrix; ∞ when an element is NaN or ∞).
 pub(crate) fn max_abs<A: LoraFloat>(m: ArrayView2<'_, A>) -> f64 {
-    m.fold(0.0_f64, |acc, v| acc.max(v.into_f64().abs()))
+    match max_abs_bits(m) {
+        bits if bits > A::INFINITY_BITS => f64::INFINITY,
+        bits => A::from_abs_bits(bits),
+    }
+}
+
+/// Whether every element of `m` is finite, in one vectorised pass.
+pub(crate) fn all_finite<A: LoraFloat>(m: ArrayView2<'_, A>) -> bool {
+    max_abs_bits(m) < A::INFINITY_BITS
+}
+
+/// [`Element::max_abs_bits`] over a matrix, a contiguous slice at a time: the whole array
+/// when its memory is contiguous, else each lane along the unit-stride axis.
+fn max_abs_bits<A: LoraFloat>(m: ArrayView2<'_, A>) -> u64 {
+    if let Some(all) = m.as_slice_memory_order() {
+        return A::max_abs_bits(all);
+    }
+    let axis = if m.strides()[0] == 1 {
+        Axis(0)
+    } else {
+        Axis(1)
+    };
+    m.lanes(axis)
+        .into_iter()
+        .map(|lane| match lane.as_slice() {
+            Some(s) => A::max_abs_bits(s),
+            None => A::max_abs_bits(&lane.to_vec()),
+        })
+        .max()
+        .unwrap_or(0)
 }

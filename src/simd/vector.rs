@@ -7,6 +7,15 @@
 pub trait Element: Copy + PartialEq + std::fmt::Debug + Send + Sync + 'static {
     /// 0.
     const ZERO: Self;
+    /// The bit pattern of +∞ (see [`max_abs_bits`](Element::max_abs_bits)).
+    const INFINITY_BITS: u64;
+    /// The largest |v| over `values` as the bit pattern of a non-negative float, 0 when
+    /// empty. Such patterns order like the values they encode, with NaN above ∞, so one
+    /// integer max pass (which vectorises, unlike a float max) tells both the largest
+    /// magnitude and whether every value is finite (result < `INFINITY_BITS`).
+    fn max_abs_bits(values: &[Self]) -> u64;
+    /// The non-negative value whose bit pattern is `bits`, widened to f64.
+    fn from_abs_bits(bits: u64) -> f64;
     /// self + a·b with one rounding (`f32::mul_add` compiles to one FMA instruction where
     /// the enclosing function enables FMA; elsewhere it is a correct but slow libm call).
     fn fused_add(self, a: Self, b: Self) -> Self;
@@ -14,6 +23,14 @@ pub trait Element: Copy + PartialEq + std::fmt::Debug + Send + Sync + 'static {
 
 impl Element for f32 {
     const ZERO: Self = 0.0;
+    const INFINITY_BITS: u64 = f32::INFINITY.to_bits() as u64;
+    fn max_abs_bits(values: &[Self]) -> u64 {
+        let max = values.iter().map(|v| v.to_bits() & 0x7fff_ffff).max();
+        u64::from(max.unwrap_or(0))
+    }
+    fn from_abs_bits(bits: u64) -> f64 {
+        f64::from(f32::from_bits(bits as u32))
+    }
     #[inline(always)]
     fn fused_add(self, a: Self, b: Self) -> Self {
         a.mul_add(b, self)
@@ -22,6 +39,17 @@ impl Element for f32 {
 
 impl Element for f64 {
     const ZERO: Self = 0.0;
+    const INFINITY_BITS: u64 = f64::INFINITY.to_bits();
+    fn max_abs_bits(values: &[Self]) -> u64 {
+        let max = values
+            .iter()
+            .map(|v| v.to_bits() & 0x7fff_ffff_ffff_ffff)
+            .max();
+        max.unwrap_or(0)
+    }
+    fn from_abs_bits(bits: u64) -> f64 {
+        f64::from_bits(bits)
+    }
     #[inline(always)]
     fn fused_add(self, a: Self, b: Self) -> Self {
         a.mul_add(b, self)
