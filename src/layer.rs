@@ -433,14 +433,23 @@ impl<A: LoraFloat> LoraLayer<A> {
         w
     }
 
-    /// W ← W + s·B A, as one rank-r gemm update into W (no d×k temporary).
+    /// W ← W + s·B A, as one rank-r update into W (no d×k temporary).
+    ///
+    /// For r ≤ [`MAX_FUSED_RANK`](crate::MAX_FUSED_RANK) on a SIMD CPU this runs ndlora's
+    /// fused kernel, which streams W once (the
+    /// [`gemm_counters`](crate::gemm_counters) count it as `fused_updates`); otherwise one
+    /// BLAS gemm with β = 1. Large updates use [`set_blas_threads`](crate::set_blas_threads)
+    /// threads.
     ///
     /// Errors, leaving the layer unchanged: already merged; a non-finite factor; or a result
     /// that would hold NaN/∞ ([`LoraError::WouldOverflow`]).
     ///
     /// # Accuracy
-    /// Each merged element is the correctly rounded sum of Wᵢⱼ and the gemm's value of
-    /// s·(B A)ᵢⱼ, whose own error is the usual r-term dot product bound. A merge → unmerge
+    /// Each merged element is the correctly rounded sum of Wᵢⱼ and s·(B A)ᵢⱼ as computed
+    /// (the fused kernel forms Wᵢⱼ + s·accᵢⱼ with one FMA, acc being the r-term dot product,
+    /// whose own error is the usual r-term bound). The fused kernel computes every element by
+    /// the same FMA sequence, so the merged W equals [`effective_weight`](Self::effective_weight)
+    /// bit for bit, whatever the layout and thread count. A merge → unmerge
     /// round trip therefore moves each element of W by at most 2·ε·(|W| + |s·B A|)ᵢⱼ
     /// (ε = `A::EPSILON`), and N cycles by at most N times that. Measured (`tests/layer.rs`,
     /// d×k = 33×65, r = 8, OpenBLAS and the pure-Rust fallback): 0.52·ε·(|W| + |s·B A|) in f32

@@ -374,7 +374,7 @@ impl<A: LoraFloat> LoraModel<A> {
         Ok(y)
     }
 
-    /// W ← W + s·B A for one adapter (a rank-r gemm update into W).
+    /// W ← W + s·B A for one adapter (a rank-r update into W, as [`LoraLayer::merge`]).
     ///
     /// Errors, leaving the model unchanged: unknown name; already merged; a non-finite factor;
     /// a result that would hold NaN/∞ ([`LoraError::WouldOverflow`]).

@@ -1,8 +1,12 @@
-//! Hand-vectorised forward kernels for [`MicroLora`](crate::MicroLora), chosen at run time.
+//! Hand-vectorised kernels, chosen at run time: [`MicroLora`](crate::MicroLora)'s forward
+//! and the fused rank-r update behind [`LoraLayer::merge`](crate::LoraLayer::merge).
 //!
-//! One kernel computes y ← y + s·Uᵀ (D x) for a rank-1 or rank-2 adapter: the r dot products
-//! h = D x in one pass over x, then the fused update y ← y + Σⱼ (s·hⱼ)·Uⱼ in a second pass.
+//! The forward kernel computes y ← y + s·Uᵀ (D x) for a rank-1 or rank-2 adapter: the r dot
+//! products h = D x in one pass over x, then the fused update y ← y + Σⱼ (s·hⱼ)·Uⱼ in a
+//! second pass. The merge kernel ([`rank_update`]) computes W ← W + α·B A, register-tiled.
 //!
+//! * [`vector`] is the vector abstraction both bodies are written against (`Vector`, over
+//!   `f32` or `f64`) and its portable `[T; L]` implementation.
 //! * [`lanes`] holds the kernel body once, generic over a vector type (`Lanes`): independent
 //!   accumulators, body/vector/scalar tail, unaligned loads. [`x86`] instantiates it with
 //!   AVX2+FMA intrinsics (`__m256`) and, for AVX-512F, with a portable 16-lane `[f32; 16]`
@@ -13,7 +17,8 @@
 //! * [`scalar`] is the portable fallback and the `forward_scalar` reference.
 //! * CPU features are detected once; the chosen [`Kernel`] (a function pointer) is cached in
 //!   a `OnceLock`. [`Kernel::run`] is the one safe entry: it checks the slice lengths that the
-//!   `unsafe` kernels rely on.
+//!   `unsafe` kernels rely on. The merge kernel's safe entry is
+//!   [`rank_update::fused_rank_update`], which takes views and checks their shapes and strides.
 
 use std::fmt;
 use std::sync::OnceLock;

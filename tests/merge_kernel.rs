@@ -1,0 +1,87 @@
+//! The fused merge kernel's promises at the layer level: merge equals `effective_weight` bit
+//! for bit whatever W's memory order, and the thread count does not change a single bit.
+//! (Its own unit tests in `src/simd/rank_update.rs` check every SIMD width against an f64
+//! reference.) A separate test binary, because it changes the process-wide thread count.
+
+mod common;
+
+use common::{random, rng};
+use ndarray::{Array2, ShapeBuilder};
+use ndlora::{LoraConfig, LoraFloat, LoraLayer, SimdLevel};
+
+fn fused() -> bool {
+    let level = ndlora::simd_level();
+    println!("merge kernel level: {level}");
+    level != SimdLevel::Scalar
+}
+
+fn layer<A: LoraFloat>(d: usize, k: usize, r: usize, f_order: bool, seed: u64) -> LoraLayer<A> {
+    let mut g = rng(seed);
+    let w: Array2<A> = random(&mut g, d, k);
+    let w = if f_order {
+        let mut f = Array2::zeros((d, k).f());
+        f.assign(&w);
+        f
+    } else {
+        w
+    };
+    let cfg = LoraConfig {
+        rank: r,
+        alpha: 1.5 * r as f64,
+        ..Default::default()
+    };
+    LoraLayer::from_parts(w, random(&mut g, r, k), random(&mut g, d, r), cfg).unwrap()
+}
+
+fn merged_equals_effective_weight<A: LoraFloat>() {
+    for (d, k) in [(33, 130), (130, 33), (257, 7), (64, 64)] {
+        for r in [1, 2, 7, ndlora::MAX_FUSED_RANK.min(d).min(k)] {
+            for f_order in [false, true] {
+                let mut l = layer::<A>(d, k, r, f_order, (d * k + r) as u64);
+                let want = l.effective_weight();
+                ndlora::reset_gemm_counters();
+                l.merge().unwrap();
+                assert_eq!(ndlora::gemm_counters().fused_updates, 1);
+                assert!(
+                    l.base_weight() == want,
+                    "{} d{d} k{k} r{r} f_order {f_order}: merge ≠ effective_weight",
+                    A::NAME
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn merge_equals_effective_weight_bit_for_bit() {
+    if !fused() {
+        return;
+    }
+    merged_equals_effective_weight::<f32>();
+    merged_equals_effective_weight::<f64>();
+}
+
+#[test]
+fn thread_count_does_not_change_a_bit() {
+    if !fused() {
+        return;
+    }
+    // 1024·1024·16 = 2^24 multiply-adds: large enough to be split over threads.
+    let base = layer::<f32>(1024, 1024, 16, false, 5);
+    let merged_with = |threads: usize| {
+        ndlora::set_blas_threads(threads);
+        let mut l = base.clone();
+        l.merge().unwrap();
+        l.unmerge().unwrap();
+        l.merge().unwrap();
+        l.base_weight().to_owned()
+    };
+    let one = merged_with(1);
+    for threads in [2, 3, 8] {
+        assert!(
+            merged_with(threads) == one,
+            "{threads} threads differ from one"
+        );
+    }
+    assert!(one != base.base_weight(), "the merge changed W");
+}
