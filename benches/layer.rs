@@ -1,5 +1,7 @@
 //! LoraLayer forward, merge and unmerge against the plain operations a user would otherwise
-//! run: one bare BLAS gemm X Wᵀ, and one pass that reads and writes W.
+//! run: one bare BLAS gemm X Wᵀ; one pass that reads and writes W (the memory floor of a
+//! merge) and the same update as one bare BLAS gemm W ← W + α·B A (what merge ran before the
+//! fused kernel, and still runs above `MAX_FUSED_RANK`).
 //!
 //! Single-threaded (the BLAS is set to one thread). Throughput counts FLOPs of the base
 //! product (2·n·d·k) for forwards and elements of W for merge/unmerge, so criterion's

@@ -27,7 +27,8 @@ if [[ $what == all || $what == valgrind ]]; then
   echo "=== valgrind memcheck on the test binaries that reach unsafe code"
   bins=$(cargo test --no-run --tests --message-format=json 2>/dev/null |
     grep -o '"executable":"[^"]*"' | cut -d'"' -f4)
-  for t in micro openblas_kernel blas_path layer bias backward model peft fuzz_replay; do
+  # `ndlora` is the library's unit-test binary (the SIMD kernels at every width).
+  for t in ndlora micro merge_kernel openblas_kernel blas_path layer bias backward model peft fuzz_replay; do
     bin=$(grep "/$t-[0-9a-f]*$" <<<"$bins" | head -n1)
     echo "--- $t ($bin)"
     valgrind -q --error-exitcode=1 --leak-check=no "$bin" --test-threads=1 -q
