@@ -265,7 +265,7 @@ impl MicroLora {
     pub fn forward_batch(
         &self,
         input: ArrayView2<'_, f32>,
-        output: ArrayViewMut2<'_, f32>,
+        mut output: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
         let h = self.hidden_dim();
         if input.ncols() != h {
@@ -278,7 +278,26 @@ impl MicroLora {
         check_shape("output", output.shape(), &[input.nrows(), h])?;
         let mut hidden = Array2::zeros((input.nrows(), self.rank()));
         gemm(1.0, input, self.down.t(), 0.0, hidden.view_mut());
-        gemm(self.scale, hidden.view(), self.up.view(), 1.0, output);
+        // Form s·h here, as `forward` does, instead of passing s as gemm's alpha: where a BLAS
+        // applies alpha is its own choice (OpenBLAS scales the product, BLIS the packed
+        // operand h), and with a huge s the latter gives s·h = ∞ and then ∞·0 = NaN.
+        let s = self.scale;
+        for (mut h, mut y) in hidden.rows_mut().into_iter().zip(output.rows_mut()) {
+            if h.iter().any(|&h| h.is_finite() && !(s * h).is_finite()) {
+                // s·hⱼ overflows f32: add this row's terms in f64, as `forward` does (rare,
+                // slow path), and leave the gemm nothing to add for it.
+                for (&hj, u) in h.iter().zip(self.up.rows()) {
+                    let c = f64::from(s) * f64::from(hj);
+                    for (y, &u) in y.iter_mut().zip(u) {
+                        *y = (f64::from(*y) + c * f64::from(u)) as f32;
+                    }
+                }
+                h.fill(0.0);
+            } else {
+                h.mapv_inplace(|h| s * h);
+            }
+        }
+        gemm(1.0, hidden.view(), self.up.view(), 1.0, output);
         Ok(())
     }
 

@@ -950,4 +950,14 @@ fn huge_scale_with_zero_up_entries_adds_exactly_zero() {
             assert_eq!(v, expected, "{level}: y[{i}]");
         }
     }
+    // forward_batch too, whichever operand the BLAS scales by alpha; a second row whose s·h
+    // does not overflow (h = 0) shares the batch.
+    let mut xb = ndarray::Array2::<f32>::zeros((2, h));
+    xb.row_mut(0).fill(1.0);
+    let mut yb = ndarray::Array2::<f32>::from_elem((2, h), 2.0);
+    lora.forward_batch(xb.view(), yb.view_mut()).unwrap();
+    for ((r, i), &v) in yb.indexed_iter() {
+        let expected = if (r, i) == (0, 5) { 2.0 + 1.0e10 } else { 2.0 };
+        assert_eq!(v, expected, "forward_batch: y[{r}, {i}]");
+    }
 }
