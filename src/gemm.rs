@@ -8,7 +8,10 @@
 
 use std::cell::Cell;
 
-use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2, CowArray, Ix2, LinalgScalar};
+use ndarray::{
+    linalg::general_mat_mul, s, Array2, ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2,
+    LinalgScalar, Zip,
+};
 
 use crate::simd::rank_update::{fused_rank_update, UpdateElement};
 use crate::simd::{simd_level, SimdLevel};
@@ -320,7 +323,8 @@ fn fallback<T: GemmScalar>(
 
 /// W ← W + α·B A (B d×r, A r×k, W d×k): the merge update. Runs the fused SIMD kernel
 /// (`simd::rank_update`) when it applies — a SIMD CPU, r ≤ `MAX_FUSED_RANK`, W with a unit
-/// stride — and otherwise one gemm with β = 1. Either way no d×k temporary is made.
+/// stride — and otherwise one gemm per band of rows into a small temporary, added to W.
+/// Either way no d×k temporary is made.
 ///
 /// # Panics
 /// If the shapes do not chain (an internal bug: callers validate first).
@@ -336,8 +340,28 @@ pub(crate) fn rank_update<T: GemmScalar + UpdateElement>(
         count(|c| c.fused_updates += 1);
         return;
     }
-    gemm(alpha, b, a, T::one(), w);
+    // Not `gemm(α, B, A, 1, W)`: how a BLAS adds into C with β = 1 is its own choice, and
+    // reference BLAS adds each of the r terms into W separately (r roundings at |W|'s scale,
+    // not one). A band of rows at a time, T = α·B A is formed with β = 0 and then added, so
+    // every element is the correctly rounded sum of Wᵢⱼ and Tᵢⱼ with any BLAS.
+    let (d, k) = w.dim();
+    if d == 0 || k == 0 {
+        return;
+    }
+    let band = (UPDATE_BAND_ELEMENTS / k).clamp(1, d);
+    let mut t = Array2::zeros((band, k));
+    for (w, b) in w
+        .axis_chunks_iter_mut(Axis(0), band)
+        .zip(b.axis_chunks_iter(Axis(0), band))
+    {
+        let mut t = t.slice_mut(s![..w.nrows(), ..]);
+        gemm(alpha, b, a, T::zero(), t.view_mut());
+        Zip::from(w).and(&t).for_each(|w, &t| *w = *w + t);
+    }
 }
+
+/// Elements of the temporary per band in [`rank_update`]'s gemm path (256 KiB of f32).
+const UPDATE_BAND_ELEMENTS: usize = 1 << 16;
 
 /// Whether this build calls a BLAS library.
 pub(crate) const HAS_BLAS: bool = cfg!(ndlora_blas);

@@ -85,3 +85,30 @@ fn thread_count_does_not_change_a_bit() {
     }
     assert!(one != base.base_weight(), "the merge changed W");
 }
+
+/// Above `MAX_FUSED_RANK` merge goes through BLAS in bands; the documented round-trip bound
+/// (each element moves by at most 2·ε·(|W| + |s·B A|)) must hold there too, whatever the
+/// BLAS (reference BLAS adds each of the r terms into C separately with β = 1).
+fn gemm_path_round_trip<A: LoraFloat>() {
+    let r = ndlora::MAX_FUSED_RANK + 1;
+    let (d, k) = (r + 9, r + 4);
+    let mut l = layer::<A>(d, k, r, false, 11);
+    let w0 = l.base_weight().to_owned();
+    let update = &l.effective_weight() - &w0;
+    ndlora::reset_gemm_counters();
+    l.merge().unwrap();
+    assert_eq!(ndlora::gemm_counters().fused_updates, 0);
+    l.unmerge().unwrap();
+    let eps = A::epsilon().into_f64();
+    for ((idx, w), (w0, u)) in l.base_weight().indexed_iter().zip(w0.iter().zip(&update)) {
+        let bound = 2.0 * eps * (w0.into_f64().abs() + u.into_f64().abs()) * 1.01;
+        let moved = (w.into_f64() - w0.into_f64()).abs();
+        assert!(moved <= bound, "{} {idx:?}: moved {moved:e} > {bound:e}", A::NAME);
+    }
+}
+
+#[test]
+fn gemm_path_keeps_the_round_trip_bound() {
+    gemm_path_round_trip::<f32>();
+    gemm_path_round_trip::<f64>();
+}
