@@ -3,16 +3,18 @@
 //! merge) and the same update as one bare BLAS gemm W ← W + α·B A (what merge ran before the
 //! fused kernel, and still runs above `MAX_FUSED_RANK`).
 //!
-//! Single-threaded (the BLAS is set to one thread). Throughput counts FLOPs of the base
+//! Single-threaded (the BLAS is set to one thread), except the `merge2t_*` groups, which run
+//! merge, the BLAS update and the read-write pass on two threads. Throughput counts FLOPs of the base
 //! product (2·n·d·k) for forwards and elements of W for merge/unmerge, so criterion's
 //! rates compare directly within a group. `python3 benches/report.py` prints the ratios.
 
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use ndarray::Array2;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ndarray::{Array2, Axis};
 use ndlora::{LoraConfig, LoraLayer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<f32> {
     Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0..1.0))
@@ -139,43 +141,79 @@ fn bare_update(alpha: f32, b: &Array2<f32>, a: &Array2<f32>, w: &mut Array2<f32>
     ndarray::linalg::general_mat_mul(alpha, b, a, 1.0, w);
 }
 
+/// Times `timed` only, running `restore` after it outside the clock, so every iteration
+/// starts from the same state without cloning W (a 64 MB clone right before a merge would
+/// leave dirty cache lines for the merge to write back).
+fn time_only(
+    layer: &mut LoraLayer<f32>,
+    iters: u64,
+    timed: fn(&mut LoraLayer<f32>) -> ndlora::Result<()>,
+    restore: fn(&mut LoraLayer<f32>) -> ndlora::Result<()>,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let start = Instant::now();
+        black_box(timed(layer)).expect("finite");
+        total += start.elapsed();
+        restore(layer).expect("finite");
+    }
+    total
+}
+
+/// One pass that reads and writes every element of W (the memory-traffic floor of a merge),
+/// split into `threads` row bands on scoped threads.
+fn rw_pass(w: &mut Array2<f32>, threads: usize) {
+    let band = w.nrows().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for mut rows in w.axis_chunks_iter_mut(Axis(0), band) {
+            scope.spawn(move || rows.mapv_inplace(|v| -v));
+        }
+    });
+}
+
 fn merge(c: &mut Criterion) {
-    ndlora::set_blas_threads(1);
-    for dk in [1024, 4096] {
-        for r in [8, 16, 64, 128] {
-            let layer = trained_layer(dk, dk, r);
-            let mut merged = layer.clone();
-            merged.merge().expect("finite");
-            let mut group = c.benchmark_group(format!("merge_d{dk}_k{dk}_r{r}"));
-            group.sample_size(10);
-            group.throughput(Throughput::Elements((dk * dk) as u64));
-            // One pass that reads and writes every element of W: the memory-traffic floor.
-            let mut w = layer.base_weight().to_owned();
-            group.bench_function("rw-pass", |bch| bch.iter(|| w.mapv_inplace(|v| -v)));
-            // The same update as one BLAS gemm (alternating sign keeps W bounded).
-            let (a, b) = (layer.weight_a().to_owned(), layer.weight_b().to_owned());
-            let mut sign = 1.0;
-            group.bench_function("blas-gemm", |bch| {
-                bch.iter(|| {
-                    sign = -sign;
-                    bare_update(sign * 2.0, &b, &a, &mut w)
-                })
-            });
-            group.bench_function("merge", |bch| {
-                bch.iter_batched(
-                    || layer.clone(),
-                    |mut l| l.merge().map(|_| l),
-                    BatchSize::LargeInput,
-                )
-            });
-            group.bench_function("unmerge", |bch| {
-                bch.iter_batched(
-                    || merged.clone(),
-                    |mut l| l.unmerge().map(|_| l),
-                    BatchSize::LargeInput,
-                )
-            });
-            group.finish();
+    for (threads, sizes, ranks) in [
+        (1, &[1024, 4096][..], &[8, 16, 64, 128][..]),
+        (2, &[4096][..], &[8, 16][..]),
+    ] {
+        ndlora::set_blas_threads(threads);
+        for &dk in sizes {
+            for &r in ranks {
+                let mut layer = trained_layer(dk, dk, r);
+                let name = match threads {
+                    1 => format!("merge_d{dk}_k{dk}_r{r}"),
+                    t => format!("merge{t}t_d{dk}_k{dk}_r{r}"),
+                };
+                let mut group = c.benchmark_group(name);
+                group.sample_size(10);
+                group.throughput(Throughput::Elements((dk * dk) as u64));
+                let mut w = layer.base_weight().to_owned();
+                group.bench_function("rw-pass", |bch| match threads {
+                    1 => bch.iter(|| w.mapv_inplace(|v| -v)),
+                    t => bch.iter(|| rw_pass(&mut w, t)),
+                });
+                // The same update as one BLAS gemm (alternating sign keeps W bounded).
+                let (a, b) = (layer.weight_a().to_owned(), layer.weight_b().to_owned());
+                let mut sign = 1.0;
+                group.bench_function("blas-gemm", |bch| {
+                    bch.iter(|| {
+                        sign = -sign;
+                        bare_update(sign * 2.0, &b, &a, &mut w)
+                    })
+                });
+                group.bench_function("merge", |bch| {
+                    bch.iter_custom(|iters| {
+                        time_only(&mut layer, iters, LoraLayer::merge, LoraLayer::unmerge)
+                    })
+                });
+                layer.merge().expect("finite");
+                group.bench_function("unmerge", |bch| {
+                    bch.iter_custom(|iters| {
+                        time_only(&mut layer, iters, LoraLayer::unmerge, LoraLayer::merge)
+                    })
+                });
+                group.finish();
+            }
         }
     }
 }
