@@ -348,7 +348,7 @@ pub(crate) fn rank_update<T: GemmScalar + UpdateElement>(
     if d == 0 || k == 0 {
         return;
     }
-    let band = (UPDATE_BAND_ELEMENTS / k).clamp(1, d);
+    let band = (UPDATE_BAND_ELEMENTS / k).max(UPDATE_BAND_MIN_ROWS).min(d);
     let mut t = Array2::zeros((band, k));
     for (w, b) in w
         .axis_chunks_iter_mut(Axis(0), band)
@@ -360,8 +360,10 @@ pub(crate) fn rank_update<T: GemmScalar + UpdateElement>(
     }
 }
 
-/// Elements of the temporary per band in [`rank_update`]'s gemm path (256 KiB of f32).
-const UPDATE_BAND_ELEMENTS: usize = 1 << 16;
+/// Elements of the temporary per band in [`rank_update`]'s gemm path (4 MiB of f32)...
+const UPDATE_BAND_ELEMENTS: usize = 1 << 20;
+/// ...but at least this many rows: thinner bands make the gemm itself inefficient.
+const UPDATE_BAND_MIN_ROWS: usize = 64;
 
 /// Whether this build calls a BLAS library.
 pub(crate) const HAS_BLAS: bool = cfg!(ndlora_blas);

@@ -103,7 +103,11 @@ fn gemm_path_round_trip<A: LoraFloat>() {
     for ((idx, w), (w0, u)) in l.base_weight().indexed_iter().zip(w0.iter().zip(&update)) {
         let bound = 2.0 * eps * (w0.into_f64().abs() + u.into_f64().abs()) * 1.01;
         let moved = (w.into_f64() - w0.into_f64()).abs();
-        assert!(moved <= bound, "{} {idx:?}: moved {moved:e} > {bound:e}", A::NAME);
+        assert!(
+            moved <= bound,
+            "{} {idx:?}: moved {moved:e} > {bound:e}",
+            A::NAME
+        );
     }
 }
 

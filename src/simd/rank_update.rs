@@ -1,6 +1,6 @@
 //! The fused rank-r update W ← W + α·B A that merge and unmerge run (W d×k, B d×r, A r×k).
 //!
-//! Why not BLAS: with K = r ≤ 64 a `?gemm` spends its time packing and in a micro-kernel
+//! Why not BLAS: with a short K = r a `?gemm` spends its time packing and in a micro-kernel
 //! built for long K, and runs well below the FMA peak (OpenBLAS: 30–60 GFLOP/s single-thread
 //! for r = 16 on a 92 GFLOP/s sgemm machine), so merge cost 2.3× one read-write pass of W.
 //! This kernel is the same gemm update, register-tiled for short K and streaming W once:
@@ -43,9 +43,11 @@ const CACHE_LINE: usize = 64;
 /// packed A in L2; 128 KiB blocks were 5–10 % slower and 16–48 KiB blocks 20–50 % slower.
 const A_BLOCK_BYTES: usize = 2048 * 1024;
 
-/// The largest rank the fused kernel takes; above it BLAS `?gemm` is used, whose packed
-/// micro-kernel wins once K = r is long enough (measured: see the README's merge table).
-pub const MAX_FUSED_RANK: usize = 64;
+/// The largest rank the fused kernel takes; above it merge uses BLAS `?gemm`. Measured
+/// (4096², one thread, Zen 3): the fused kernel runs at 86–91 GFLOP/s for r = 64–256, level
+/// with OpenBLAS there and well ahead of it below (README, *Performance*); the bound only
+/// keeps its per-row-block stack buffer of B small.
+pub const MAX_FUSED_RANK: usize = 256;
 
 /// Raw operands of W ← W + α·B A. W and A have unit column stride; B any strides.
 #[derive(Clone, Copy)]
