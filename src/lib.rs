@@ -31,9 +31,11 @@
 //! * Merge is one rank-r update W ← W + s·B A into W, with no d×k temporary. For
 //!   r ≤ [`MAX_FUSED_RANK`] on a CPU with AVX2+FMA, AVX-512F or NEON it runs a fused,
 //!   register-tiled SIMD kernel (`src/simd/rank_update.rs`) that streams W once: a BLAS gemm
-//!   with K = r runs far below its peak, which made merge 2.3× a read-write pass of W; the
-//!   kernel brings that under 2× (README, *Performance*). Otherwise it is one BLAS gemm with
-//!   β = 1. Large updates split W's rows over [`set_blas_threads`] threads.
+//!   with K = r runs far below its peak, which made merge 2.4× a read-write pass of W at
+//!   4096², r = 16; the kernel takes it to 2.0× (1.35× at r = 8; README, *Performance*).
+//!   Otherwise merge runs BLAS gemm into a band-sized temporary and adds it, so that the
+//!   rounding bound holds whatever the BLAS. Large updates split W's rows over
+//!   [`set_blas_threads`] threads.
 //! * Merge never writes a non-finite value into W: a cached bound on max|W| proves the result
 //!   finite in O(r·(d + k)); only near overflow is the update evaluated block by block first.
 //! * Fallible operations validate everything before they mutate, so an error leaves the
