@@ -47,6 +47,23 @@ const A_BLOCK_BYTES: usize = 2048 * 1024;
 /// (4096², one thread, Zen 3): the fused kernel runs at 86–91 GFLOP/s for r = 64–256, level
 /// with OpenBLAS there and well ahead of it below (README, *Performance*); the bound only
 /// keeps its per-row-block stack buffer of B small.
+///
+/// Which path a merge took shows in [`gemm_counters`](crate::gemm_counters):
+///
+/// ```
+/// use ndarray::Array2;
+/// use ndlora::{LoraConfig, LoraLayer, SimdLevel};
+///
+/// let w = Array2::<f32>::from_shape_fn((64, 96), |(i, j)| (i as f32 - j as f32) / 100.0);
+/// let mut layer = LoraLayer::new(w, LoraConfig { rank: 8, ..Default::default() })?;
+/// layer.weight_b_mut()?.fill(0.01);
+/// ndlora::reset_gemm_counters();
+/// layer.merge()?;
+/// let fused = ndlora::gemm_counters().fused_updates == 1;
+/// assert_eq!(fused, 8 <= ndlora::MAX_FUSED_RANK && ndlora::simd_level() != SimdLevel::Scalar);
+/// assert_eq!(layer.base_weight(), layer.effective_weight()); // merged: W itself
+/// # Ok::<(), ndlora::LoraError>(())
+/// ```
 pub const MAX_FUSED_RANK: usize = 256;
 
 /// Raw operands of W ← W + α·B A. W and A have unit column stride; B any strides.
