@@ -371,11 +371,10 @@ pub(crate) const HAS_BLAS: bool = cfg!(ndlora_blas);
 /// OpenBLAS's own account of itself: (config string, core name, threads).
 #[cfg(ndlora_backend = "openblas")]
 pub(crate) fn openblas_info() -> Option<(String, String, usize)> {
-    use std::ffi::{c_char, c_int, CStr};
+    use std::ffi::{c_char, CStr};
     extern "C" {
         fn openblas_get_config() -> *const c_char;
         fn openblas_get_corename() -> *const c_char;
-        fn openblas_get_num_threads() -> c_int;
     }
     let read = |p: *const c_char| {
         if p.is_null() {
@@ -389,14 +388,8 @@ pub(crate) fn openblas_info() -> Option<(String, String, usize)> {
         }
     };
     // SAFETY: these OpenBLAS functions take no arguments and only read global state.
-    let (config, core, threads) = unsafe {
-        (
-            read(openblas_get_config()),
-            read(openblas_get_corename()),
-            openblas_get_num_threads(),
-        )
-    };
-    Some((config, core, usize::try_from(threads).unwrap_or(0)))
+    let (config, core) = unsafe { (read(openblas_get_config()), read(openblas_get_corename())) };
+    Some((config, core, blas_threads().unwrap_or(0)))
 }
 
 /// Re-runs OpenBLAS's kernel selection with `OPENBLAS_CORETYPE=core`, as the library does
