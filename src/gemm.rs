@@ -336,7 +336,16 @@ pub(crate) fn rank_update<T: GemmScalar + UpdateElement>(
     mut w: ArrayViewMut2<'_, T>,
 ) {
     let level = simd_level();
-    if level != SimdLevel::Scalar && fused_rank_update(level, alpha, b, a, w.view_mut()) {
+    if level != SimdLevel::Scalar
+        && fused_rank_update(
+            level,
+            alpha,
+            b,
+            a,
+            w.view_mut(),
+            crate::backend::kernel_threads(),
+        )
+    {
         count(|c| c.fused_updates += 1);
         return;
     }

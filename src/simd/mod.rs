@@ -30,6 +30,7 @@ mod aarch64;
     allow(dead_code)
 )]
 mod lanes;
+mod parallel;
 pub(crate) mod rank_update;
 mod scalar;
 mod vector;

@@ -22,6 +22,7 @@
 
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
+use super::parallel::{row_bands, run_parts};
 use super::vector::{Element, Portable, Vector};
 use super::SimdLevel;
 
@@ -133,7 +134,8 @@ unsafe fn update_scalar<T: Element>(o: &Operands<T>) {
 /// Runs W ← W + α·B A with the fused kernel at `level`, if it applies: the level runs on
 /// this CPU, r ≤ [`MAX_FUSED_RANK`] and W has a unit stride on one axis. Returns `false`
 /// (W untouched) otherwise, and the caller uses a gemm. Copies A (or B, for a column-major
-/// W) only when it lacks a unit stride along k (d): r·k (r·d) elements, never d×k.
+/// W) only when it lacks a unit stride along k (d): r·k (r·d) elements, never d×k. Large
+/// updates split W's rows over up to `threads` threads; the result is the same for any count.
 ///
 /// # Panics
 /// If the shapes do not chain (an internal bug: callers validate first).
@@ -144,6 +146,7 @@ pub(crate) fn fused_rank_update<T: UpdateElement>(
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
     w: ArrayViewMut2<'_, T>,
+    threads: usize,
 ) -> bool {
     let ((d, r), (r2, k)) = (b.dim(), a.dim());
     assert!(
@@ -157,7 +160,7 @@ pub(crate) fn fused_rank_update<T: UpdateElement>(
         return false;
     }
     let threads = if d.saturating_mul(k).saturating_mul(r) >= PARALLEL_MIN_WORK {
-        crate::backend::kernel_threads()
+        threads
     } else {
         1
     };
@@ -209,8 +212,8 @@ unsafe fn apply<T: Element>(
 }
 
 /// W ← W + α·B A with W of unit column stride, its rows split over up to `threads`
-/// threads (scoped; each takes a band of whole `MR`-row blocks, so every element is still
-/// computed by the same formula).
+/// threads (each takes a band of whole `MR`-row blocks, so every element is still computed
+/// by the same formula; a band whose thread cannot start runs on the calling thread).
 ///
 /// # Safety
 /// As [`apply`], and W has unit column stride (or k ≤ 1).
@@ -234,26 +237,17 @@ unsafe fn run<T: Element>(
         a_owned = a.as_standard_layout().into_owned();
         a_owned.view()
     };
-    let band = d
-        .div_ceil(threads.clamp(1, d.div_ceil(MR)))
-        .next_multiple_of(MR);
-    if band >= d {
-        // SAFETY: forwarded; A now has unit column stride.
-        unsafe { run_rows(kernel, alpha, b, a, w) };
-        return;
+    let mut parts = Vec::new();
+    let (mut w, mut b) = (w, b);
+    for (_, len) in row_bands(d, threads, MR) {
+        let (w_band, w_rest) = w.split_at(Axis(0), len);
+        let (b_band, b_rest) = b.split_at(Axis(0), len);
+        parts.push((w_band, b_band));
+        (w, b) = (w_rest, b_rest);
     }
-    std::thread::scope(|scope| {
-        let (mut w, mut b) = (w, b);
-        while w.nrows() > band {
-            let (w_band, w_rest) = w.split_at(Axis(0), band);
-            let (b_band, b_rest) = b.split_at(Axis(0), band);
-            // SAFETY: forwarded for a band of rows, which no other thread touches.
-            scope.spawn(move || unsafe { run_rows(kernel, alpha, b_band, a, w_band) });
-            (w, b) = (w_rest, b_rest);
-        }
-        // SAFETY: as above, for the last band.
-        unsafe { run_rows(kernel, alpha, b, a, w) };
-    });
+    // SAFETY: forwarded for each band of rows, which no other part touches; A now has unit
+    // column stride.
+    run_parts(parts, |(w, b)| unsafe { run_rows(kernel, alpha, b, a, w) });
 }
 
 /// W ← W + α·B A on the calling thread.
@@ -469,6 +463,7 @@ mod tests {
     use ndarray::{s, Array2, ShapeBuilder};
 
     use super::*;
+    use crate::simd::parallel::tests::with_spawn_failing;
 
     fn pattern<T: From<f32>>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
         Array2::from_shape_fn((rows, cols), |(i, j)| {
@@ -597,10 +592,18 @@ mod tests {
                 for &(name, kernel) in &kernels::<T>(extra) {
                     for w_layout in 0..4 {
                         for f_order in [false, true] {
-                            // Rows split over threads too (bands of whole tiles).
+                            // Rows split over threads too (bands of whole tiles); for
+                            // layout 3 no thread can start, so the calling thread runs every
+                            // band.
                             let threads = 1 + 2 * (w_layout % 2);
-                            let got =
-                                run_layout(kernel, alpha, &b, &a, &w, w_layout, f_order, threads);
+                            let run = || {
+                                run_layout(kernel, alpha, &b, &a, &w, w_layout, f_order, threads)
+                            };
+                            let got = if w_layout == 3 {
+                                with_spawn_failing(run)
+                            } else {
+                                run()
+                            };
                             for ((idx, g), want) in got.indexed_iter().zip(&want) {
                                 let bound = eps * (r as f64 + 2.0) * (want.abs() + 1.0);
                                 let g: f64 = (*g).into();
@@ -703,7 +706,8 @@ mod tests {
             1.0,
             b.view(),
             a.view(),
-            w.view_mut()
+            w.view_mut(),
+            1,
         ));
         let (b, a) = (pattern::<f32>(4, 2, 1.0), pattern::<f32>(2, 6, 2.0));
         let mut wide = pattern::<f32>(8, 12, 3.0);
@@ -713,7 +717,8 @@ mod tests {
             1.0,
             b.view(),
             a.view(),
-            doubly_strided
+            doubly_strided,
+            1,
         ));
         assert_eq!(w, before);
         assert!(fused_rank_update(
@@ -721,7 +726,8 @@ mod tests {
             1.0,
             b.view(),
             a.view(),
-            pattern::<f32>(4, 6, 3.0).view_mut()
+            pattern::<f32>(4, 6, 3.0).view_mut(),
+            1,
         ));
     }
 }
