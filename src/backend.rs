@@ -1,4 +1,6 @@
-//! Which gemm backend this build runs, as the library itself reports it.
+//! Which BLAS this build links, as the library itself reports it; OpenBLAS administration
+//! (its kernel choice and thread count, through OpenBLAS's own non-BLAS entry points); and
+//! the thread count of ndlora's own kernels.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,7 +49,7 @@ impl fmt::Display for Backend {
 /// ```
 pub fn backend() -> Backend {
     let build = env!("NDLORA_BACKEND_DETAIL");
-    if !crate::gemm::HAS_BLAS {
+    if !HAS_BLAS {
         return Backend {
             name: "pure-rust",
             build,
@@ -58,7 +60,7 @@ pub fn backend() -> Backend {
         };
     }
     #[cfg(ndlora_backend = "openblas")]
-    if let Some((config, core, threads)) = crate::gemm::openblas_info() {
+    if let Some((config, core, threads)) = openblas_info() {
         let warning = openblas_core_warning(&core);
         return Backend {
             name: "openblas",
@@ -81,21 +83,48 @@ pub fn backend() -> Backend {
 
 /// Sets how many threads ndlora's matrix work uses: the BLAS library's thread count
 /// (OpenBLAS only; the return value says whether that could be set) and the thread count of
-/// ndlora's own fused merge/unmerge kernel (always). Benchmarks use it to measure one thread.
-/// Until it is called, the fused kernel follows OpenBLAS's count (so `OPENBLAS_NUM_THREADS`
-/// applies to both), or uses every core with another backend.
+/// ndlora's own kernels (the fused merge/unmerge kernel; always). Benchmarks use it to
+/// measure one thread. Until it is called, ndlora's kernels follow OpenBLAS's count (so
+/// `OPENBLAS_NUM_THREADS` applies to both), or use every core with another backend. 0 means 1.
+///
+/// A count above [`max_threads`] is refused: nothing changes and it returns `false`. (An
+/// unbounded count would make OpenBLAS grow its thread pool without limit.)
+///
+/// ```
+/// assert!(!ndlora::set_blas_threads(ndlora::max_threads() + 1)); // refused, nothing changed
+/// ndlora::set_blas_threads(1); // one thread for BLAS and ndlora's kernels
+/// ```
 pub fn set_blas_threads(threads: usize) -> bool {
+    if threads > max_threads() {
+        return false;
+    }
     KERNEL_THREADS.store(threads.max(1), Ordering::Relaxed);
-    crate::gemm::set_threads(threads)
+    set_threads(threads)
 }
+
+/// The largest count [`set_blas_threads`] accepts: 4 threads per core this process may use
+/// (`std::thread::available_parallelism`; more only adds switching), and no more than the
+/// `MAX_THREADS` the linked OpenBLAS was built for, when it reports one.
+///
+/// ```
+/// assert!(ndlora::max_threads() >= 1);
+/// ```
+pub fn max_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let ours = cores.saturating_mul(THREADS_PER_CORE);
+    openblas_max_threads().map_or(ours, |blas| ours.min(blas).max(1))
+}
+
+/// Threads per core ndlora's kernels can put to use at most (see [`max_threads`]).
+const THREADS_PER_CORE: usize = 4;
 
 /// The thread count set by [`set_blas_threads`]; 0 until then.
 static KERNEL_THREADS: AtomicUsize = AtomicUsize::new(0);
 
-/// Threads the fused merge kernel may use (see [`set_blas_threads`]).
+/// Threads ndlora's own kernels may use (see [`set_blas_threads`]).
 pub(crate) fn kernel_threads() -> usize {
     match KERNEL_THREADS.load(Ordering::Relaxed) {
-        0 => crate::gemm::blas_threads()
+        0 => blas_threads()
             .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
             .unwrap_or(1),
         n => n,
@@ -133,7 +162,7 @@ pub unsafe fn use_native_openblas_kernel() -> Option<String> {
             return None;
         }
         // SAFETY: forwarded from this function's contract.
-        unsafe { crate::gemm::openblas_reselect_core(wanted) }
+        unsafe { openblas_reselect_core(wanted) }
     }
     #[cfg(not(all(ndlora_backend = "openblas", unix)))]
     None
@@ -212,6 +241,126 @@ fn cpu_vector_level() -> (bool, bool) {
     }
 }
 
+/// Whether this build calls a BLAS library.
+pub(crate) const HAS_BLAS: bool = cfg!(ndlora_blas);
+
+/// OpenBLAS's own account of itself: (config string, core name, threads).
+#[cfg(ndlora_backend = "openblas")]
+pub(crate) fn openblas_info() -> Option<(String, String, usize)> {
+    use std::ffi::{c_char, CStr};
+    extern "C" {
+        fn openblas_get_config() -> *const c_char;
+        fn openblas_get_corename() -> *const c_char;
+    }
+    let read = |p: *const c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: OpenBLAS returns a pointer to a static NUL-terminated string.
+            unsafe { CStr::from_ptr(p) }
+                .to_string_lossy()
+                .trim()
+                .to_owned()
+        }
+    };
+    // SAFETY: these OpenBLAS functions take no arguments and only read global state.
+    let (config, core) = unsafe { (read(openblas_get_config()), read(openblas_get_corename())) };
+    Some((config, core, blas_threads().unwrap_or(0)))
+}
+
+/// Re-runs OpenBLAS's kernel selection with `OPENBLAS_CORETYPE=core`, as the library does
+/// when it loads. Returns the new core name, or `None` when this OpenBLAS cannot do it (not
+/// a DYNAMIC_ARCH build: the symbols are looked up at run time, so nothing breaks the link).
+///
+/// # Safety
+/// No other thread may be inside a BLAS call or reading or writing the environment.
+#[cfg(all(ndlora_backend = "openblas", unix))]
+pub(crate) unsafe fn openblas_reselect_core(core: &str) -> Option<String> {
+    use std::ffi::{c_void, CString};
+    let sym = |name: &str| {
+        let name = CString::new(name).expect("no NUL");
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads the symbol
+        // tables of the loaded objects.
+        unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) }
+    };
+    let (table, init) = (sym("gotoblas"), sym("gotoblas_dynamic_init"));
+    if table.is_null() || init.is_null() {
+        return None;
+    }
+    // SAFETY: `gotoblas_dynamic_init` is `void (void)` in every DYNAMIC_ARCH OpenBLAS.
+    let init: unsafe extern "C" fn() = unsafe { std::mem::transmute::<*mut c_void, _>(init) };
+    let previous = std::env::var_os("OPENBLAS_CORETYPE");
+    // SAFETY: (for the block) the caller guarantees no concurrent BLAS call or environment
+    // access. `gotoblas` is OpenBLAS's pointer to the active kernel table; clearing it makes
+    // `gotoblas_dynamic_init` select and initialise a table again, reading
+    // OPENBLAS_CORETYPE exactly as at load time.
+    unsafe {
+        std::env::set_var("OPENBLAS_CORETYPE", core);
+        *(table as *mut *mut c_void) = std::ptr::null_mut();
+        init();
+        match previous {
+            Some(v) => std::env::set_var("OPENBLAS_CORETYPE", v),
+            None => std::env::remove_var("OPENBLAS_CORETYPE"),
+        }
+    }
+    openblas_info().map(|(_, core, _)| core)
+}
+
+/// OpenBLAS's current thread count; `None` with another backend.
+pub(crate) fn blas_threads() -> Option<usize> {
+    #[cfg(ndlora_backend = "openblas")]
+    {
+        extern "C" {
+            fn openblas_get_num_threads() -> std::ffi::c_int;
+        }
+        // SAFETY: plain getter of OpenBLAS's global thread pool size.
+        let n = unsafe { openblas_get_num_threads() };
+        usize::try_from(n).ok().filter(|&n| n > 0)
+    }
+    #[cfg(not(ndlora_backend = "openblas"))]
+    None
+}
+
+/// Sets OpenBLAS's thread count; `false` when the backend offers no such call.
+fn set_threads(n: usize) -> bool {
+    #[cfg(ndlora_backend = "openblas")]
+    {
+        extern "C" {
+            fn openblas_set_num_threads(n: std::ffi::c_int);
+        }
+        let n = std::ffi::c_int::try_from(n.max(1)).unwrap_or(std::ffi::c_int::MAX);
+        // SAFETY: plain setter on OpenBLAS's global thread pool size; any n ≥ 1 is valid.
+        unsafe { openblas_set_num_threads(n) };
+        true
+    }
+    #[cfg(not(ndlora_backend = "openblas"))]
+    {
+        let _ = n;
+        false
+    }
+}
+
+/// The `MAX_THREADS=n` in OpenBLAS's configuration string: the most threads it was built for.
+fn openblas_max_threads() -> Option<usize> {
+    #[cfg(ndlora_backend = "openblas")]
+    {
+        let (config, _, _) = openblas_info()?;
+        config_max_threads(&config)
+    }
+    #[cfg(not(ndlora_backend = "openblas"))]
+    None
+}
+
+/// `n` from the `MAX_THREADS=n` word of an OpenBLAS configuration string.
+#[cfg_attr(not(ndlora_backend = "openblas"), allow(dead_code))]
+fn config_max_threads(config: &str) -> Option<usize> {
+    config
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("MAX_THREADS="))
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +373,14 @@ mod tests {
         if let Some(w) = openblas_core_warning("Prescott") {
             assert!(w.contains("OPENBLAS_CORETYPE="), "{w}");
         }
+    }
+
+    #[test]
+    fn max_threads_from_the_config_string() {
+        let config = "OpenBLAS 0.3.21 DYNAMIC_ARCH NO_AFFINITY Prescott MAX_THREADS=64";
+        assert_eq!(config_max_threads(config), Some(64));
+        assert_eq!(config_max_threads("OpenBLAS 0.3.21 Haswell"), None);
+        assert_eq!(config_max_threads("MAX_THREADS=0"), None);
+        assert_eq!(config_max_threads("MAX_THREADS=x"), None);
     }
 }

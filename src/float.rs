@@ -5,7 +5,7 @@ use std::fmt::{Debug, Display};
 use ndarray::ScalarOperand;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::gemm::GemmScalar;
+use crate::blas::GemmScalar;
 use crate::simd::rank_update::UpdateElement;
 
 /// `f32` or `f64`: the element types [`LoraLayer`](crate::LoraLayer) is generic over.

@@ -3,14 +3,17 @@
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Normal, Uniform};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::config::{LoraConfig, LoraInit};
-use crate::error::{shape_str, LoraError, Result};
+use crate::check::{
+    check_bias, check_finite, check_input_width, check_shape, check_weight_dims, max_abs,
+};
+use crate::config::LoraConfig;
+use crate::error::{LoraError, Result};
+use crate::factors::{Factors, LoraScratch};
 use crate::float::LoraFloat;
-use crate::gemm::{blas_operand, gemm, rank_update};
-use crate::update::{max_abs, update_weight};
+use crate::matmul::{blas_operand, gemm};
+use crate::merge::{rank_update, update_weight};
 
 /// A linear layer with a frozen weight W (d×k), an optional frozen bias b (d), and a low-rank
 /// update s·B A.
@@ -54,12 +57,10 @@ use crate::update::{max_abs, update_weight};
 #[derive(Debug, Clone)]
 pub struct LoraLayer<A: LoraFloat> {
     base_weight: Array2<A>,
-    weight_a: Array2<A>,
-    weight_b: Array2<A>,
     /// The base layer's bias b (length d), if it has one; see [`LoraLayer::with_bias`].
     bias: Option<Array1<A>>,
-    config: LoraConfig,
-    scaling: f64,
+    /// A, B, the config and the scaling.
+    factors: Factors<A>,
     merged: bool,
     dropout_rng: ChaCha8Rng,
     /// An upper bound on max |Wᵢⱼ| (f64, so it cannot overflow), kept so that merge can prove
@@ -73,11 +74,8 @@ pub struct LoraLayer<A: LoraFloat> {
 impl<A: LoraFloat> PartialEq for LoraLayer<A> {
     fn eq(&self, other: &Self) -> bool {
         self.base_weight == other.base_weight
-            && self.weight_a == other.weight_a
-            && self.weight_b == other.weight_b
             && self.bias == other.bias
-            && self.config == other.config
-            && self.scaling.to_bits() == other.scaling.to_bits()
+            && self.factors == other.factors
             && self.merged == other.merged
             && self.dropout_rng == other.dropout_rng
             && self.unmerge_weight == other.unmerge_weight
@@ -93,32 +91,9 @@ impl<A: LoraFloat> LoraLayer<A> {
     pub fn new(base_weight: Array2<A>, config: LoraConfig) -> Result<Self> {
         let (d, k) = base_weight.dim();
         check_weight_dims(d, k)?;
-        config.validate(d, k)?;
-        let scaling = check_scaling::<A>(config.scaling())?;
+        let factors = Factors::new(d, k, config)?;
         check_finite("base_weight", base_weight.view())?;
-        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        let r = config.rank;
-        // Sampled in f64 so f32 and f64 layers with the same seed start from the same numbers.
-        let weight_a = match config.init {
-            LoraInit::Gaussian => {
-                let normal = Normal::new(0.0, (1.0 / r as f64).sqrt()).expect("std > 0");
-                Array2::from_shape_simple_fn((r, k), || A::from_f64_lossy(normal.sample(&mut rng)))
-            }
-            LoraInit::KaimingUniform => {
-                let bound = 1.0 / (k as f64).sqrt();
-                let uniform = Uniform::new(-bound, bound).expect("bound > 0");
-                Array2::from_shape_simple_fn((r, k), || A::from_f64_lossy(uniform.sample(&mut rng)))
-            }
-        };
-        let weight_b = Array2::zeros((d, r));
-        Ok(Self::assemble(
-            base_weight,
-            weight_a,
-            weight_b,
-            config,
-            scaling,
-            false,
-        ))
+        Ok(Self::assemble(base_weight, factors, false))
     }
 
     /// Builds a layer from trained factors: A (r×k) and B (d×r) with r = `config.rank`.
@@ -157,42 +132,19 @@ impl<A: LoraFloat> LoraLayer<A> {
     ) -> Result<Self> {
         let (d, k) = base_weight.dim();
         check_weight_dims(d, k)?;
-        config.validate(d, k)?;
-        let r = config.rank;
-        check_shape("weight_a", weight_a.shape(), &[r, k])?;
-        check_shape("weight_b", weight_b.shape(), &[d, r])?;
-        let scaling = check_scaling::<A>(scaling)?;
-        check_finite("base_weight", base_weight.view())?;
-        check_finite("weight_a", weight_a.view())?;
-        check_finite("weight_b", weight_b.view())?;
-        Ok(Self::assemble(
-            base_weight,
-            weight_a,
-            weight_b,
-            config,
-            scaling,
-            merged,
-        ))
+        let base = Some(("base_weight", base_weight.view()));
+        let factors = Factors::from_parts((d, k), weight_a, weight_b, config, scaling, base)?;
+        Ok(Self::assemble(base_weight, factors, merged))
     }
 
-    fn assemble(
-        base_weight: Array2<A>,
-        weight_a: Array2<A>,
-        weight_b: Array2<A>,
-        config: LoraConfig,
-        scaling: f64,
-        merged: bool,
-    ) -> Self {
-        let mut dropout_rng = ChaCha8Rng::seed_from_u64(config.seed);
+    fn assemble(base_weight: Array2<A>, factors: Factors<A>, merged: bool) -> Self {
+        let mut dropout_rng = ChaCha8Rng::seed_from_u64(factors.config().seed);
         dropout_rng.set_stream(1); // independent of the init stream
         let w_abs_bound = max_abs(base_weight.view());
         Self {
             base_weight,
-            weight_a,
-            weight_b,
             bias: None,
-            config,
-            scaling,
+            factors,
             merged,
             dropout_rng,
             w_abs_bound,
@@ -246,12 +198,12 @@ impl<A: LoraFloat> LoraLayer<A> {
 
     /// Factor A (r×k).
     pub fn weight_a(&self) -> ArrayView2<'_, A> {
-        self.weight_a.view()
+        self.factors.a()
     }
 
     /// Factor B (d×r).
     pub fn weight_b(&self) -> ArrayView2<'_, A> {
-        self.weight_b.view()
+        self.factors.b()
     }
 
     /// A mutable view of A, to train its values (its shape cannot change).
@@ -260,23 +212,23 @@ impl<A: LoraFloat> LoraLayer<A> {
     /// would make `unmerge` subtract something else.
     pub fn weight_a_mut(&mut self) -> Result<ArrayViewMut2<'_, A>> {
         self.require_unmerged("weight_a_mut")?;
-        Ok(self.weight_a.view_mut())
+        Ok(self.factors.a_mut())
     }
 
     /// A mutable view of B; see [`weight_a_mut`](Self::weight_a_mut).
     pub fn weight_b_mut(&mut self) -> Result<ArrayViewMut2<'_, A>> {
         self.require_unmerged("weight_b_mut")?;
-        Ok(self.weight_b.view_mut())
+        Ok(self.factors.b_mut())
     }
 
     /// The configuration the layer was built with.
     pub fn config(&self) -> &LoraConfig {
-        &self.config
+        self.factors.config()
     }
 
     /// Rank r.
     pub fn rank(&self) -> usize {
-        self.config.rank
+        self.factors.rank()
     }
 
     /// k, the input width.
@@ -291,15 +243,14 @@ impl<A: LoraFloat> LoraLayer<A> {
 
     /// The scaling s applied to B A (initially `config.scaling()`).
     pub fn scaling(&self) -> f64 {
-        self.scaling
+        self.factors.scaling()
     }
 
     /// Sets the scaling s. Errors if it is not finite in `A`, or while merged (W holds the
     /// old s·B A, which unmerge must subtract).
     pub fn set_scaling(&mut self, scaling: f64) -> Result<()> {
         self.require_unmerged("set_scaling")?;
-        self.scaling = check_scaling::<A>(scaling)?;
-        Ok(())
+        self.factors.set_scaling(scaling)
     }
 
     /// Whether s·B A is currently folded into W.
@@ -398,7 +349,7 @@ impl<A: LoraFloat> LoraLayer<A> {
     /// as PEFT places it (b is added as in `forward`). Masks come from a generator seeded by
     /// `config.seed`, so a run reproduces; each call draws a new mask. Identical to `forward` when p = 0 or merged.
     pub fn forward_train(&mut self, x: ArrayView2<'_, A>) -> Result<Array2<A>> {
-        let p = self.config.dropout;
+        let p = self.config().dropout;
         if p == 0.0 || self.merged {
             return self.forward(x);
         }
@@ -415,7 +366,7 @@ impl<A: LoraFloat> LoraLayer<A> {
         });
         let mut y = Array2::zeros((x.nrows(), self.out_features()));
         self.base_into(x, y.view_mut());
-        self.add_lora_branch(dropped.view(), y.view_mut(), None);
+        self.factors.add_branch(dropped.view(), y.view_mut(), None);
         Ok(y)
     }
 
@@ -423,12 +374,8 @@ impl<A: LoraFloat> LoraLayer<A> {
     pub fn effective_weight(&self) -> Array2<A> {
         let mut w = self.base_weight.clone();
         if !self.merged {
-            rank_update(
-                self.scaling_a(),
-                self.weight_b.view(),
-                self.weight_a.view(),
-                w.view_mut(),
-            );
+            let f = &self.factors;
+            rank_update(f.alpha(1.0), f.b(), f.a(), w.view_mut());
         }
         w
     }
@@ -437,9 +384,10 @@ impl<A: LoraFloat> LoraLayer<A> {
     ///
     /// For r ≤ [`MAX_FUSED_RANK`](crate::MAX_FUSED_RANK) on a SIMD CPU this runs ndlora's
     /// fused kernel, which streams W once (the
-    /// [`gemm_counters`](crate::gemm_counters) count it as `fused_updates`); otherwise one
-    /// BLAS gemm with β = 1. Large updates use [`set_blas_threads`](crate::set_blas_threads)
-    /// threads.
+    /// [`gemm_counters`](crate::gemm_counters) count it as `fused_updates`); otherwise BLAS
+    /// gemm forms s·B A one band of rows at a time into a small temporary, which is added to
+    /// W (so the rounding below holds with any BLAS). Large updates use
+    /// [`set_blas_threads`](crate::set_blas_threads) threads.
     ///
     /// Errors, leaving the layer unchanged: already merged; a non-finite factor; or a result
     /// that would hold NaN/∞ ([`LoraError::WouldOverflow`]).
@@ -521,13 +469,13 @@ impl<A: LoraFloat> LoraLayer<A> {
 
     /// W ← W + sign·s·B A after proving the result finite.
     fn update_weight(&mut self, sign: f64, operation: &'static str) -> Result<()> {
-        let alpha = A::from_f64_lossy(sign * self.scaling);
+        let f = &self.factors;
         update_weight(
             self.base_weight.view_mut(),
             &mut self.w_abs_bound,
-            self.weight_a.view(),
-            self.weight_b.view(),
-            alpha,
+            f.a(),
+            f.b(),
+            f.alpha(sign),
             operation,
         )
     }
@@ -542,7 +490,7 @@ impl<A: LoraFloat> LoraLayer<A> {
         let x = blas_operand(x);
         self.base_into(x.view(), out.view_mut());
         if !self.merged {
-            self.add_lora_branch(x.view(), out, scratch);
+            self.factors.add_branch(x.view(), out, scratch);
         }
     }
 
@@ -557,46 +505,6 @@ impl<A: LoraFloat> LoraLayer<A> {
             None => A::zero(),
         };
         gemm(A::one(), x, self.base_weight.t(), beta, out);
-    }
-
-    /// out += s·(X Aᵀ) Bᵀ: two thin gemms through an n×r temporary, taken from `scratch` when
-    /// given (no allocation once it is large enough), else allocated.
-    fn add_lora_branch(
-        &self,
-        x: ArrayView2<'_, A>,
-        out: ArrayViewMut2<'_, A>,
-        scratch: Option<&mut LoraScratch<A>>,
-    ) {
-        let (n, r) = (x.nrows(), self.rank());
-        let mut owned;
-        let xa = match scratch {
-            Some(scratch) => scratch.view_mut(n, r),
-            None => {
-                owned = Array2::zeros((n, r));
-                owned.view_mut()
-            }
-        };
-        self.add_lora_branch_with(x, xa, out);
-    }
-
-    fn add_lora_branch_with(
-        &self,
-        x: ArrayView2<'_, A>,
-        mut xa: ArrayViewMut2<'_, A>,
-        out: ArrayViewMut2<'_, A>,
-    ) {
-        gemm(A::one(), x, self.weight_a.t(), A::zero(), xa.view_mut());
-        gemm(
-            self.scaling_a(),
-            xa.view(),
-            self.weight_b.t(),
-            A::one(),
-            out,
-        );
-    }
-
-    fn scaling_a(&self) -> A {
-        A::from_f64_lossy(self.scaling)
     }
 
     fn check_input(&self, x: ArrayView2<'_, A>) -> Result<()> {
@@ -621,7 +529,7 @@ impl<A: LoraFloat> LoraLayer<A> {
         check_finite("unmerge_weight", saved.view())
     }
 
-    fn require_unmerged(&self, operation: &'static str) -> Result<()> {
+    pub(crate) fn require_unmerged(&self, operation: &'static str) -> Result<()> {
         if self.merged {
             return Err(LoraError::MergeState {
                 operation,
@@ -639,128 +547,6 @@ impl<A: LoraFloat> LoraLayer<A> {
             });
         }
         Ok(())
-    }
-}
-
-/// Reusable working memory for [`LoraLayer::forward_into_with_scratch`]: holds the n×r
-/// temporary X Aᵀ of the LoRA branch, grows to the largest n·r asked of it, never shrinks.
-/// One scratch per thread (it is `&mut` during a forward); it can serve layers of any shape.
-///
-/// ```
-/// let mut scratch = ndlora::LoraScratch::<f64>::with_capacity(32, 8);
-/// assert!(scratch.capacity() >= 32 * 8);
-/// ```
-#[derive(Debug, Clone, Default)]
-pub struct LoraScratch<A> {
-    buf: Vec<A>,
-}
-
-impl<A: LoraFloat> LoraScratch<A> {
-    /// An empty scratch (allocates on first use).
-    pub fn new() -> Self {
-        Self { buf: Vec::new() }
-    }
-
-    /// A scratch that serves batches of up to `n` rows at rank up to `r` without allocating.
-    ///
-    /// # Panics
-    /// If n·r overflows `usize` or the allocation fails (as `Vec::with_capacity`).
-    #[track_caller]
-    pub fn with_capacity(n: usize, r: usize) -> Self {
-        let len = n
-            .checked_mul(r)
-            .expect("LoraScratch::with_capacity: n·r overflows usize");
-        Self {
-            buf: vec![A::zero(); len],
-        }
-    }
-
-    /// How many elements it holds now (n·r it serves without allocating).
-    pub fn capacity(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// An n×r standard-layout view of the first n·r elements, growing the buffer if needed.
-    /// (n·r cannot overflow: n ≤ the rows of an existing n×k input and r ≤ k.)
-    fn view_mut(&mut self, n: usize, r: usize) -> ArrayViewMut2<'_, A> {
-        let len = n * r;
-        if self.buf.len() < len {
-            self.buf.resize(len, A::zero());
-        }
-        ArrayViewMut2::from_shape((n, r), &mut self.buf[..len]).expect("n·r elements")
-    }
-}
-
-fn check_weight_dims(d: usize, k: usize) -> Result<()> {
-    if d == 0 || k == 0 {
-        return Err(LoraError::ShapeMismatch {
-            what: "base_weight",
-            expected: "[d, k] with d > 0 and k > 0".into(),
-            got: shape_str(&[d, k]),
-        });
-    }
-    Ok(())
-}
-
-/// An input batch X must be n×k for this k (any n).
-pub(crate) fn check_input_width<A>(x: ArrayView2<'_, A>, in_features: usize) -> Result<()> {
-    if x.ncols() != in_features {
-        return Err(LoraError::ShapeMismatch {
-            what: "input x",
-            expected: format!("[_, {in_features}]"),
-            got: shape_str(x.shape()),
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn check_shape(what: &'static str, got: &[usize], expected: &[usize]) -> Result<()> {
-    if got != expected {
-        return Err(LoraError::ShapeMismatch {
-            what,
-            expected: shape_str(expected),
-            got: shape_str(got),
-        });
-    }
-    Ok(())
-}
-
-/// The scaling, if it is finite both as f64 and in `A`.
-fn check_scaling<A: LoraFloat>(scaling: f64) -> Result<f64> {
-    if !scaling.is_finite() || !A::from_f64_lossy(scaling).is_finite() {
-        return Err(LoraError::InvalidValue {
-            what: "scaling",
-            expected: "finite in the layer's float type",
-            got: scaling.to_string(),
-        });
-    }
-    Ok(scaling)
-}
-
-pub(crate) fn check_finite<A: LoraFloat>(what: &'static str, m: ArrayView2<'_, A>) -> Result<()> {
-    if crate::update::all_finite(m) {
-        return Ok(());
-    }
-    match m.indexed_iter().find(|(_, v)| !v.is_finite()) {
-        None => Ok(()),
-        Some((index, v)) => Err(LoraError::NonFinite {
-            what,
-            index,
-            value: v.into_f64(),
-        }),
-    }
-}
-
-/// A bias must have length d and finite elements.
-fn check_bias<A: LoraFloat>(bias: ArrayView1<'_, A>, d: usize) -> Result<()> {
-    check_shape("bias", bias.shape(), &[d])?;
-    match bias.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(LoraError::NonFinite {
-            what: "bias",
-            index: (0, i),
-            value: bias[i].into_f64(),
-        }),
     }
 }
 
@@ -786,15 +572,15 @@ struct LayerRepr<W, V> {
 impl<A: LoraFloat> Serialize for LoraLayer<A> {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         LayerRepr {
-            base_weight: &self.base_weight,
-            weight_a: &self.weight_a,
-            weight_b: &self.weight_b,
+            base_weight: self.base_weight.view(),
+            weight_a: self.factors.a(),
+            weight_b: self.factors.b(),
             bias: self.bias.as_ref(),
-            config: self.config.clone(),
-            scaling: self.scaling,
+            config: self.config().clone(),
+            scaling: self.scaling(),
             merged: self.merged,
             dropout_rng: self.dropout_rng.clone(),
-            unmerge_weight: self.unmerge_weight.as_ref(),
+            unmerge_weight: self.unmerge_weight.as_ref().map(|w| w.view()),
         }
         .serialize(serializer)
     }

@@ -110,6 +110,7 @@
 //! ```
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod peft;
 
@@ -126,23 +127,27 @@ pub mod peft;
 extern crate blas_src;
 
 mod backend;
+mod blas;
+mod check;
 mod config;
 mod error;
+mod factors;
 mod float;
-mod gemm;
 mod layer;
+mod matmul;
+mod merge;
 mod micro;
 mod model;
 mod simd;
 mod train;
-mod update;
 
-pub use backend::{backend, set_blas_threads, use_native_openblas_kernel, Backend};
+pub use backend::{backend, max_threads, set_blas_threads, use_native_openblas_kernel, Backend};
+pub use blas::{gemm_counters, reset_gemm_counters, GemmCounters};
 pub use config::{LoraConfig, LoraInit};
 pub use error::{LoraError, Result};
+pub use factors::LoraScratch;
 pub use float::LoraFloat;
-pub use gemm::{gemm_counters, reset_gemm_counters, GemmCounters};
-pub use layer::{LoraLayer, LoraScratch};
+pub use layer::LoraLayer;
 pub use micro::{LearningSignal, MicroLora};
 pub use model::LoraModel;
 pub use simd::rank_update::MAX_FUSED_RANK;

@@ -4,10 +4,12 @@
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::error::{shape_str, LoraError, Result};
-use crate::gemm::gemm;
-use crate::layer::{check_finite, check_shape};
-use crate::simd::{Adapter, Kernel, SimdLevel};
+use crate::check::{
+    check_finite, check_finite_slice, check_learning_rate, check_len, check_shape, check_width,
+};
+use crate::error::{LoraError, Result};
+use crate::matmul::gemm;
+use crate::simd::{add_term_wide, Adapter, Kernel, SimdLevel};
 
 /// One piece of feedback for [`MicroLora::accumulate_gradient`]: for the input
 /// x = `query_embedding`, the adapter's output y(x) should move along g = `gradient_estimate`,
@@ -268,13 +270,7 @@ impl MicroLora {
         mut output: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
         let h = self.hidden_dim();
-        if input.ncols() != h {
-            return Err(LoraError::ShapeMismatch {
-                what: "input",
-                expected: format!("[_, {h}]"),
-                got: shape_str(input.shape()),
-            });
-        }
+        check_width("input", input, h)?;
         check_shape("output", output.shape(), &[input.nrows(), h])?;
         let mut hidden = Array2::zeros((input.nrows(), self.rank()));
         gemm(1.0, input, self.down.t(), 0.0, hidden.view_mut());
@@ -287,10 +283,7 @@ impl MicroLora {
                 // s·hⱼ overflows f32: add this row's terms in f64, as `forward` does (rare,
                 // slow path), and leave the gemm nothing to add for it.
                 for (&hj, u) in h.iter().zip(self.up.rows()) {
-                    let c = f64::from(s) * f64::from(hj);
-                    for (y, &u) in y.iter_mut().zip(u) {
-                        *y = (f64::from(*y) + c * f64::from(u)) as f32;
-                    }
+                    add_term_wide(s, hj, u, y.iter_mut());
                 }
                 h.fill(0.0);
             } else {
@@ -448,13 +441,7 @@ impl MicroLora {
     /// # Ok::<(), ndlora::LoraError>(())
     /// ```
     pub fn try_apply_accumulated(&mut self, lr: f32) -> Result<()> {
-        if !lr.is_finite() {
-            return Err(LoraError::InvalidValue {
-                what: "learning rate",
-                expected: "a finite number",
-                got: lr.to_string(),
-            });
-        }
+        check_learning_rate(lr)?;
         if self.pending == 0 {
             return Ok(());
         }
@@ -657,28 +644,6 @@ fn initial_down(rank: usize, hidden_dim: usize) -> Array2<f32> {
         i += 1;
         (x - 0.5) * 0.02
     })
-}
-
-fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
-    if got != expected {
-        return Err(LoraError::ShapeMismatch {
-            what,
-            expected: shape_str(&[expected]),
-            got: shape_str(&[got]),
-        });
-    }
-    Ok(())
-}
-
-fn check_finite_slice(what: &'static str, v: &[f32]) -> Result<()> {
-    match v.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(LoraError::NonFinite {
-            what,
-            index: (0, i),
-            value: f64::from(v[i]),
-        }),
-    }
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -2,31 +2,20 @@
 
 use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
 
+use crate::check::{check_finite, check_input_width, check_weight_dims, max_abs};
 use crate::config::LoraConfig;
 use crate::error::{shape_str, LoraError, Result};
+use crate::factors::Factors;
 use crate::float::LoraFloat;
-use crate::gemm::gemm;
-use crate::layer::{check_finite, check_input_width, check_shape, LoraLayer};
-use crate::update::{magnitude_limit, max_abs, update_magnitude_bound, update_weight};
+use crate::layer::LoraLayer;
+use crate::matmul::{blas_operand, gemm};
+use crate::merge::{magnitude_limit, update_magnitude_bound, update_weight};
 
-/// One adapter: its factors A (r×k), B (d×r) and scaling s.
+/// One named adapter: its factors A (r×k), B (d×r), config and scaling s.
 #[derive(Debug, Clone, PartialEq)]
 struct Adapter<A> {
     name: String,
-    weight_a: Array2<A>,
-    weight_b: Array2<A>,
-    config: LoraConfig,
-    scaling: f64,
-}
-
-impl<A: LoraFloat> Adapter<A> {
-    /// out += s·(X Aᵀ) Bᵀ: two thin gemms through an m×r temporary.
-    fn add_branch(&self, x: ArrayView2<'_, A>, out: ArrayViewMut2<'_, A>) {
-        let mut xa = Array2::zeros((x.nrows(), self.weight_a.nrows()));
-        gemm(A::one(), x, self.weight_a.t(), A::zero(), xa.view_mut());
-        let s = A::from_f64_lossy(self.scaling);
-        gemm(s, xa.view(), self.weight_b.t(), A::one(), out);
-    }
+    factors: Factors<A>,
 }
 
 /// Several named LoRA adapters sharing one frozen weight W (d×k).
@@ -104,13 +93,7 @@ impl<A: LoraFloat> LoraModel<A> {
     /// ```
     pub fn new(base_weight: Array2<A>) -> Result<Self> {
         let (d, k) = base_weight.dim();
-        if d == 0 || k == 0 {
-            return Err(LoraError::ShapeMismatch {
-                what: "base_weight",
-                expected: "[d, k] with d > 0 and k > 0".into(),
-                got: shape_str(&[d, k]),
-            });
-        }
+        check_weight_dims(d, k)?;
         check_finite("base_weight", base_weight.view())?;
         let w_abs_bound = max_abs(base_weight.view());
         Ok(Self {
@@ -157,18 +140,8 @@ impl<A: LoraFloat> LoraModel<A> {
     pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<usize> {
         self.require_new_name(name)?;
         let (d, k) = self.base_weight.dim();
-        config.validate(d, k)?;
-        // A depends only on (r, k, init, seed) and B is 0: an r×k stand-in base gives the
-        // same A as `LoraLayer::new(W, config)` (a test checks this) without copying W.
-        let layer = LoraLayer::<A>::new(Array2::zeros((config.rank, k)), config.clone())?;
-        let adapter = Adapter {
-            name: name.to_owned(),
-            weight_a: layer.weight_a().to_owned(),
-            weight_b: Array2::zeros((d, config.rank)),
-            scaling: layer.scaling(),
-            config,
-        };
-        Ok(self.push(adapter))
+        let factors = Factors::new(d, k, config)?;
+        Ok(self.push(name, factors))
     }
 
     /// Adds an adapter with trained factors A (r×k) and B (d×r), r = `config.rank`, and
@@ -184,28 +157,10 @@ impl<A: LoraFloat> LoraModel<A> {
         config: LoraConfig,
     ) -> Result<usize> {
         self.require_new_name(name)?;
-        let (d, k) = self.base_weight.dim();
-        config.validate(d, k)?;
-        let r = config.rank;
-        check_shape("weight_a", weight_a.shape(), &[r, k])?;
-        check_shape("weight_b", weight_b.shape(), &[d, r])?;
-        check_finite("weight_a", weight_a.view())?;
-        check_finite("weight_b", weight_b.view())?;
         let scaling = config.scaling();
-        if !scaling.is_finite() || !A::from_f64_lossy(scaling).is_finite() {
-            return Err(LoraError::InvalidValue {
-                what: "scaling",
-                expected: "finite in the model's float type",
-                got: scaling.to_string(),
-            });
-        }
-        Ok(self.push(Adapter {
-            name: name.to_owned(),
-            weight_a,
-            weight_b,
-            config,
-            scaling,
-        }))
+        let dims = self.base_weight.dim();
+        let factors = Factors::from_parts(dims, weight_a, weight_b, config, scaling, None)?;
+        Ok(self.push(name, factors))
     }
 
     /// Removes an adapter (and deactivates it). Its id is never given out again.
@@ -293,10 +248,13 @@ impl<A: LoraFloat> LoraModel<A> {
     /// Errors: `x` is not n×k.
     pub fn forward(&self, x: ArrayView2<'_, A>) -> Result<Array2<A>> {
         self.check_input(x)?;
+        // X feeds every product: a layout BLAS cannot read is copied once, not per product.
+        let x = blas_operand(x);
+        let x = x.view();
         let mut y = Array2::zeros((x.nrows(), self.out_features()));
         gemm(A::one(), x, self.base_weight.t(), A::zero(), y.view_mut());
         for &id in self.active.iter().filter(|id| !self.merged.contains(id)) {
-            self.adapter(id).add_branch(x, y.view_mut());
+            self.adapter(id).factors.add_branch(x, y.view_mut(), None);
         }
         Ok(y)
     }
@@ -354,18 +312,20 @@ impl<A: LoraFloat> LoraModel<A> {
                 rows_of[id].push(i);
             }
         }
+        let x = blas_operand(x);
+        let x = x.view();
         let mut y = Array2::zeros((n, self.out_features()));
         gemm(A::one(), x, self.base_weight.t(), A::zero(), y.view_mut());
         for (id, rows) in rows_of.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-            let adapter = self.adapter(id);
+            let factors = &self.adapter(id).factors;
             if let Some(step) = even_step(rows) {
                 let (first, last) = (rows[0], rows[rows.len() - 1]);
                 let sl = s![first..last + 1;step as isize, ..];
-                adapter.add_branch(x.slice(sl), y.slice_mut(sl));
+                factors.add_branch(x.slice(sl), y.slice_mut(sl), None);
             } else {
                 let xj = x.select(Axis(0), rows);
                 let mut update = Array2::zeros((rows.len(), self.out_features()));
-                adapter.add_branch(xj.view(), update.view_mut());
+                factors.add_branch(xj.view(), update.view_mut(), None);
                 for (u, &i) in update.rows().into_iter().zip(rows) {
                     y.row_mut(i).zip_mut_with(&u, |yv, &uv| *yv = *yv + uv);
                 }
@@ -444,36 +404,36 @@ impl<A: LoraFloat> LoraModel<A> {
 
     /// The adapter's factor A (r×k). Errors: unknown name.
     pub fn weight_a(&self, name: &str) -> Result<ArrayView2<'_, A>> {
-        Ok(self.adapter(self.id_of(name)?).weight_a.view())
+        Ok(self.adapter(self.id_of(name)?).factors.a())
     }
 
     /// The adapter's factor B (d×r). Errors: unknown name.
     pub fn weight_b(&self, name: &str) -> Result<ArrayView2<'_, A>> {
-        Ok(self.adapter(self.id_of(name)?).weight_b.view())
+        Ok(self.adapter(self.id_of(name)?).factors.b())
     }
 
     /// A mutable view of the adapter's A, to train it. Errors: unknown name; merged.
     pub fn weight_a_mut(&mut self, name: &str) -> Result<ArrayViewMut2<'_, A>> {
         let id = self.id_of(name)?;
         self.require_unmerged(id, "weight_a_mut")?;
-        Ok(self.adapter_mut(id).weight_a.view_mut())
+        Ok(self.adapter_mut(id).factors.a_mut())
     }
 
     /// A mutable view of the adapter's B, to train it. Errors: unknown name; merged.
     pub fn weight_b_mut(&mut self, name: &str) -> Result<ArrayViewMut2<'_, A>> {
         let id = self.id_of(name)?;
         self.require_unmerged(id, "weight_b_mut")?;
-        Ok(self.adapter_mut(id).weight_b.view_mut())
+        Ok(self.adapter_mut(id).factors.b_mut())
     }
 
     /// The adapter's configuration. Errors: unknown name.
     pub fn config(&self, name: &str) -> Result<&LoraConfig> {
-        Ok(&self.adapter(self.id_of(name)?).config)
+        Ok(self.adapter(self.id_of(name)?).factors.config())
     }
 
     /// The adapter's scaling s. Errors: unknown name.
     pub fn scaling(&self, name: &str) -> Result<f64> {
-        Ok(self.adapter(self.id_of(name)?).scaling)
+        Ok(self.adapter(self.id_of(name)?).factors.scaling())
     }
 
     /// The adapter as a standalone [`LoraLayer`] on a copy of W (unmerged).
@@ -500,38 +460,36 @@ impl<A: LoraFloat> LoraModel<A> {
                 expected: false,
             });
         }
-        let a = self.adapter(id);
+        let f = &self.adapter(id).factors;
         let mut layer = LoraLayer::from_parts(
             self.base_weight.clone(),
-            a.weight_a.clone(),
-            a.weight_b.clone(),
-            a.config.clone(),
+            f.a().to_owned(),
+            f.b().to_owned(),
+            f.config().clone(),
         )?;
-        layer.set_scaling(a.scaling)?;
+        layer.set_scaling(f.scaling())?;
         Ok(layer)
     }
 
     /// W ← W + sign·Σ sⱼ·Bⱼ Aⱼ over `ids` in order, all or nothing. When the cheap bound
     /// proves every partial sum finite, no step can fail; otherwise W is backed up first.
     fn update_many(&mut self, ids: &[usize], sign: f64, operation: &'static str) -> Result<()> {
-        let alpha = |a: &Adapter<A>| A::from_f64_lossy(sign * a.scaling);
         let mut total = 0.0;
         for &id in ids {
-            let a = self.adapter(id);
-            check_finite("weight_a", a.weight_a.view())?;
-            check_finite("weight_b", a.weight_b.view())?;
-            total += update_magnitude_bound(a.weight_a.view(), a.weight_b.view(), alpha(a));
+            let f = &self.adapter(id).factors;
+            f.check_finite()?;
+            total += update_magnitude_bound(f.a(), f.b(), f.alpha(sign));
         }
         let backup = (ids.len() > 1 && self.w_abs_bound + total >= magnitude_limit::<A>())
             .then(|| (self.base_weight.clone(), self.w_abs_bound));
         for &id in ids {
-            let a = self.slots[id].as_ref().expect("ids are validated");
+            let f = &self.slots[id].as_ref().expect("ids are validated").factors;
             if let Err(e) = update_weight(
                 self.base_weight.view_mut(),
                 &mut self.w_abs_bound,
-                a.weight_a.view(),
-                a.weight_b.view(),
-                alpha(a),
+                f.a(),
+                f.b(),
+                f.alpha(sign),
                 operation,
             ) {
                 // Only a single update (which leaves W unchanged itself) or a backed-up batch
@@ -546,8 +504,11 @@ impl<A: LoraFloat> LoraModel<A> {
         Ok(())
     }
 
-    fn push(&mut self, adapter: Adapter<A>) -> usize {
-        self.slots.push(Some(adapter));
+    fn push(&mut self, name: &str, factors: Factors<A>) -> usize {
+        self.slots.push(Some(Adapter {
+            name: name.to_owned(),
+            factors,
+        }));
         self.slots.len() - 1
     }
 

@@ -66,10 +66,11 @@ use regex::Regex;
 use safetensors::{Dtype, SafeTensors, View};
 use serde_json::{Map, Value};
 
+use crate::check::check_finite;
 use crate::config::{LoraConfig, LoraInit};
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
-use crate::layer::{check_finite, LoraLayer};
+use crate::layer::LoraLayer;
 
 /// The config file's name in an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";

@@ -2,10 +2,11 @@
 
 use ndarray::{Array2, ArrayView2};
 
-use crate::error::{shape_str, LoraError, Result};
+use crate::check::{check_finite, check_input_width, check_learning_rate, check_shape};
+use crate::error::Result;
 use crate::float::LoraFloat;
-use crate::gemm::gemm;
-use crate::layer::{check_finite, check_shape, LoraLayer};
+use crate::layer::LoraLayer;
+use crate::matmul::{blas_operand, gemm};
 
 /// Gradients of a scalar loss L returned by [`LoraLayer::backward`].
 ///
@@ -64,15 +65,12 @@ impl<A: LoraFloat> LoraLayer<A> {
         grad_output: ArrayView2<'_, A>,
     ) -> Result<LoraGrads<A>> {
         let (d, k, r) = (self.out_features(), self.in_features(), self.rank());
-        if x.ncols() != k {
-            return Err(LoraError::ShapeMismatch {
-                what: "input x",
-                expected: format!("[_, {k}]"),
-                got: shape_str(x.shape()),
-            });
-        }
+        check_input_width(x, k)?;
         let n = x.nrows();
         check_shape("grad_output", grad_output.shape(), &[n, d])?;
+        // X and G each feed several products: a layout BLAS cannot read is copied once.
+        let (x, grad_output) = (blas_operand(x), blas_operand(grad_output));
+        let (x, grad_output) = (x.view(), grad_output.view());
         let (a, b, w) = (self.weight_a(), self.weight_b(), self.base_weight());
         let s = A::from_f64_lossy(self.scaling());
 
@@ -118,19 +116,8 @@ impl<A: LoraFloat> LoraLayer<A> {
     /// # Ok::<(), ndlora::LoraError>(())
     /// ```
     pub fn sgd_step(&mut self, grads: &LoraGrads<A>, lr: A) -> Result<()> {
-        if self.is_merged() {
-            return Err(LoraError::MergeState {
-                operation: "sgd_step",
-                expected: false,
-            });
-        }
-        if !lr.is_finite() {
-            return Err(LoraError::InvalidValue {
-                what: "learning rate",
-                expected: "finite",
-                got: lr.into_f64().to_string(),
-            });
-        }
+        self.require_unmerged("sgd_step")?;
+        check_learning_rate(lr)?;
         let (d, k, r) = (self.out_features(), self.in_features(), self.rank());
         check_shape("grad_a", grads.grad_a.shape(), &[r, k])?;
         check_shape("grad_b", grads.grad_b.shape(), &[d, r])?;

@@ -81,7 +81,7 @@ unsafe fn forward_rank<V: Lanes, const R: usize, const ACC: usize>(
     let yp = y.as_mut_ptr();
 
     // Pass 1: h = D x.
-    // SAFETY (all `V::` calls in this function): the CPU supports `V` (this function's
+    // SAFETY: (all `V::` calls in this function) the CPU supports `V` (this function's
     // contract); pointer ranges are justified where they are formed.
     let mut acc = [[unsafe { V::zero() }; ACC]; R];
     let mut i = 0;
@@ -139,7 +139,7 @@ unsafe fn forward_rank<V: Lanes, const R: usize, const ACC: usize>(
     {
         // s·hⱼ overflows f32 (a huge scale): form the terms in f64 instead (rare, slow path).
         for (j, &h) in h.iter().enumerate() {
-            super::scalar::add_term_wide(a.scale, h, &a.up[j * n..(j + 1) * n], y);
+            super::scalar::add_term_wide(a.scale, h, &a.up[j * n..(j + 1) * n], y.iter_mut());
         }
         return;
     }

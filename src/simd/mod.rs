@@ -37,6 +37,8 @@ mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub(crate) use scalar::add_term_wide;
+
 /// The instruction-set variants of [`MicroLora`](crate::MicroLora)'s forward kernel.
 ///
 /// [`simd_level`] says which one [`MicroLora::forward`](crate::MicroLora::forward) uses on

@@ -427,7 +427,7 @@ unsafe fn tile<V: Vector, const M: usize, const N: usize>(
     j: usize,
 ) {
     let l = V::LANES;
-    // SAFETY (every `V::` call below): the CPU supports `V`, by this function's contract.
+    // SAFETY: (every `V::` call below) the CPU supports `V`, by this function's contract.
     // Every address is W, A or the packed copy at an index inside the bounds the contract
     // states: rows i..i + M ≤ d, columns j..j + N·l ≤ k, p < r ≤ MAX_FUSED_RANK.
     unsafe {
@@ -533,6 +533,7 @@ mod tests {
                     wf.assign(w);
                     wf
                 };
+                // SAFETY: as stated above the match.
                 assert!(unsafe {
                     apply(kernel, alpha, b.view(), a.view(), wl.view_mut(), threads)
                 });
@@ -542,6 +543,7 @@ mod tests {
                 let mut wide = Array2::from_elem((d, k + 5), T::from(f32::NAN));
                 wide.slice_mut(s![.., 2..k + 2]).assign(w);
                 let view = wide.slice_mut(s![.., 2..k + 2]);
+                // SAFETY: as stated above the match.
                 assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view, threads) });
                 let untouched = |v: &T| Into::<f64>::into(*v).is_nan();
                 assert!(
@@ -559,6 +561,7 @@ mod tests {
                 // row stride).
                 let mut rev = w.slice(s![..;-1, ..]).to_owned();
                 let view = rev.slice_mut(s![..;-1, ..]);
+                // SAFETY: as stated above the match.
                 assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view, threads) });
                 rev.slice(s![..;-1, ..]).to_owned()
             }

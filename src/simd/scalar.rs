@@ -15,7 +15,7 @@ pub(super) fn forward(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
         let h: f32 = a.down[row.clone()].iter().zip(x).map(|(d, x)| d * x).sum();
         let c = a.scale * h;
         if !c.is_finite() && h.is_finite() {
-            add_term_wide(a.scale, h, &a.up[row], y);
+            add_term_wide(a.scale, h, &a.up[row], y.iter_mut());
             continue;
         }
         for (y, u) in y.iter_mut().zip(&a.up[row]) {
@@ -27,9 +27,14 @@ pub(super) fn forward(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
 /// y ← y + s·h·u with each product formed in f64: the path for s·h overflowing f32 although
 /// s and h are finite. Then uᵢ = 0 still adds exactly 0 (not ∞·0 = NaN), and a small uᵢ can
 /// still give a finite result; an element that truly overflows becomes ±∞.
-pub(super) fn add_term_wide(scale: f32, h: f32, u: &[f32], y: &mut [f32]) {
+pub(crate) fn add_term_wide<'y, 'u>(
+    scale: f32,
+    h: f32,
+    u: impl IntoIterator<Item = &'u f32>,
+    y: impl IntoIterator<Item = &'y mut f32>,
+) {
     let c = f64::from(scale) * f64::from(h);
-    for (y, &u) in y.iter_mut().zip(u) {
+    for (y, &u) in y.into_iter().zip(u) {
         *y = (f64::from(*y) + c * f64::from(u)) as f32;
     }
 }

@@ -1,12 +1,19 @@
-//! The checked rank-r update W ← W + α·B A shared by [`LoraLayer`](crate::LoraLayer) and
-//! [`LoraModel`](crate::LoraModel): it never writes a NaN or ∞ into W.
+//! Merge and unmerge: the checked rank-r update W ← W + α·B A shared by
+//! [`LoraLayer`](crate::LoraLayer) and [`LoraModel`](crate::LoraModel). It proves the result
+//! finite before writing (so it never writes a NaN or ∞ into W), then picks how the update
+//! runs: ndlora's fused SIMD kernel (`simd::rank_update`) where it applies, else BLAS gemm
+//! one band of rows at a time.
 
-use ndarray::{s, ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis, Zip};
 
+use crate::backend::kernel_threads;
+use crate::blas::count;
+use crate::check::{check_finite, max_abs};
 use crate::error::{LoraError, Result};
 use crate::float::LoraFloat;
-use crate::gemm::rank_update;
-use crate::layer::check_finite;
+use crate::matmul::gemm;
+use crate::simd::rank_update::fused_rank_update;
+use crate::simd::{simd_level, SimdLevel};
 
 /// Rows of W per block when a merge must be checked exactly for overflow (rare path).
 const OVERFLOW_CHECK_ROWS: usize = 64;
@@ -99,36 +106,48 @@ fn checked_update_bound<A: LoraFloat>(
     Ok(bound)
 }
 
-/// max |mᵢⱼ| in f64 (0 for an empty matrix; ∞ when an element is NaN or ∞).
-pub(crate) fn max_abs<A: LoraFloat>(m: ArrayView2<'_, A>) -> f64 {
-    match max_abs_bits(m) {
-        bits if bits > A::INFINITY_BITS => f64::INFINITY,
-        bits => A::from_abs_bits(bits),
+/// W ← W + α·B A (B d×r, A r×k, W d×k): the merge update. Runs the fused SIMD kernel
+/// (`simd::rank_update`) when it applies — a SIMD CPU, r ≤ `MAX_FUSED_RANK`, W with a unit
+/// stride — and otherwise one gemm per band of rows into a small temporary, added to W.
+/// Either way no d×k temporary is made.
+///
+/// # Panics
+/// If the shapes do not chain (an internal bug: callers validate first).
+#[track_caller]
+pub(crate) fn rank_update<T: LoraFloat>(
+    alpha: T,
+    b: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    mut w: ArrayViewMut2<'_, T>,
+) {
+    let level = simd_level();
+    if level != SimdLevel::Scalar
+        && fused_rank_update(level, alpha, b, a, w.view_mut(), kernel_threads())
+    {
+        count(|c| c.fused_updates += 1);
+        return;
+    }
+    // Not `gemm(α, B, A, 1, W)`: how a BLAS adds into C with β = 1 is its own choice, and
+    // reference BLAS adds each of the r terms into W separately (r roundings at |W|'s scale,
+    // not one). A band of rows at a time, T = α·B A is formed with β = 0 and then added, so
+    // every element is the correctly rounded sum of Wᵢⱼ and Tᵢⱼ with any BLAS.
+    let (d, k) = w.dim();
+    if d == 0 || k == 0 {
+        return;
+    }
+    let band = (UPDATE_BAND_ELEMENTS / k).max(UPDATE_BAND_MIN_ROWS).min(d);
+    let mut t = Array2::zeros((band, k));
+    for (w, b) in w
+        .axis_chunks_iter_mut(Axis(0), band)
+        .zip(b.axis_chunks_iter(Axis(0), band))
+    {
+        let mut t = t.slice_mut(s![..w.nrows(), ..]);
+        gemm(alpha, b, a, T::zero(), t.view_mut());
+        Zip::from(w).and(&t).for_each(|w, &t| *w = *w + t);
     }
 }
 
-/// Whether every element of `m` is finite, in one vectorised pass.
-pub(crate) fn all_finite<A: LoraFloat>(m: ArrayView2<'_, A>) -> bool {
-    max_abs_bits(m) < A::INFINITY_BITS
-}
-
-/// [`Element::max_abs_bits`] over a matrix, a contiguous slice at a time: the whole array
-/// when its memory is contiguous, else each lane along the unit-stride axis.
-fn max_abs_bits<A: LoraFloat>(m: ArrayView2<'_, A>) -> u64 {
-    if let Some(all) = m.as_slice_memory_order() {
-        return A::max_abs_bits(all);
-    }
-    let axis = if m.strides()[0] == 1 {
-        Axis(0)
-    } else {
-        Axis(1)
-    };
-    m.lanes(axis)
-        .into_iter()
-        .map(|lane| match lane.as_slice() {
-            Some(s) => A::max_abs_bits(s),
-            None => A::max_abs_bits(&lane.to_vec()),
-        })
-        .max()
-        .unwrap_or(0)
-}
+/// Elements of the temporary per band in [`rank_update`]'s gemm path (4 MiB of f32)...
+const UPDATE_BAND_ELEMENTS: usize = 1 << 20;
+/// ...but at least this many rows: thinner bands make the gemm itself inefficient.
+const UPDATE_BAND_MIN_ROWS: usize = 64;
