@@ -22,24 +22,25 @@
 //!
 //! ## Design
 //!
-//! * Every matrix product goes through one internal gemm entry point that hands any
-//!   row- or column-major view (including sub-views with a leading dimension) straight to
-//!   `cblas_?gemm` with the right transpose flag, copying only views BLAS cannot describe
-//!   (negative or doubly-strided ones). The unmerged forward is three gemms: X Wᵀ, then X Aᵀ
-//!   (n×r) and a β = 1 update s·(X Aᵀ) Bᵀ into Y, so it costs the base gemm plus
-//!   O(n·r·(d + k)).
+//! * How a matrix product runs is decided in one place (`src/matmul.rs`): any row- or
+//!   column-major view (including sub-views with a leading dimension) goes straight to
+//!   `cblas_?gemm` with the right transpose flag, and only views BLAS cannot describe
+//!   (negative or doubly-strided ones) are copied, once per forward. The unmerged forward is
+//!   X Wᵀ, then X Aᵀ (n×r) and a β = 1 update s·(X Aᵀ) Bᵀ into Y, so it costs the base product
+//!   plus O(n·r·(d + k)). [`LoraLayer`] and each adapter of a [`LoraModel`] share that LoRA
+//!   branch.
 //! * Merge is one rank-r update W ← W + s·B A into W, with no d×k temporary. For
 //!   r ≤ [`MAX_FUSED_RANK`] on a CPU with AVX2+FMA, AVX-512F or NEON it runs a fused,
-//!   register-tiled SIMD kernel (`src/simd/rank_update.rs`) that streams W once: a BLAS gemm
-//!   with K = r runs far below its peak, which made merge 2.4× a read-write pass of W at
-//!   4096², r = 16; the kernel takes it to 2.0× (1.35× at r = 8; README, *Performance*).
-//!   Otherwise merge runs BLAS gemm into a band-sized temporary and adds it, so that the
-//!   rounding bound holds whatever the BLAS. Large updates split W's rows over
-//!   [`set_blas_threads`] threads.
+//!   register-tiled SIMD kernel (`src/simd/rank_update.rs`) that streams W once, because a
+//!   BLAS gemm with K = r runs far below its peak (the README's *Performance* section has the
+//!   measured ratios, per CPU). Otherwise merge runs BLAS gemm into a band-sized temporary and
+//!   adds it, so that the rounding bound holds whatever the BLAS. Large updates split W's rows
+//!   over [`set_blas_threads`] threads; a thread that cannot be started leaves its rows to the
+//!   calling thread, so a merge always completes, with the same bits.
 //! * Merge never writes a non-finite value into W: a cached bound on max|W| proves the result
 //!   finite in O(r·(d + k)); only near overflow is the update evaluated block by block first.
 //! * Fallible operations validate everything before they mutate, so an error leaves the
-//!   value as it was (`tests/hostile.rs` checks this bit for bit over a catalogue of hostile
+//!   value as it was (`tests/hostile/` checks this bit for bit over a catalogue of hostile
 //!   inputs).
 //! * [`LoraLayer::backward`] returns ∂L/∂A, ∂L/∂B and ∂L/∂X in six gemms. [`LoraModel`] keeps
 //!   several named adapters on one W; its mixed-batch forward runs one base gemm for the whole

@@ -3,6 +3,8 @@
 use ndarray::{Array2, ArrayView2};
 
 use crate::check::{check_finite, check_input_width, check_learning_rate, check_shape};
+#[cfg(doc)]
+use crate::error::LoraError;
 use crate::error::Result;
 use crate::float::LoraFloat;
 use crate::layer::LoraLayer;

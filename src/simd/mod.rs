@@ -39,10 +39,12 @@ mod x86;
 
 pub(crate) use scalar::add_term_wide;
 
-/// The instruction-set variants of [`MicroLora`](crate::MicroLora)'s forward kernel.
+/// The instruction-set variants of ndlora's own kernels: [`MicroLora`](crate::MicroLora)'s
+/// forward and the fused merge/unmerge update of [`LoraLayer`](crate::LoraLayer) and
+/// [`LoraModel`](crate::LoraModel).
 ///
-/// [`simd_level`] says which one [`MicroLora::forward`](crate::MicroLora::forward) uses on
-/// this CPU; [`MicroLora::forward_with`](crate::MicroLora::forward_with) runs a given one.
+/// [`simd_level`] says which one those kernels use on this CPU;
+/// [`MicroLora::forward_with`](crate::MicroLora::forward_with) runs a given one.
 ///
 /// ```
 /// use ndlora::SimdLevel;
@@ -95,9 +97,9 @@ impl fmt::Display for SimdLevel {
     }
 }
 
-/// The kernel variant [`MicroLora::forward`](crate::MicroLora::forward) dispatches to on this
-/// CPU: the widest available of AVX-512F, AVX2+FMA, NEON, else scalar. Detected on first use
-/// and cached for the life of the process.
+/// The kernel variant ndlora's own kernels ([`MicroLora::forward`](crate::MicroLora::forward),
+/// the fused merge) dispatch to on this CPU: the widest available of AVX-512F, AVX2+FMA, NEON,
+/// else scalar. Detected on first use and cached for the life of the process.
 ///
 /// ```
 /// let level = ndlora::simd_level();
