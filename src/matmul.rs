@@ -7,7 +7,7 @@
 use ndarray::{ArrayView2, ArrayViewMut2, CowArray, Ix2};
 
 #[cfg(ndlora_blas)]
-use crate::blas::{blas_layout, count};
+use crate::blas::{blas_layout, count, BlasLayout};
 use crate::blas::{fallback, GemmScalar};
 
 /// `v` itself when BLAS can read it in place, else one standard-layout copy (counted), so a
@@ -66,7 +66,6 @@ fn gemm_nonempty<T: GemmScalar>(
 ) {
     let (m, k) = a.dim();
     let n = b.dim().1;
-    let fits = |v: usize| i32::try_from(v).is_ok();
     let c_layout = blas_layout(m, n, c.strides());
     let dims_fit = [m, n, k].into_iter().all(fits);
     match c_layout {
@@ -75,44 +74,23 @@ fn gemm_nonempty<T: GemmScalar>(
             gemm_nonempty(alpha, b.t(), a.t(), beta, c.reversed_axes())
         }
         Some(l) if dims_fit && fits(l.ld) => {
-            let a_owned;
-            let a = match blas_layout(m, k, a.strides()) {
-                Some(l) if fits(l.ld) => (a, l),
-                _ => {
-                    count(|c| c.layout_copies += 1);
-                    a_owned = a.as_standard_layout().into_owned();
-                    (
-                        a_owned.view(),
-                        blas_layout(m, k, a_owned.strides()).expect("standard layout"),
-                    )
-                }
-            };
-            let b_owned;
-            let b = match blas_layout(k, n, b.strides()) {
-                Some(l) if fits(l.ld) => (b, l),
-                _ => {
-                    count(|c| c.layout_copies += 1);
-                    b_owned = b.as_standard_layout().into_owned();
-                    (
-                        b_owned.view(),
-                        blas_layout(k, n, b_owned.strides()).expect("standard layout"),
-                    )
-                }
-            };
+            let (a, a_layout) = blas_view(a);
+            let (b, b_layout) = blas_view(b);
             count(|c| c.blas_calls += 1);
-            let as_i32 = |v: usize| v as i32; // checked by `fits` above
-                                              // SAFETY: every operand is described by `blas_layout` of its own shape and strides:
-                                              // unit stride on one axis, a positive leading dimension ≥ the other extent, and
-                                              // the view keeps the memory alive for the call. All sizes fit in i32. `c` is a
-                                              // unique borrow, so it aliases neither `a` nor `b`.
+            // Checked by `fits` above.
+            let as_i32 = |v: usize| v as i32;
+            // SAFETY: every operand is described by `blas_layout` of its own shape and
+            // strides: unit stride on one axis, a positive leading dimension ≥ the other
+            // extent, and the view keeps the memory alive for the call. All sizes fit in i32.
+            // `c` is a unique borrow, so it aliases neither `a` nor `b`.
             unsafe {
                 T::cblas_gemm(
-                    a.1.transposed,
-                    b.1.transposed,
+                    a_layout.transposed,
+                    b_layout.transposed,
                     [as_i32(m), as_i32(n), as_i32(k)],
                     alpha,
-                    (a.0.as_ptr(), as_i32(a.1.ld)),
-                    (b.0.as_ptr(), as_i32(b.1.ld)),
+                    (a.as_ptr(), as_i32(a_layout.ld)),
+                    (b.as_ptr(), as_i32(b_layout.ld)),
                     beta,
                     (c.as_mut_ptr(), as_i32(l.ld)),
                 );
@@ -138,4 +116,26 @@ fn gemm_nonempty<T: GemmScalar>(
     c: ArrayViewMut2<'_, T>,
 ) {
     fallback(alpha, a, b, beta, c)
+}
+
+/// Whether a size fits BLAS's `int`.
+#[cfg(ndlora_blas)]
+fn fits(v: usize) -> bool {
+    i32::try_from(v).is_ok()
+}
+
+/// `v` with its BLAS layout, or a standard-layout copy of it (counted) when it has no layout
+/// BLAS can describe with an `int` leading dimension.
+#[cfg(ndlora_blas)]
+fn blas_view<T: GemmScalar>(v: ArrayView2<'_, T>) -> (CowArray<'_, T, Ix2>, BlasLayout) {
+    let (rows, cols) = v.dim();
+    match blas_layout(rows, cols, v.strides()) {
+        Some(l) if fits(l.ld) => (CowArray::from(v), l),
+        _ => {
+            count(|c| c.layout_copies += 1);
+            let owned = v.as_standard_layout().into_owned();
+            let l = blas_layout(rows, cols, owned.strides()).expect("standard layout");
+            (CowArray::from(owned), l)
+        }
+    }
 }
