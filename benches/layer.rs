@@ -16,6 +16,10 @@ use rand_chacha::ChaCha8Rng;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+#[path = "common/baselines.rs"]
+mod baselines;
+use baselines::bare_gemm;
+
 fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<f32> {
     Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0..1.0))
 }
@@ -33,41 +37,6 @@ fn trained_layer(d: usize, k: usize, r: usize) -> LoraLayer<f32> {
         random(&mut g, d, r),
     );
     LoraLayer::from_parts(w, a, b, config).expect("valid layer")
-}
-
-/// Y = X Wᵀ with nothing around it: the cost floor of any forward.
-fn bare_gemm(x: &Array2<f32>, w: &Array2<f32>, y: &mut Array2<f32>) {
-    #[cfg(ndlora_blas)]
-    {
-        use cblas_sys::{cblas_sgemm, CblasNoTrans, CblasRowMajor, CblasTrans};
-        let (n, k) = x.dim();
-        let d = w.nrows();
-        assert!(x.is_standard_layout() && w.is_standard_layout() && y.is_standard_layout());
-        assert_eq!(y.dim(), (n, d));
-        let i = |v: usize| i32::try_from(v).expect("fits BLAS int");
-        // SAFETY: all three arrays are standard (row-major) layout with the asserted shapes,
-        // so the leading dimensions k, k, d describe them; y is borrowed mutably, no alias.
-        unsafe {
-            cblas_sgemm(
-                CblasRowMajor,
-                CblasNoTrans,
-                CblasTrans,
-                i(n),
-                i(d),
-                i(k),
-                1.0,
-                x.as_ptr(),
-                i(k),
-                w.as_ptr(),
-                i(k),
-                0.0,
-                y.as_mut_ptr(),
-                i(d),
-            );
-        }
-    }
-    #[cfg(not(ndlora_blas))]
-    ndarray::linalg::general_mat_mul(1.0, x, &w.t(), 0.0, y);
 }
 
 fn forward(c: &mut Criterion) {
