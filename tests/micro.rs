@@ -2,13 +2,13 @@
 //! (ascent direction, both factors, rank 2, an online loop, finite differences), transactional
 //! errors, serde, and no allocation in `forward`.
 
-#[path = "common/micro_ref.rs"]
-mod micro_ref;
+mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use micro_ref::{assert_close, random_mat, random_vec, rng, RefLora};
+use common::micro_ref::{assert_close, random_mat, random_vec, RefLora};
+use common::rng;
 use ndarray::{s, Array2, ShapeBuilder};
 use ndlora::{LearningSignal, LoraError, MicroLora, SimdLevel};
 use proptest::prelude::*;

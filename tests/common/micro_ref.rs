@@ -1,16 +1,10 @@
-//! A slow, obviously correct f64 model of `MicroLora` (forward, objective, gradient), data
-//! helpers with fixed seeds, and tolerance checks for `tests/micro.rs`.
-#![allow(dead_code)]
+//! A slow, obviously correct f64 model of `MicroLora` (forward, objective, gradient), f32
+//! data helpers (seed them with [`super::rng`]), and the tolerance check against the model.
 
 use ndarray::Array2;
 use ndlora::MicroLora;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-
-/// A deterministic generator for test data.
-pub fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
 
 /// `len` values uniform in [-1, 1).
 pub fn random_vec(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
