@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{assert_close, matmul_t, random, random_layer, rng, to_f64, Laid, Ref, LAYOUTS};
+use common::{
+    assert_close, fails_unchanged, matmul_t, random, random_layer, rng, to_f64, Laid, Ref, LAYOUTS,
+};
 use ndarray::Array2;
 use ndlora::{LoraError, LoraFloat, LoraGrads, LoraLayer};
 
@@ -201,57 +203,70 @@ fn sgd_step_errors_leave_the_layer_unchanged() {
         grad_b: Array2::ones((5, 3)),
         grad_x: Array2::zeros((0, 7)),
     };
-    let check =
-        |grads: &LoraGrads<f32>, lr: f32, merged: bool, pred: &dyn Fn(&LoraError) -> bool| {
-            let mut l = layer.clone();
-            if merged {
-                l.merge().unwrap();
-            }
-            let before = l.clone();
-            let err = l.sgd_step(grads, lr).unwrap_err();
-            assert!(pred(&err), "unexpected {err:?}");
-            assert!(l == before, "layer changed on {err:?}");
-        };
-    check(&ok, 0.1, true, &|e| {
-        matches!(
-            e,
-            LoraError::MergeState {
-                operation: "sgd_step",
-                expected: false
-            }
-        )
-    });
+    let mut merged = layer.clone();
+    merged.merge().unwrap();
+    fails_unchanged(
+        "sgd_step while merged",
+        &merged,
+        |l| l.sgd_step(&ok, 0.1),
+        |e| {
+            matches!(
+                e,
+                LoraError::MergeState {
+                    operation: "sgd_step",
+                    expected: false
+                }
+            )
+        },
+    );
     for lr in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-        check(&ok, lr, false, &|e| {
-            matches!(e, LoraError::InvalidValue { .. })
-        });
+        fails_unchanged(
+            &format!("sgd_step lr {lr}"),
+            &layer,
+            |l| l.sgd_step(&ok, lr),
+            |e| matches!(e, LoraError::InvalidValue { .. }),
+        );
     }
     let mut g = ok.clone();
     g.grad_a = Array2::ones((3, 6));
-    check(&g, 0.1, false, &|e| {
-        matches!(e, LoraError::ShapeMismatch { what: "grad_a", .. })
-    });
+    fails_unchanged(
+        "grad_a shape",
+        &layer,
+        |l| l.sgd_step(&g, 0.1),
+        |e| matches!(e, LoraError::ShapeMismatch { what: "grad_a", .. }),
+    );
     let mut g = ok.clone();
     g.grad_b = Array2::ones((3, 5));
-    check(&g, 0.1, false, &|e| {
-        matches!(e, LoraError::ShapeMismatch { what: "grad_b", .. })
-    });
+    fails_unchanged(
+        "grad_b shape",
+        &layer,
+        |l| l.sgd_step(&g, 0.1),
+        |e| matches!(e, LoraError::ShapeMismatch { what: "grad_b", .. }),
+    );
     let mut g = ok.clone();
     g.grad_b[[4, 2]] = f32::NAN;
-    check(&g, 0.1, false, &|e| {
-        matches!(
-            e,
-            LoraError::NonFinite {
-                what: "grad_b",
-                index: (4, 2),
-                ..
-            }
-        )
-    });
+    fails_unchanged(
+        "NaN in grad_b",
+        &layer,
+        |l| l.sgd_step(&g, 0.1),
+        |e| {
+            matches!(
+                e,
+                LoraError::NonFinite {
+                    what: "grad_b",
+                    index: (4, 2),
+                    ..
+                }
+            )
+        },
+    );
     // A finite step that overflows: A − 3e38·10 = −∞ in f32. B is checked too, but A first.
     let mut g = ok.clone();
     g.grad_a.fill(10.0);
-    check(&g, 3e38, false, &|e| {
-        matches!(e, LoraError::NonFinite { .. })
-    });
+    fails_unchanged(
+        "a step that overflows",
+        &layer,
+        |l| l.sgd_step(&g, 3e38),
+        |e| matches!(e, LoraError::NonFinite { .. }),
+    );
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_close, random, random_layer, rng, to_f64, Laid, Ref, LAYOUTS};
+use common::{assert_close, bits, random, random_layer, rng, to_f64, Laid, Ref, LAYOUTS};
 use ndarray::{Array2, ShapeBuilder};
 use ndlora::{LoraConfig, LoraFloat, LoraInit, LoraLayer};
 
@@ -180,12 +180,7 @@ fn exact_cycles<A: LoraFloat>() {
         .with_bias(ndarray::Array1::from_elem(33, A::one()))
         .unwrap();
     let original = layer.clone();
-    let w_bits = |l: &LoraLayer<A>| {
-        l.base_weight()
-            .iter()
-            .map(|v| v.into_f64().to_bits())
-            .collect::<Vec<_>>()
-    };
+    let w_bits = |l: &LoraLayer<A>| bits(l.base_weight());
     let x = random::<A>(&mut rng(7), 4, 65);
     let y = layer.forward(x.view()).unwrap();
     for cycle in 0..10_000 {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, matmul_t, random, rng, to_f64, Laid, Ref, LAYOUTS};
+use common::{assert_close, fails_unchanged, matmul_t, random, rng, to_f64, Laid, Ref, LAYOUTS};
 use ndarray::{s, Array2};
 use ndlora::{LoraConfig, LoraError, LoraFloat, LoraInit, LoraLayer, LoraModel};
 use rand::Rng;
@@ -277,20 +277,6 @@ fn add_adapter_initialises_like_layer_new() {
     }
 }
 
-/// Runs `op` on a clone, expects an error matching `pred`, and checks the clone is unchanged.
-#[track_caller]
-fn fails_unchanged<A: LoraFloat, T: std::fmt::Debug>(
-    original: &LoraModel<A>,
-    op: impl FnOnce(&mut LoraModel<A>) -> Result<T, LoraError>,
-    pred: impl Fn(&LoraError) -> bool,
-) {
-    let mut m = original.clone();
-    let err = op(&mut m).expect_err("operation should fail");
-    assert!(pred(&err), "unexpected error {err:?}");
-    assert!(m == *original, "the model changed on {err:?}");
-    assert!(!err.to_string().is_empty());
-}
-
 #[test]
 fn errors_leave_the_model_unchanged() {
     use LoraError::*;
@@ -313,18 +299,26 @@ fn errors_leave_the_model_unchanged() {
     };
     let dup = |e: &LoraError| matches!(e, DuplicateAdapter { name } if name == "r3");
     let unknown = |e: &LoraError| matches!(e, UnknownAdapter { name } if name == "nope");
-    fails_unchanged(&m, |m| m.add_adapter("r3", cfg(1)), dup);
     fails_unchanged(
+        "add_adapter duplicate",
+        &m,
+        |m| m.add_adapter("r3", cfg(1)),
+        dup,
+    );
+    fails_unchanged(
+        "add_adapter rank 10",
         &m,
         |m| m.add_adapter("new", cfg(10)),
         |e| matches!(e, InvalidRank { .. }),
     );
     fails_unchanged(
+        "add_adapter_from_parts duplicate",
         &m,
         |m| m.add_adapter_from_parts("r3", Array2::zeros((1, K)), Array2::zeros((D, 1)), cfg(1)),
         dup,
     );
     fails_unchanged(
+        "add_adapter_from_parts A width",
         &m,
         |m| {
             m.add_adapter_from_parts(
@@ -345,6 +339,7 @@ fn errors_leave_the_model_unchanged() {
         },
     );
     fails_unchanged(
+        "add_adapter_from_parts B rank",
         &m,
         |m| m.add_adapter_from_parts("new", Array2::zeros((1, K)), Array2::zeros((D, 2)), cfg(1)),
         |e| {
@@ -358,6 +353,7 @@ fn errors_leave_the_model_unchanged() {
         },
     );
     fails_unchanged(
+        "add_adapter_from_parts B ∞",
         &m,
         |m| {
             let b = Array2::from_elem((D, 1), f32::INFINITY);
@@ -373,17 +369,34 @@ fn errors_leave_the_model_unchanged() {
             )
         },
     );
-    fails_unchanged(&m, |m| m.set_active(&["r2", "nope"]), unknown);
     fails_unchanged(
+        "set_active unknown",
+        &m,
+        |m| m.set_active(&["r2", "nope"]),
+        unknown,
+    );
+    fails_unchanged(
+        "set_active duplicate",
         &m,
         |m| m.set_active(&["r2", "r3", "r2"]),
         |e| matches!(e, DuplicateAdapter { name } if name == "r2"),
     );
-    fails_unchanged(&m, |m| m.remove_adapter("nope"), unknown);
-    fails_unchanged(&m, |m| m.merge("nope"), unknown);
-    fails_unchanged(&m, |m| m.is_merged("nope"), unknown);
-    fails_unchanged(&m, |m| m.weight_a("nope").map(|_| ()), unknown);
     fails_unchanged(
+        "remove_adapter unknown",
+        &m,
+        |m| m.remove_adapter("nope"),
+        unknown,
+    );
+    fails_unchanged("merge unknown", &m, |m| m.merge("nope"), unknown);
+    fails_unchanged("is_merged unknown", &m, |m| m.is_merged("nope"), unknown);
+    fails_unchanged(
+        "weight_a unknown",
+        &m,
+        |m| m.weight_a("nope").map(|_| ()),
+        unknown,
+    );
+    fails_unchanged(
+        "unmerge not merged",
         &m,
         |m| m.unmerge("r1"),
         |e| {
@@ -398,6 +411,7 @@ fn errors_leave_the_model_unchanged() {
     );
     let x = Array2::<f32>::ones((3, K));
     fails_unchanged(
+        "forward_mixed row list length",
         &m,
         |m| m.forward_mixed(x.view(), &[None, Some(0)]),
         |e| {
@@ -411,6 +425,7 @@ fn errors_leave_the_model_unchanged() {
         },
     );
     fails_unchanged(
+        "forward_mixed width",
         &m,
         |m| m.forward_mixed(x.slice(s![.., 1..]), &[None; 3]),
         |e| {
@@ -424,6 +439,7 @@ fn errors_leave_the_model_unchanged() {
         },
     );
     fails_unchanged(
+        "forward width",
         &m,
         |m| m.forward(x.slice(s![.., 1..])),
         |e| {
@@ -440,15 +456,27 @@ fn errors_leave_the_model_unchanged() {
     // Merged states.
     m.merge("r2").unwrap();
     let merged = |op: &'static str| move |e: &LoraError| matches!(e, MergeState { operation, expected: false } if *operation == op);
-    fails_unchanged(&m, |m| m.merge("r2"), merged("merge"));
-    fails_unchanged(&m, |m| m.remove_adapter("r2"), merged("remove_adapter"));
+    fails_unchanged("merge merged", &m, |m| m.merge("r2"), merged("merge"));
     fails_unchanged(
+        "remove_adapter merged",
+        &m,
+        |m| m.remove_adapter("r2"),
+        merged("remove_adapter"),
+    );
+    fails_unchanged(
+        "weight_b_mut merged",
         &m,
         |m| m.weight_b_mut("r2").map(|_| ()),
         merged("weight_b_mut"),
     );
-    fails_unchanged(&m, |m| m.to_layer("r1"), merged("to_layer"));
     fails_unchanged(
+        "to_layer merged",
+        &m,
+        |m| m.to_layer("r1"),
+        merged("to_layer"),
+    );
+    fails_unchanged(
+        "forward_mixed merged",
         &m,
         |m| m.forward_mixed(x.view(), &[None; 3]),
         merged("forward_mixed"),
@@ -478,11 +506,16 @@ fn merges_that_would_overflow_are_refused_whole() {
     .unwrap();
     let overflow = |e: &LoraError| matches!(e, WouldOverflow { operation: "merge" });
     use LoraError::WouldOverflow;
-    fails_unchanged(&m, |m| m.merge("huge"), overflow);
+    fails_unchanged("merge overflows", &m, |m| m.merge("huge"), overflow);
     // Each of a and b alone is fine (MAX/3 + 0.4·MAX < MAX), together they overflow.
     m.set_active(&["a", "b"]).unwrap();
-    fails_unchanged(&m, |m| m.merge_active(), overflow);
+    fails_unchanged("merge_active overflows", &m, |m| m.merge_active(), overflow);
     m.merge("a").unwrap();
-    fails_unchanged(&m, |m| m.merge("b"), overflow);
+    fails_unchanged(
+        "merge after a merge overflows",
+        &m,
+        |m| m.merge("b"),
+        overflow,
+    );
     m.unmerge_all().unwrap();
 }
