@@ -1,61 +1,20 @@
 //! The hot paths do not allocate: `MicroLora::forward`, and `LoraLayer::forward_into_with_scratch`
-//! given a large-enough `LoraScratch`. Proven with a counting global allocator whose counter is
-//! thread-local, so allocations by the test harness' other threads do not interfere.
+//! given a large-enough `LoraScratch`. Proven with the counting global allocator of
+//! `common::alloc`, whose counter is thread-local, so allocations by the test harness' other
+//! threads do not interfere.
 //!
 //! What it counts: every allocation through Rust's global allocator on this thread. A C BLAS
 //! library's internal buffers (OpenBLAS allocates its work areas once, at start-up, with its own
 //! allocator) are not Rust allocations; a warm-up call runs before counting anyway.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+mod common;
 
+use common::alloc::allocations;
 use ndarray::{s, Array1, Array2, ShapeBuilder};
 use ndlora::{LoraConfig, LoraFloat, LoraLayer, LoraScratch, MicroLora};
 
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-fn bump() {
-    // `try_with`: the thread-local may already be gone while a thread shuts down.
-    let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
-}
-
-// SAFETY: forwards every call to `System` unchanged; the counter is a const-initialised
-// thread-local `Cell` without destructor, so touching it never allocates or re-enters.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        bump();
-        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, passed on as is.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        bump();
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        bump();
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Allocations made on this thread while `f` runs.
-fn allocations(f: impl FnOnce()) -> usize {
-    let before = ALLOCATIONS.with(Cell::get);
-    f();
-    ALLOCATIONS.with(Cell::get) - before
-}
+static GLOBAL: common::alloc::Counting = common::alloc::Counting;
 
 /// Allocations ndlora itself makes while `f` runs. With a BLAS backend that is every Rust
 /// allocation. The pure-Rust fallback (`NDLORA_BLAS=none`) runs each product through
@@ -97,26 +56,42 @@ fn counter_counts() {
     assert_eq!(allocations(|| {}), 0);
 }
 
-#[test]
-fn micro_forward_does_not_allocate() {
+/// Allocations of `run` (`MicroLora::forward` or `forward_scalar`), both ranks, lengths 1 to
+/// 4099, after a warm-up call to `forward` (which detects and caches the SIMD kernel).
+fn micro_allocations(run: fn(&MicroLora, &[f32], &mut [f32]), what: &str) {
     for rank in 1..=2 {
         for h in [1, 7, 16, 33, 257, 4099] {
             let mut lora = MicroLora::new(h, rank);
             let up = Array2::from_shape_fn((rank, h), |(i, j)| ((i * h + j) as f32 * 0.37).sin());
             let down = lora.get_weights().0.to_owned();
             lora.set_weights(down.view(), up.view()).unwrap();
+            lora.set_scale(0.8);
             let x: Vec<f32> = (0..h).map(|i| (i as f32 * 0.11).cos()).collect();
             let mut y = vec![0.0_f32; h];
-            lora.forward(&x, &mut y); // warm-up: detects and caches the SIMD kernel
+            lora.forward(&x, &mut y); // warm-up
             let n = allocations(|| {
                 for _ in 0..100 {
-                    lora.forward(std::hint::black_box(&x), std::hint::black_box(&mut y));
+                    run(
+                        &lora,
+                        std::hint::black_box(&x),
+                        std::hint::black_box(&mut y),
+                    );
                 }
             });
-            assert_eq!(n, 0, "MicroLora::forward allocated (rank {rank}, H {h})");
+            assert_eq!(n, 0, "{what} allocated (rank {rank}, H {h})");
             assert!(y.iter().all(|v| v.is_finite()));
         }
     }
+}
+
+#[test]
+fn micro_forward_does_not_allocate() {
+    micro_allocations(MicroLora::forward, "MicroLora::forward");
+}
+
+#[test]
+fn micro_forward_scalar_does_not_allocate() {
+    micro_allocations(MicroLora::forward_scalar, "MicroLora::forward_scalar");
 }
 
 fn layer<A: LoraFloat>(d: usize, k: usize, r: usize, bias: bool) -> LoraLayer<A> {

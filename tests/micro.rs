@@ -1,48 +1,14 @@
 //! MicroLora: every SIMD variant against scalar and an f64 reference, the batch path, learning
 //! (ascent direction, both factors, rank 2, an online loop, finite differences), transactional
-//! errors, serde, and no allocation in `forward`.
+//! errors and serde. That `forward` does not allocate is checked in `tests/alloc.rs`.
 
 mod common;
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 
 use common::micro_ref::{assert_close, random_mat, random_vec, RefLora};
 use common::{fails_unchanged, rng};
 use ndarray::{s, Array2, ShapeBuilder};
 use ndlora::{LearningSignal, LoraError, MicroLora, SimdLevel};
 use proptest::prelude::*;
-
-// ---------------------------------------------------------------------------------------
-// Counting allocator (per thread), for `forward_does_not_allocate`.
-
-struct CountingAlloc;
-
-thread_local! {
-    static ALLOCS: Cell<usize> = const { Cell::new(0) };
-}
-
-// SAFETY: forwards every call unchanged to `System`; the counter is a const-initialised
-// thread-local `Cell` without destructor, so touching it never allocates or re-enters.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAlloc = CountingAlloc;
 
 // ---------------------------------------------------------------------------------------
 // Helpers.
@@ -252,20 +218,6 @@ fn forward_with_errors() {
         lora.forward_with(SimdLevel::Scalar, &[0.0; 9], &mut y),
         Err(LoraError::ShapeMismatch { what: "input", .. })
     ));
-}
-
-#[test]
-fn forward_does_not_allocate() {
-    let lora = trained(4099, 2, 9);
-    let x = random_vec(&mut rng(10), 4099);
-    let mut y = vec![0.0; 4099];
-    lora.forward(&x, &mut y); // detection happens here, once
-    let before = ALLOCS.with(Cell::get);
-    for _ in 0..10 {
-        lora.forward(&x, &mut y);
-        lora.forward_scalar(&x, &mut y);
-    }
-    assert_eq!(ALLOCS.with(Cell::get), before, "forward allocated");
 }
 
 /// forward_batch equals per-row forward for C, F, strided and negative-stride inputs, and

@@ -1,11 +1,12 @@
 //! What the integration tests share, one copy each: the f64 references, random data and
-//! layers with fixed seeds, input layouts, tolerance checks and the bitwise "fails and leaves
-//! it unchanged" check.
+//! layers with fixed seeds, input layouts, tolerance checks, the bitwise "fails and leaves it
+//! unchanged" check and the counting allocator.
 //!
 //! Every test binary uses a different part of it, so unused items are not warnings here (and
 //! unused re-exports below neither; imports inside the submodules are still checked).
 #![allow(dead_code)]
 
+pub mod alloc;
 pub mod layout;
 pub mod micro_ref;
 pub mod random;
