@@ -1,4 +1,5 @@
-//! LoraLayer against the f64 reference: forward, merge, unmerge, effective weight, dropout.
+//! LoraLayer against the f64 reference: forward, merge, unmerge, effective weight, dropout;
+//! serde round trips.
 
 mod common;
 
@@ -492,4 +493,38 @@ fn dropout_masks_reproduce_from_the_seed() {
             l2.forward_train(x.view()).unwrap()
         );
     }
+}
+
+#[test]
+fn serde_round_trip_keeps_state_including_merge_and_rng() {
+    let mut g = rng(3);
+    let cfg = LoraConfig {
+        rank: 3,
+        alpha: 5.0,
+        dropout: 0.2,
+        ..Default::default()
+    };
+    let mut l = LoraLayer::from_parts(
+        random::<f32>(&mut g, 8, 9),
+        random(&mut g, 3, 9),
+        random(&mut g, 8, 3),
+        cfg,
+    )
+    .unwrap();
+    let x: Array2<f32> = random(&mut g, 4, 9);
+    l.forward_train(x.view()).unwrap(); // advance the dropout stream
+    let mut copy: LoraLayer<f32> =
+        serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+    assert!(copy == l);
+    assert_eq!(
+        copy.forward_train(x.view()).unwrap(),
+        l.forward_train(x.view()).unwrap()
+    );
+    l.merge().unwrap();
+    let mut copy: LoraLayer<f32> =
+        serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+    assert!(copy.is_merged());
+    copy.unmerge().unwrap();
+    l.unmerge().unwrap();
+    assert_eq!(copy.base_weight(), l.base_weight());
 }

@@ -1,0 +1,109 @@
+//! The hostile-input catalogue: every public `Result` API of ndlora called with wrong shapes,
+//! zero sizes, NaN/±∞ in weights, inputs, gradients and learning rates, bad ranks, sizes whose
+//! products overflow `usize`, corrupt serde documents, truncated and bit-flipped safetensors
+//! files and contradictory PEFT configs. One module per subject: `layer`, `model`, `micro`,
+//! `peft`.
+//!
+//! Each case asserts the specific error variant (with its key fields) and that the value the
+//! method was called on is unchanged bit for bit (`common::State`: serialised state plus the
+//! raw bits of every array, since NaN ≠ NaN). Cases are counted per category; the counts are
+//! asserted so that the number quoted in the README is the number that ran. The truncation and
+//! bit-flip sweeps are counted separately (they are generated, one case per prefix / per
+//! flipped bit).
+//!
+//! The second half of `layer.rs` tests the same error paths of LoraLayer one subject at a
+//! time, and the focused test files (`tests/micro.rs`, `tests/peft.rs`) some of the others;
+//! this is the systematic catalogue.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod layer;
+mod micro;
+mod model;
+mod peft;
+
+use std::fmt::Debug;
+
+use common::{expect_error, fails_unchanged, State};
+use ndlora::{LoraConfig, LoraError, LoraFloat};
+
+// ---------------------------------------------------------------------------------------------
+// Counting.
+
+/// Expected number of cases per category (asserted by each category's test).
+const LAYER_CONSTRUCT: usize = 48; // × 2 float types, counted once per type
+const LAYER_METHODS: usize = 77;
+const LAYER_SERDE: usize = 27;
+const MODEL: usize = 86;
+const MICRO: usize = 47;
+const MICRO_SERDE: usize = 13;
+const PEFT_CONFIG: usize = 32;
+const PEFT_TENSORS_AND_LAYERS: usize = 21;
+/// Hand-written cases in the catalogue.
+const TOTAL: usize = LAYER_CONSTRUCT
+    + LAYER_METHODS
+    + LAYER_SERDE
+    + MODEL
+    + MICRO
+    + MICRO_SERDE
+    + PEFT_CONFIG
+    + PEFT_TENSORS_AND_LAYERS;
+
+/// A boxed check on an error, for tables of cases.
+type Check = Box<dyn Fn(&LoraError) -> bool>;
+
+/// Counts the cases of one category.
+#[derive(Default)]
+struct Tally {
+    cases: usize,
+}
+
+impl Tally {
+    /// Asserts that `result` is an error matching `expected` (`common::expect_error`).
+    #[track_caller]
+    fn err<T: Debug>(
+        &mut self,
+        name: &str,
+        result: Result<T, LoraError>,
+        expected: impl Fn(&LoraError) -> bool,
+    ) {
+        self.cases += 1;
+        expect_error(name, result, expected);
+    }
+
+    /// Runs `op` on a clone of `original`, asserts the error, and that the clone did not
+    /// change (`common::fails_unchanged`).
+    #[track_caller]
+    fn unchanged<V: State, T: Debug>(
+        &mut self,
+        name: &str,
+        original: &V,
+        op: impl FnOnce(&mut V) -> Result<T, LoraError>,
+        expected: impl Fn(&LoraError) -> bool,
+    ) {
+        self.cases += 1;
+        fails_unchanged(name, original, op, expected);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs shared by the subjects.
+
+fn cfg(rank: usize) -> LoraConfig {
+    LoraConfig {
+        rank,
+        alpha: 3.0,
+        ..Default::default()
+    }
+}
+
+fn nonfinite<A: LoraFloat>() -> [A; 3] {
+    [A::nan(), A::infinity(), A::neg_infinity()]
+}
+
+#[test]
+fn catalogue_size() {
+    println!("hostile catalogue: {TOTAL} hand-written cases (×2 float types for LoraLayer and LoraModel)");
+    assert_eq!(TOTAL, 351);
+}
