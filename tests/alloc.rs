@@ -10,8 +10,9 @@
 mod common;
 
 use common::alloc::allocations;
-use ndarray::{s, Array1, Array2, ShapeBuilder};
-use ndlora::{LoraConfig, LoraFloat, LoraLayer, LoraScratch, MicroLora};
+use common::{random, random_layer, rng};
+use ndarray::{s, Array2, Axis, ShapeBuilder};
+use ndlora::{LoraFloat, LoraLayer, LoraScratch, MicroLora};
 
 #[global_allocator]
 static GLOBAL: common::alloc::Counting = common::alloc::Counting;
@@ -94,21 +95,11 @@ fn micro_forward_scalar_does_not_allocate() {
     micro_allocations(MicroLora::forward_scalar, "MicroLora::forward_scalar");
 }
 
+/// `common::random_layer`, with a random bias when `bias`.
 fn layer<A: LoraFloat>(d: usize, k: usize, r: usize, bias: bool) -> LoraLayer<A> {
-    let f = |i: usize, j: usize, c: f64| A::from_f64_lossy(((i * 31 + j * 7) as f64 * c).sin());
-    let l = LoraLayer::from_parts(
-        Array2::from_shape_fn((d, k), |(i, j)| f(i, j, 0.1)),
-        Array2::from_shape_fn((r, k), |(i, j)| f(i, j, 0.2)),
-        Array2::from_shape_fn((d, r), |(i, j)| f(i, j, 0.3)),
-        LoraConfig {
-            rank: r,
-            alpha: 3.0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let l = random_layer(d, k, r, (d * k + r) as u64);
     if bias {
-        l.with_bias(Array1::from_shape_fn(d, |i| f(i, 0, 0.5)))
+        l.with_bias(random(&mut rng(d as u64), 1, d).remove_axis(Axis(0)))
             .unwrap()
     } else {
         l

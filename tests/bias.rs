@@ -1,38 +1,14 @@
 //! The base layer's bias: Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ, untouched by merge/unmerge.
 
-use ndarray::{Array1, Array2, ArrayView2};
+mod common;
+
+use common::{random_layer, Ref};
+use ndarray::{Array1, Array2};
 use ndlora::{LoraConfig, LoraError, LoraLayer};
 
-/// Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ by triple loops with f64 accumulation.
-fn reference(
-    x: ArrayView2<f64>,
-    w: ArrayView2<f64>,
-    b: &Array1<f64>,
-    a: ArrayView2<f64>,
-    bb: ArrayView2<f64>,
-    s: f64,
-) -> Array2<f64> {
-    let (n, k) = x.dim();
-    let (d, r) = bb.dim();
-    Array2::from_shape_fn((n, d), |(i, o)| {
-        let base: f64 = (0..k).map(|j| x[[i, j]] * w[[o, j]]).sum();
-        let lora: f64 = (0..r)
-            .map(|l| bb[[o, l]] * (0..k).map(|j| x[[i, j]] * a[[l, j]]).sum::<f64>())
-            .sum();
-        base + b[o] + s * lora
-    })
-}
-
-fn layer(d: usize, k: usize, r: usize) -> LoraLayer<f64> {
-    let w = Array2::from_shape_fn((d, k), |(i, j)| ((i * 7 + j * 3) as f64 * 0.31).sin());
-    let a = Array2::from_shape_fn((r, k), |(i, j)| ((i * 5 + j) as f64 * 0.17).cos());
-    let b = Array2::from_shape_fn((d, r), |(i, j)| ((i + 11 * j) as f64 * 0.23).sin());
-    let config = LoraConfig {
-        rank: r,
-        alpha: 3.0,
-        ..Default::default()
-    };
-    LoraLayer::from_parts(w, a, b, config).unwrap()
+/// Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ: the f64 reference plus the bias.
+fn reference(l: &LoraLayer<f64>, x: &Array2<f64>) -> Array2<f64> {
+    Ref::new(l).forward(x) + l.bias().unwrap()
 }
 
 fn assert_close(got: &Array2<f64>, want: &Array2<f64>, tol: f64) {
@@ -49,17 +25,12 @@ fn assert_close(got: &Array2<f64>, want: &Array2<f64>, tol: f64) {
 fn forward_with_bias_matches_reference() {
     for (d, k, r, n) in [(1, 1, 1, 1), (7, 5, 2, 3), (33, 17, 4, 0), (16, 40, 8, 9)] {
         let bias = Array1::from_shape_fn(d, |i| i as f64 * 0.5 - 1.0);
-        let l = layer(d, k, r).with_bias(bias.clone()).unwrap();
+        let l = random_layer::<f64>(d, k, r, 1)
+            .with_bias(bias.clone())
+            .unwrap();
         assert_eq!(l.bias().unwrap(), bias.view());
         let x = Array2::from_shape_fn((n, k), |(i, j)| ((i * k + j) as f64 * 0.11).cos());
-        let want = reference(
-            x.view(),
-            l.base_weight(),
-            &bias,
-            l.weight_a(),
-            l.weight_b(),
-            l.scaling(),
-        );
+        let want = reference(&l, &x);
         assert_close(&l.forward(x.view()).unwrap(), &want, 1e-12);
 
         // forward_into overwrites a NaN-filled output, in C and F order.
@@ -102,7 +73,9 @@ fn forward_train_with_dropout_adds_bias_once() {
 #[test]
 fn merge_and_unmerge_leave_bias_alone() {
     let bias = Array1::from_shape_fn(9, |i| i as f64);
-    let mut l = layer(9, 6, 3).with_bias(bias.clone()).unwrap();
+    let mut l = random_layer::<f64>(9, 6, 3, 1)
+        .with_bias(bias.clone())
+        .unwrap();
     let x = Array2::from_shape_fn((4, 6), |(i, j)| (i as f64 - j as f64) * 0.3);
     let y = l.forward(x.view()).unwrap();
     let w_eff = l.effective_weight();
@@ -117,7 +90,7 @@ fn merge_and_unmerge_leave_bias_alone() {
 
 #[test]
 fn effective_weight_excludes_bias() {
-    let plain = layer(5, 4, 2);
+    let plain = random_layer::<f64>(5, 4, 2, 1);
     let biased = plain.clone().with_bias(Array1::ones(5)).unwrap();
     assert_eq!(plain.effective_weight(), biased.effective_weight());
     assert!(plain.bias().is_none());
@@ -126,14 +99,16 @@ fn effective_weight_excludes_bias() {
 
 #[test]
 fn bad_bias_is_an_error() {
-    let err = layer(5, 4, 2).with_bias(Array1::zeros(4)).unwrap_err();
+    let err = random_layer::<f64>(5, 4, 2, 1)
+        .with_bias(Array1::zeros(4))
+        .unwrap_err();
     assert!(
         matches!(err, LoraError::ShapeMismatch { what: "bias", .. }),
         "{err}"
     );
     let mut b = Array1::zeros(5);
     b[3] = f64::NAN;
-    let err = layer(5, 4, 2).with_bias(b).unwrap_err();
+    let err = random_layer::<f64>(5, 4, 2, 1).with_bias(b).unwrap_err();
     assert!(
         matches!(
             err,
@@ -147,10 +122,14 @@ fn bad_bias_is_an_error() {
     );
     let mut b = Array1::zeros(5);
     b[0] = f64::NEG_INFINITY;
-    assert!(layer(5, 4, 2).with_bias(b.clone()).is_err());
+    assert!(random_layer::<f64>(5, 4, 2, 1)
+        .with_bias(b.clone())
+        .is_err());
 
     // set_bias leaves the layer as it was on error, and can remove the bias.
-    let mut l = layer(5, 4, 2).with_bias(Array1::ones(5)).unwrap();
+    let mut l = random_layer::<f64>(5, 4, 2, 1)
+        .with_bias(Array1::ones(5))
+        .unwrap();
     let before = l.clone();
     assert!(l.set_bias(Some(b)).is_err());
     assert!(l.set_bias(Some(Array1::zeros(6))).is_err());
@@ -163,7 +142,7 @@ fn bad_bias_is_an_error() {
 
 #[test]
 fn serde_round_trips_bias_and_accepts_old_documents() {
-    let l = layer(5, 4, 2)
+    let l = random_layer::<f64>(5, 4, 2, 1)
         .with_bias(Array1::from_elem(5, 0.25))
         .unwrap();
     let json = serde_json::to_string(&l).unwrap();
@@ -171,7 +150,7 @@ fn serde_round_trips_bias_and_accepts_old_documents() {
     assert_eq!(back, l);
 
     // Without a bias the document has no `bias` field, as before biases existed.
-    let plain = layer(5, 4, 2);
+    let plain = random_layer::<f64>(5, 4, 2, 1);
     let json = serde_json::to_string(&plain).unwrap();
     assert!(!json.contains("\"bias\""));
     let back: LoraLayer<f64> = serde_json::from_str(&json).unwrap();

@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{random, rng, Laid, Layout};
+use common::{random, random_layer_with, rng, Laid, Layout};
 use ndarray::{s, Array2, ShapeBuilder};
-use ndlora::{gemm_counters, reset_gemm_counters, GemmCounters, LoraConfig, LoraLayer};
+use ndlora::{gemm_counters, reset_gemm_counters, GemmCounters, LoraConfig};
 
 fn blas() -> bool {
     ndlora::backend().name != "pure-rust"
@@ -59,19 +59,12 @@ fn backend_is_what_ci_expects() {
 
 #[test]
 fn forward_layouts_reach_blas() {
-    let mut g = rng(1);
     let cfg = LoraConfig {
         rank: 4,
         ..Default::default()
     };
-    let layer = LoraLayer::from_parts(
-        random::<f32>(&mut g, 24, 40),
-        random(&mut g, 4, 40),
-        random(&mut g, 24, 4),
-        cfg,
-    )
-    .unwrap();
-    let x: Array2<f32> = random(&mut g, 9, 40);
+    let layer = random_layer_with::<f32>(24, 40, cfg, 1);
+    let x: Array2<f32> = random(&mut rng(4), 9, 40);
     for (layout, copies) in [
         (Layout::C, 0),
         (Layout::F, 0),
@@ -109,18 +102,11 @@ fn forward_layouts_reach_blas() {
 
 #[test]
 fn merge_unmerge_are_one_update_each() {
-    let mut g = rng(2);
     let cfg = LoraConfig {
         rank: 3,
         ..Default::default()
     };
-    let mut layer = LoraLayer::from_parts(
-        random::<f64>(&mut g, 33, 17),
-        random(&mut g, 3, 17),
-        random(&mut g, 33, 3),
-        cfg,
-    )
-    .unwrap();
+    let mut layer = random_layer_with::<f64>(33, 17, cfg, 2);
     assert_eq!(counted(|| layer.merge().unwrap()), expect_update());
     assert_eq!(counted(|| layer.unmerge().unwrap()), expect_update());
     assert_eq!(
@@ -133,18 +119,11 @@ fn merge_unmerge_are_one_update_each() {
 
 #[test]
 fn merge_above_the_fused_rank_is_one_gemm() {
-    let mut g = rng(3);
     let r = ndlora::MAX_FUSED_RANK + 1;
     let cfg = LoraConfig {
         rank: r,
         ..Default::default()
     };
-    let mut layer = LoraLayer::from_parts(
-        random::<f32>(&mut g, r + 2, r + 5),
-        random(&mut g, r, r + 5),
-        random(&mut g, r + 2, r),
-        cfg,
-    )
-    .unwrap();
+    let mut layer = random_layer_with::<f32>(r + 2, r + 5, cfg, 3);
     assert_eq!(counted(|| layer.merge().unwrap()), expect(1, 0));
 }

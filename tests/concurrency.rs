@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{bits, random, rng};
+use common::{bits, random, random_layer_with, rng};
 use ndarray::{Array2, Axis};
 use ndlora::peft::PeftAdapter;
 use ndlora::{LoraConfig, LoraFloat, LoraLayer, LoraModel, LoraScratch, MicroLora};
@@ -44,19 +44,14 @@ fn single_blas_thread() {
 }
 
 fn layer_forward<A: LoraFloat>() {
-    let mut g = rng(21);
     let (d, k, r) = (65, 130, 8);
-    let layer = LoraLayer::from_parts(
-        random::<A>(&mut g, d, k),
-        random(&mut g, r, k),
-        random(&mut g, d, r),
-        LoraConfig {
-            rank: r,
-            alpha: 5.0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let config = LoraConfig {
+        rank: r,
+        alpha: 5.0,
+        ..Default::default()
+    };
+    let layer = random_layer_with::<A>(d, k, config, 21);
+    let mut g = rng(24);
     let mut merged = layer.clone();
     merged.merge().unwrap();
     // Inputs of several batch sizes, one per task.

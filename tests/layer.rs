@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{assert_close, bits, random, random_layer, rng, to_f64, Laid, Ref, LAYOUTS};
+use common::{
+    assert_close, bits, random, random_layer, random_layer_with, rng, to_f64, Laid, Ref, LAYOUTS,
+};
 use ndarray::{Array2, ShapeBuilder};
 use ndlora::{LoraConfig, LoraFloat, LoraInit, LoraLayer};
 
@@ -377,22 +379,15 @@ fn init_is_deterministic_and_follows_the_rule() {
 #[test]
 fn dropout_is_inverted_fresh_per_call_and_absent_from_forward() {
     let (d, k, r, n) = (4, 8, 2, 20_000);
-    let mut g = rng(21);
     let config = LoraConfig {
         rank: r,
         alpha: 2.0,
         dropout: 0.5,
         ..Default::default()
     };
-    let w: Array2<f64> = random(&mut g, d, k);
-    let mut layer = LoraLayer::from_parts(
-        w.clone(),
-        random(&mut g, r, k),
-        random(&mut g, d, r),
-        config,
-    )
-    .unwrap();
-    let row: Array2<f64> = random(&mut g, 1, k);
+    let mut layer = random_layer_with::<f64>(d, k, config, 21);
+    let w = layer.base_weight().to_owned();
+    let row: Array2<f64> = random(&mut rng(22), 1, k);
     let x = row.broadcast((n, k)).unwrap().to_owned();
 
     let y_eval = layer.forward(x.view()).unwrap();
@@ -442,19 +437,12 @@ fn forward_train_without_dropout_or_merged_is_forward() {
         layer.forward(x.view()).unwrap()
     );
 
-    let mut g = rng(79);
     let config = LoraConfig {
         rank: 2,
         dropout: 0.3,
         ..Default::default()
     };
-    let mut layer = LoraLayer::from_parts(
-        random(&mut g, 9, 13),
-        random(&mut g, 2, 13),
-        random(&mut g, 9, 2),
-        config,
-    )
-    .unwrap();
+    let mut layer = random_layer_with(9, 13, config, 79);
     layer.merge().unwrap();
     assert_eq!(
         layer.forward_train(x.view()).unwrap(),
@@ -464,29 +452,15 @@ fn forward_train_without_dropout_or_merged_is_forward() {
 
 #[test]
 fn dropout_masks_reproduce_from_the_seed() {
-    let mut g = rng(5);
     let config = LoraConfig {
         rank: 2,
         dropout: 0.25,
         seed: 9,
         ..Default::default()
     };
-    let parts = (
-        random::<f32>(&mut g, 6, 10),
-        random(&mut g, 2, 10),
-        random(&mut g, 6, 2),
-    );
-    let make = || {
-        LoraLayer::from_parts(
-            parts.0.clone(),
-            parts.1.clone(),
-            parts.2.clone(),
-            config.clone(),
-        )
-        .unwrap()
-    };
+    let make = || random_layer_with::<f32>(6, 10, config.clone(), 5);
     let (mut l1, mut l2) = (make(), make());
-    let x: Array2<f32> = random(&mut g, 8, 10);
+    let x: Array2<f32> = random(&mut rng(6), 8, 10);
     for _ in 0..3 {
         assert_eq!(
             l1.forward_train(x.view()).unwrap(),
@@ -497,21 +471,14 @@ fn dropout_masks_reproduce_from_the_seed() {
 
 #[test]
 fn serde_round_trip_keeps_state_including_merge_and_rng() {
-    let mut g = rng(3);
     let cfg = LoraConfig {
         rank: 3,
         alpha: 5.0,
         dropout: 0.2,
         ..Default::default()
     };
-    let mut l = LoraLayer::from_parts(
-        random::<f32>(&mut g, 8, 9),
-        random(&mut g, 3, 9),
-        random(&mut g, 8, 3),
-        cfg,
-    )
-    .unwrap();
-    let x: Array2<f32> = random(&mut g, 4, 9);
+    let mut l = random_layer_with::<f32>(8, 9, cfg, 3);
+    let x: Array2<f32> = random(&mut rng(4), 4, 9);
     l.forward_train(x.view()).unwrap(); // advance the dropout stream
     let mut copy: LoraLayer<f32> =
         serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{random, rng, to_f64, Ref};
+use common::{random, random_layer_with, rng, to_f64, Ref};
 use ndarray::Array2;
 use ndlora::{LoraConfig, LoraLayer};
 use proptest::prelude::*;
@@ -29,19 +29,12 @@ fn shapes() -> impl Strategy<Value = (usize, usize, usize, usize, f64, u64)> {
 }
 
 fn layer(d: usize, k: usize, r: usize, alpha: f64, seed: u64) -> LoraLayer<f64> {
-    let mut g = rng(seed);
     let cfg = LoraConfig {
         rank: r,
         alpha,
         ..Default::default()
     };
-    LoraLayer::from_parts(
-        random(&mut g, d, k),
-        random(&mut g, r, k),
-        random(&mut g, d, r),
-        cfg,
-    )
-    .unwrap()
+    random_layer_with(d, k, cfg, seed)
 }
 
 /// max |x − y| / (ε·magnitude): how many ε the two differ by, relative to the error scale.

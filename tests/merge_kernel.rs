@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{random, rng};
+use common::random_layer_with;
 use ndarray::{Array2, ShapeBuilder};
 use ndlora::{LoraConfig, LoraFloat, LoraLayer, SimdLevel};
 
@@ -15,22 +15,26 @@ fn fused() -> bool {
     level != SimdLevel::Scalar
 }
 
+/// `common::random_layer_with` (α = 1.5·r), with W stored column-major when `f_order`.
 fn layer<A: LoraFloat>(d: usize, k: usize, r: usize, f_order: bool, seed: u64) -> LoraLayer<A> {
-    let mut g = rng(seed);
-    let w: Array2<A> = random(&mut g, d, k);
-    let w = if f_order {
-        let mut f = Array2::zeros((d, k).f());
-        f.assign(&w);
-        f
-    } else {
-        w
-    };
     let cfg = LoraConfig {
         rank: r,
         alpha: 1.5 * r as f64,
         ..Default::default()
     };
-    LoraLayer::from_parts(w, random(&mut g, r, k), random(&mut g, d, r), cfg).unwrap()
+    let l = random_layer_with(d, k, cfg, seed);
+    if !f_order {
+        return l;
+    }
+    let mut w = Array2::zeros((d, k).f());
+    w.assign(&l.base_weight());
+    LoraLayer::from_parts(
+        w,
+        l.weight_a().to_owned(),
+        l.weight_b().to_owned(),
+        l.config().clone(),
+    )
+    .unwrap()
 }
 
 fn merged_equals_effective_weight<A: LoraFloat>() {

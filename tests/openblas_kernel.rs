@@ -4,8 +4,7 @@
 
 mod common;
 
-use common::{assert_close, random, rng, to_f64, Ref};
-use ndlora::{LoraConfig, LoraLayer};
+use common::{assert_close, random, random_layer, rng, to_f64, Ref};
 
 #[test]
 fn native_kernel_replaces_generic_kernel() {
@@ -49,20 +48,8 @@ fn native_kernel_replaces_generic_kernel() {
         assert!(switched.is_none());
     }
     // Results are still right with whichever kernel now runs.
-    let mut g = rng(9);
-    let cfg = LoraConfig {
-        rank: 4,
-        alpha: 3.0,
-        ..Default::default()
-    };
-    let layer = LoraLayer::from_parts(
-        random::<f32>(&mut g, 70, 130),
-        random(&mut g, 4, 130),
-        random(&mut g, 70, 4),
-        cfg,
-    )
-    .unwrap();
-    let x = random::<f32>(&mut g, 33, 130);
+    let layer = random_layer::<f32>(70, 130, 4, 9);
+    let x = random::<f32>(&mut rng(10), 33, 130);
     let reference = Ref::new(&layer);
     let x64 = to_f64(x.view());
     let y = layer.forward(x.view()).unwrap();

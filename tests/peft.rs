@@ -2,14 +2,16 @@
 //! (`tests/fixtures/peft/f32_r8`, a copy of `shared/fixtures/peft/f32_r8`), round trips, adapters
 //! built here in every dtype and config variant, and malformed or hostile files.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use common::{random_layer_with, rng, to_f64};
+use ndarray::{Array1, Array2, Axis};
 use ndlora::peft::{PeftAdapter, TargetModules, CONFIG_FILE, WEIGHTS_FILE};
 use ndlora::{LoraConfig, LoraError, LoraFloat, LoraLayer};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
@@ -61,10 +63,6 @@ fn read_tensors(path: &Path) -> HashMap<String, Array2<f64>> {
 
 fn cast<A: LoraFloat>(m: &Array2<f64>) -> Array2<A> {
     m.mapv(A::from_f64_lossy)
-}
-
-fn widen<A: LoraFloat>(m: ArrayView2<'_, A>) -> Array2<f64> {
-    m.mapv(|v| v.into_f64())
 }
 
 /// Largest |got − want| / (1 + |want|); panics naming `what` when above `tol`.
@@ -136,11 +134,11 @@ fn check_fixture<A: LoraFloat>() -> Vec<(&'static str, f64)> {
         assert_eq!(b.shape(), shape(&m["lora_B_shape"]));
         // f32 → A is exact for f32 and f64.
         assert_eq!(
-            widen(a),
+            to_f64(a),
             raw[&format!("base_model.model.{module}.lora_A.weight")]
         );
         assert_eq!(
-            widen(b),
+            to_f64(b),
             raw[&format!("base_model.model.{module}.lora_B.weight")]
         );
 
@@ -153,13 +151,13 @@ fn check_fixture<A: LoraFloat>() -> Vec<(&'static str, f64)> {
         let out = |name: &str| &outputs[&format!("{module}.{name}")];
 
         let mut layer = adapter.to_layer(module, cast(w), bias).unwrap();
-        let y = widen(layer.forward(x.view()).unwrap().view());
+        let y = to_f64(layer.forward(x.view()).unwrap().view());
         note(
             "y_unmerged",
             check_close(module, &y, out("y_unmerged"), TOL),
         );
 
-        let delta = widen(layer.effective_weight().view()) - w;
+        let delta = to_f64(layer.effective_weight().view()) - w;
         note(
             "delta_weight",
             check_close(module, &delta, out("delta_weight"), TOL),
@@ -167,17 +165,17 @@ fn check_fixture<A: LoraFloat>() -> Vec<(&'static str, f64)> {
 
         let mut base_only = layer.clone();
         base_only.set_scaling(0.0).unwrap();
-        let y_base = widen(base_only.forward(x.view()).unwrap().view());
+        let y_base = to_f64(base_only.forward(x.view()).unwrap().view());
         note("y_base", check_close(module, &y_base, out("y_base"), TOL));
         check_close(module, &y_base, out("y_disabled"), TOL);
 
         layer.merge().unwrap();
-        let w_merged = widen(layer.base_weight());
+        let w_merged = to_f64(layer.base_weight());
         note(
             "w_merged",
             check_close(module, &w_merged, out("w_merged"), TOL),
         );
-        let y_merged = widen(layer.forward(x.view()).unwrap().view());
+        let y_merged = to_f64(layer.forward(x.view()).unwrap().view());
         note(
             "y_merged",
             check_close(module, &y_merged, out("y_merged"), TOL),
@@ -372,15 +370,6 @@ fn loaded_adapter_saves_unchanged_and_as_f64() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-fn layer(d: usize, k: usize, config: LoraConfig, seed: u64) -> LoraLayer<f64> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let r = config.rank;
-    let mut m =
-        |rows, cols| Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0..1.0));
-    let (w, a, b) = (m(d, k), m(r, k), m(d, r));
-    LoraLayer::from_parts(w, a, b, config).unwrap()
-}
-
 fn cfg(rank: usize, alpha: f64, use_rslora: bool) -> LoraConfig {
     LoraConfig {
         rank,
@@ -392,33 +381,36 @@ fn cfg(rank: usize, alpha: f64, use_rslora: bool) -> LoraConfig {
 
 #[test]
 fn mixed_ranks_alphas_and_scalings_round_trip() {
-    let mut scaled = layer(12, 9, cfg(4, 8.0, false), 5);
+    let mut scaled = random_layer_with::<f64>(12, 9, cfg(4, 8.0, false), 5);
     scaled.set_scaling(0.75).unwrap(); // saved as α = 3
     let layers: Vec<(&str, LoraLayer<f64>)> = vec![
         (
             "model.layers.0.self_attn.q_proj",
-            layer(16, 8, cfg(4, 8.0, false), 1),
+            random_layer_with::<f64>(16, 8, cfg(4, 8.0, false), 1),
         ),
         (
             "model.layers.0.self_attn.k_proj",
-            layer(16, 8, cfg(4, 8.0, false), 2),
+            random_layer_with::<f64>(16, 8, cfg(4, 8.0, false), 2),
         ),
         (
             "model.layers.0.self_attn.v_proj",
-            layer(16, 8, cfg(2, 8.0, false), 3),
+            random_layer_with::<f64>(16, 8, cfg(2, 8.0, false), 3),
         ),
         (
             "model.layers.0.mlp.up_proj",
-            layer(20, 8, cfg(4, 32.0, false), 4),
+            random_layer_with::<f64>(20, 8, cfg(4, 32.0, false), 4),
         ),
         ("model.layers.0.mlp.down_proj", scaled),
         // rsLoRA in a mostly plain adapter: expressed through α = s·r.
         (
             "model.layers.1.mlp.up_proj",
-            layer(20, 8, cfg(4, 6.0, true), 6),
+            random_layer_with::<f64>(20, 8, cfg(4, 6.0, true), 6),
         ),
         // A path that is a suffix of other paths.
-        ("q_proj", layer(6, 6, cfg(3, 8.0, false), 7)),
+        (
+            "q_proj",
+            random_layer_with::<f64>(6, 6, cfg(3, 8.0, false), 7),
+        ),
     ];
     let adapter = PeftAdapter::from_layers(layers.iter().map(|(n, l)| (*n, l))).unwrap();
     let c = adapter.config();
@@ -457,7 +449,7 @@ fn mixed_ranks_alphas_and_scalings_round_trip() {
 
 #[test]
 fn from_layers_refuses_what_peft_cannot_express() {
-    let l = layer(6, 5, cfg(2, 4.0, false), 1);
+    let l = random_layer_with::<f64>(6, 5, cfg(2, 4.0, false), 1);
     let mut merged = l.clone();
     merged.merge().unwrap();
     let err = PeftAdapter::from_layers([("a", &l), ("b", &merged)]).unwrap_err();
@@ -475,7 +467,7 @@ fn from_layers_refuses_what_peft_cannot_express() {
     let mut found = 0;
     for i in 1..200 {
         let s = i as f64 * 0.037;
-        let mut l3 = layer(6, 5, cfg(3, 4.0, false), 2);
+        let mut l3 = random_layer_with::<f64>(6, 5, cfg(3, 4.0, false), 2);
         l3.set_scaling(s).unwrap();
         let result = PeftAdapter::from_layers([("m", &l3)]);
         if (s * 3.0) / 3.0 == s {
@@ -1021,12 +1013,12 @@ fn missing_truncated_and_corrupt_files_are_errors() {
     );
     assert!(outcomes[0] > 0);
     // Random corruption anywhere (fixed seed), also of whole byte runs.
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let mut g = rng(4);
     for _ in 0..300 {
         let mut bad = good.clone();
-        for _ in 0..rng.random_range(1..8) {
-            let pos = rng.random_range(0..bad.len());
-            bad[pos] = rng.random();
+        for _ in 0..g.random_range(1..8) {
+            let pos = g.random_range(0..bad.len());
+            bad[pos] = g.random();
         }
         let _ = load(&bad);
     }
