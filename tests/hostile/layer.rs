@@ -931,7 +931,8 @@ fn layer_serde_f64() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Focused tests of the same error paths, one subject each.
+// Plain tests, one subject each: every error path of LoraLayer returns the right variant and
+// leaves the layer as it was.
 
 #[test]
 fn construction_rejects_bad_shapes_ranks_and_values() {

@@ -11,9 +11,9 @@
 //! bit-flip sweeps are counted separately (they are generated, one case per prefix / per
 //! flipped bit).
 //!
-//! The second half of `layer.rs` tests the same error paths of LoraLayer one subject at a
-//! time, and the focused test files (`tests/micro.rs`, `tests/peft.rs`) some of the others;
-//! this is the systematic catalogue.
+//! Plain tests at the end of `layer.rs` check LoraLayer's error paths one subject at a time,
+//! and the focused test files (`tests/micro.rs`, `tests/peft.rs`) some of the others; this is
+//! the systematic catalogue.
 
 #[path = "../common/mod.rs"]
 mod common;
