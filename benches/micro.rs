@@ -1,5 +1,7 @@
-//! MicroLora per-vector forward: the dispatched SIMD kernel vs the scalar loop vs the BLAS
-//! batch path (`forward_batch`), for H ∈ {256, 1024, 4096} and r ∈ {1, 2}.
+//! MicroLora per-vector forward: every SIMD kernel this CPU runs (`forward_with`, one
+//! benchmark id per [`SimdLevel`], e.g. `avx512f` and `avx2+fma` side by side) vs the scalar
+//! loop vs the BLAS batch path (`forward_batch`), for H ∈ {256, 1024, 4096} and r ∈ {1, 2}.
+//! `MicroLora::forward` dispatches to the level printed at the start.
 //!
 //! Throughput counts **vectors** (Elements = vectors per iteration: 1 for simd/scalar, the
 //! batch size for blas), so criterion's "elem/s" reads as vectors per second and time per
@@ -11,7 +13,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::Array2;
-use ndlora::MicroLora;
+use ndlora::{MicroLora, SimdLevel};
 
 const DIMS: [usize; 3] = [256, 1024, 4096];
 const BATCHES: [usize; 4] = [1, 8, 32, 128];
@@ -45,9 +47,17 @@ fn forward(c: &mut Criterion) {
             let x = input(1, h).into_raw_vec_and_offset().0;
             let mut y = vec![0.0_f32; h];
             group.throughput(Throughput::Elements(1));
-            group.bench_with_input(BenchmarkId::new("simd", h), &h, |b, _| {
-                b.iter(|| lora.forward(black_box(&x), black_box(&mut y)))
-            });
+            let simd_levels = SimdLevel::ALL
+                .into_iter()
+                .filter(|&l| l != SimdLevel::Scalar && l.is_available());
+            for level in simd_levels {
+                group.bench_with_input(BenchmarkId::new(level.as_str(), h), &h, |b, _| {
+                    b.iter(|| {
+                        lora.forward_with(black_box(level), black_box(&x), black_box(&mut y))
+                            .unwrap()
+                    })
+                });
+            }
             group.bench_with_input(BenchmarkId::new("scalar", h), &h, |b, _| {
                 b.iter(|| lora.forward_scalar(black_box(&x), black_box(&mut y)))
             });
