@@ -5,9 +5,19 @@
 
 mod common;
 
+use std::sync::{Mutex, MutexGuard};
+
 use common::random_layer_with;
 use ndarray::{Array2, ShapeBuilder};
 use ndlora::{LoraConfig, LoraFloat, LoraLayer, SimdLevel};
+
+/// Serialises the tests that set the process-wide thread count with those that need it to
+/// stay put: a merge and its unmerge through BLAS must split the sums alike to round-trip
+/// within the bound.
+fn thread_count_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn fused() -> bool {
     let level = ndlora::simd_level();
@@ -70,6 +80,7 @@ fn thread_count_does_not_change_a_bit() {
     if !fused() {
         return;
     }
+    let _lock = thread_count_lock();
     // 1024·1024·16 = 2^24 multiply-adds: large enough to be split over threads.
     let base = layer::<f32>(1024, 1024, 16, false, 5);
     let merged_with = |threads: usize| {
@@ -117,6 +128,7 @@ fn gemm_path_round_trip<A: LoraFloat>() {
 
 #[test]
 fn gemm_path_keeps_the_round_trip_bound() {
+    let _lock = thread_count_lock();
     gemm_path_round_trip::<f32>();
     gemm_path_round_trip::<f64>();
 }
