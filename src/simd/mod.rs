@@ -9,11 +9,11 @@
 //!   `f32` or `f64`) and its portable `[T; L]` implementation.
 //! * [`lanes`] holds the kernel body once, generic over a vector type (`Lanes`): independent
 //!   accumulators, body/vector/scalar tail, unaligned loads. [`x86`] instantiates it with
-//!   AVX2+FMA intrinsics (`__m256`) and, for AVX-512F, with a portable 16-lane `[f32; 16]`
-//!   vector that LLVM maps onto `zmm` registers (the `core::arch` AVX-512 intrinsics need
-//!   Rust 1.89, above the crate's MSRV of 1.85); [`aarch64`] with NEON intrinsics. One body
-//!   means the AVX-512 and NEON builds run the logic the AVX2 tests exercise; the 16- and
-//!   4-lane instantiations are also run on any host by this module's unit tests.
+//!   AVX2+FMA intrinsics (`__m256`) and AVX-512F intrinsics (`__m512`), [`aarch64`] with
+//!   NEON intrinsics. One body means the AVX-512 and NEON builds run the logic the AVX2
+//!   tests exercise; the 16- and 4-lane widths also run on any host in this module's unit
+//!   tests (as portable vectors). `tests/codegen.rs` disassembles the x86-64 kernels and
+//!   checks that each uses its ISA's FMAs and no gathers or scatters.
 //! * [`scalar`] is the portable fallback and the `forward_scalar` reference.
 //! * CPU features are detected once; the chosen [`Kernel`] (a function pointer) is cached in
 //!   a `OnceLock`. [`Kernel::run`] is the one safe entry: it checks the slice lengths that the

@@ -361,6 +361,30 @@ struct ASource<T> {
     stride: isize,
 }
 
+/// B's rows i..i + M into `b`, transposed so that a tile reads its M values for one p
+/// contiguously. Out of line on purpose, so that it is compiled for the x86-64 baseline
+/// rather than the kernel's target features: its r·M reads have run-time strides, which
+/// LLVM vectorises into gathers under AVX-512 (`tests/codegen.rs` rejects gathers in a
+/// kernel). It runs once per row block and column block, next to M·k·r FMAs.
+///
+/// # Safety
+/// i + M ≤ d; B as in [`UpdateFn`]; r ≤ [`MAX_FUSED_RANK`].
+#[inline(never)]
+unsafe fn pack_b<T: Element, const M: usize>(
+    o: &Operands<T>,
+    i: usize,
+    b: &mut [[T; M]; MAX_FUSED_RANK],
+) {
+    for (p, b) in b.iter_mut().take(o.r).enumerate() {
+        for (m, b) in b.iter_mut().enumerate() {
+            // SAFETY: row i + m < d, column p < r of B, readable by the contract.
+            *b = unsafe {
+                *o.b.offset((i + m) as isize * o.b_row + p as isize * o.b_col)
+            };
+        }
+    }
+}
+
 /// Rows i..i + M, columns j0..j1: whole tiles (from `packed`), then single vectors, then
 /// single elements (both from A itself).
 ///
@@ -375,16 +399,9 @@ unsafe fn row_block<V: Vector, const M: usize>(
     j1: usize,
 ) {
     let l = V::LANES;
-    // B's rows i..i + M, transposed so a tile reads its M values for one p contiguously.
     let mut b = [[<V::Elem as Element>::ZERO; M]; MAX_FUSED_RANK];
-    for (p, b) in b.iter_mut().take(o.r).enumerate() {
-        for (m, b) in b.iter_mut().enumerate() {
-            // SAFETY: row i + m < d, column p < r of B, readable by the contract.
-            *b = unsafe {
-                *o.b.offset((i + m) as isize * o.b_row + p as isize * o.b_col)
-            };
-        }
-    }
+    // SAFETY: i + M ≤ d; B as the contract states.
+    unsafe { pack_b(o, i, &mut b) };
     let unpacked = |j: usize| ASource {
         // SAFETY: column j < k of A's row 0 (r ≥ 1 here).
         ptr: unsafe { o.a.add(j) },

@@ -1,7 +1,7 @@
 //! The vector abstraction every kernel body is written against: [`Vector`] (load, store,
 //! splat, fused multiply-add over `LANES` elements of `f32` or `f64`) and [`Portable`], a
-//! `[T; L]` implementation that LLVM maps onto vector registers inside a `#[target_feature]`
-//! function. x86.rs and aarch64.rs implement `Vector` with `core::arch` intrinsics.
+//! `[T; L]` implementation for tails, references and tests. x86.rs and aarch64.rs implement
+//! `Vector` with `core::arch` intrinsics.
 
 /// `f32` or `f64`: the element types the kernels compute in.
 pub trait Element: Copy + PartialEq + std::fmt::Debug + Send + Sync + 'static {
@@ -106,11 +106,11 @@ pub(super) trait Vector: Copy {
     }
 }
 
-/// A portable `[T; L]` vector. After inlining into a `#[target_feature]` function LLVM maps
-/// it onto vector registers (used for AVX-512F, whose `core::arch` intrinsics need Rust 1.89,
-/// above the crate's MSRV; the emitted code was checked for `zmm` FMAs), and it lets the
-/// tests run the kernel logic at any width on any CPU.
-#[cfg_attr(not(any(target_arch = "x86_64", test)), allow(dead_code))]
+/// A portable `[T; L]` vector: the merge kernel's one-lane tail and scalar reference
+/// (`L = 1`), NEON's f64 merge (`L = 2`, one `q` register), and the tests, which run the
+/// kernel bodies at any width on any CPU. Not for a kernel's main loop on x86-64: there
+/// LLVM's auto-vectoriser may turn it into gathers and scatters (as it did for 16 lanes
+/// under AVX-512F), so x86.rs uses `core::arch` intrinsics.
 #[derive(Clone, Copy)]
 pub(super) struct Portable<T, const L: usize>(pub(super) [T; L]);
 

@@ -1,70 +1,140 @@
-//! x86-64 kernels: AVX2+FMA with `core::arch` intrinsics (`__m256`, `__m256d`), AVX-512F
-//! with the portable 16-lane (8 for f64) vector (see [`Portable`]). Each instantiates the
-//! MicroLora forward ([`lanes::forward`]) and the merge update ([`rank_update::update`]).
+//! x86-64 kernels, each written with its ISA's `core::arch` intrinsics: AVX2+FMA (`__m256`,
+//! `__m256d`) and AVX-512F (`__m512`, `__m512d`). Each ISA instantiates the MicroLora
+//! forward ([`lanes::forward`]) and the merge update ([`rank_update::update`]).
+//!
+//! `tests/codegen.rs` audits the machine code of every kernel here (FMAs on the ISA's
+//! registers, no gathers or scatters), on any x86-64 host: a new kernel gets a line in its
+//! table.
 
 use std::arch::x86_64::{
-    __m256, __m256d, _mm256_add_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_pd,
-    _mm256_fmadd_ps, _mm256_loadu_pd, _mm256_loadu_ps, _mm256_set1_pd, _mm256_set1_ps,
-    _mm256_setzero_pd, _mm256_setzero_ps, _mm256_storeu_pd, _mm256_storeu_ps, _mm_add_ps,
-    _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
+    __m256, __m256d, __m512, __m512d, _mm256_add_ps, _mm256_castpd_ps, _mm256_castps256_ps128,
+    _mm256_extractf128_ps, _mm256_fmadd_pd, _mm256_fmadd_ps, _mm256_loadu_pd, _mm256_loadu_ps,
+    _mm256_set1_pd, _mm256_set1_ps, _mm256_setzero_pd, _mm256_setzero_ps, _mm256_storeu_pd,
+    _mm256_storeu_ps, _mm512_add_ps, _mm512_castps512_ps256, _mm512_castps_pd,
+    _mm512_extractf64x4_pd, _mm512_fmadd_pd, _mm512_fmadd_ps, _mm512_loadu_pd, _mm512_loadu_ps,
+    _mm512_set1_pd, _mm512_set1_ps, _mm512_setzero_pd, _mm512_setzero_ps, _mm512_storeu_pd,
+    _mm512_storeu_ps, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
 };
 
 use super::lanes::{self, Lanes};
 use super::rank_update::{self, Operands};
-use super::vector::{Portable, Vector};
+#[cfg(test)]
+use super::vector::Portable;
+use super::vector::Vector;
 use super::Adapter;
 
-/// Eight f32 lanes in one `ymm` register. Methods need AVX2 and FMA (the [`Lanes`] contract).
-#[derive(Clone, Copy)]
-struct Avx2(__m256);
+/// Declares a one-register vector type and implements [`Vector`] for it with that
+/// register's intrinsics (`$isa` names the CPU features its methods need).
+macro_rules! register_vector {
+    (
+        $(#[$doc:meta])*
+        $name:ident($reg:ty): $elem:ty, $lanes:literal lanes, needs $isa:literal;
+        $zero:ident, $splat:ident, $load:ident, $store:ident, $fmadd:ident
+    ) => {
+        $(#[$doc])*
+        #[doc = concat!("\n\nMethods need ", $isa, " (the [`Vector`] contract).")]
+        #[derive(Clone, Copy)]
+        struct $name($reg);
 
-impl Vector for Avx2 {
-    type Elem = f32;
-    const LANES: usize = 8;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        // SAFETY: the CPU has AVX (implied by AVX2), per the trait contract.
-        Self(unsafe { _mm256_setzero_ps() })
-    }
-    #[inline(always)]
-    unsafe fn splat(v: f32) -> Self {
-        // SAFETY: the CPU has AVX, per the trait contract.
-        Self(unsafe { _mm256_set1_ps(v) })
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        // SAFETY: AVX present; 8 readable floats at `p`; `loadu` needs no alignment.
-        Self(unsafe { _mm256_loadu_ps(p) })
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        // SAFETY: AVX present; 8 writable floats at `p`; `storeu` needs no alignment.
-        unsafe { _mm256_storeu_ps(p, self.0) }
-    }
-    #[inline(always)]
-    unsafe fn mul_add(self, a: Self, b: Self) -> Self {
-        // SAFETY: the CPU has FMA, per the trait contract.
-        Self(unsafe { _mm256_fmadd_ps(a.0, b.0, self.0) })
+        impl Vector for $name {
+            type Elem = $elem;
+            const LANES: usize = $lanes;
+            #[inline(always)]
+            unsafe fn zero() -> Self {
+                // SAFETY: the CPU has the type's ISA (`needs` above), per the trait contract.
+                Self(unsafe { $zero() })
+            }
+            #[inline(always)]
+            unsafe fn splat(v: $elem) -> Self {
+                // SAFETY: the CPU has the type's ISA (`needs` above), per the trait contract.
+                Self(unsafe { $splat(v) })
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const $elem) -> Self {
+                // SAFETY: the type's ISA is present; `LANES` readable elements at `p` (the
+                // method's contract); `loadu` needs no alignment.
+                Self(unsafe { $load(p) })
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut $elem) {
+                // SAFETY: the type's ISA is present; `LANES` writable elements at `p` (the
+                // method's contract); `storeu` needs no alignment.
+                unsafe { $store(p, self.0) }
+            }
+            #[inline(always)]
+            unsafe fn mul_add(self, a: Self, b: Self) -> Self {
+                // SAFETY: the type's ISA is present (both include FMA: AVX-512F implies it).
+                Self(unsafe { $fmadd(a.0, b.0, self.0) })
+            }
+        }
+    };
+}
+
+register_vector! {
+    /// Eight f32 lanes in one `ymm` register.
+    Avx2(__m256): f32, 8 lanes, needs "AVX2 and FMA";
+    _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps
+}
+
+register_vector! {
+    /// Four f64 lanes in one `ymm` register.
+    Avx2F64(__m256d): f64, 4 lanes, needs "AVX2 and FMA";
+    _mm256_setzero_pd, _mm256_set1_pd, _mm256_loadu_pd, _mm256_storeu_pd, _mm256_fmadd_pd
+}
+
+register_vector! {
+    /// Sixteen f32 lanes in one `zmm` register.
+    Avx512(__m512): f32, 16 lanes, needs "AVX-512F";
+    _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps
+}
+
+register_vector! {
+    /// Eight f64 lanes in one `zmm` register.
+    Avx512F64(__m512d): f64, 8 lanes, needs "AVX-512F";
+    _mm512_setzero_pd, _mm512_set1_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_fmadd_pd
+}
+
+/// The sum of a `ymm` register's eight lanes: halves, then pairs, then the last two.
+///
+/// # Safety
+/// The CPU supports AVX (SSE is part of the x86-64 baseline).
+#[inline(always)]
+unsafe fn sum_ymm(v: __m256) -> f32 {
+    // SAFETY: AVX present, by this function's contract.
+    unsafe {
+        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        let v = _mm_add_ss(v, _mm_shuffle_ps::<0b01>(v, v));
+        _mm_cvtss_f32(v)
     }
 }
 
 impl Lanes for Avx2 {
     #[inline(always)]
     unsafe fn add(self, o: Self) -> Self {
-        // SAFETY: AVX present.
+        // SAFETY: AVX present (implied by AVX2, the trait contract).
         Self(unsafe { _mm256_add_ps(self.0, o.0) })
     }
     #[inline(always)]
     unsafe fn sum(self) -> f32 {
-        // SAFETY: AVX present (SSE is part of the x86-64 baseline).
+        // SAFETY: AVX present.
+        unsafe { sum_ymm(self.0) }
+    }
+}
+
+impl Lanes for Avx512 {
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        // SAFETY: AVX-512F present, per the trait contract.
+        Self(unsafe { _mm512_add_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        // SAFETY: AVX-512F present (it implies AVX). Adds the upper 256 bits (extracted as
+        // four f64 lanes, reinterpreted: no conversion) to the lower, then sums eight lanes.
         unsafe {
-            let v = _mm_add_ps(
-                _mm256_castps256_ps128(self.0),
-                _mm256_extractf128_ps::<1>(self.0),
-            );
-            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            let v = _mm_add_ss(v, _mm_shuffle_ps::<0b01>(v, v));
-            _mm_cvtss_f32(v)
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
+            sum_ymm(_mm256_add_ps(_mm512_castps512_ps256(self.0), high))
         }
     }
 }
@@ -75,23 +145,25 @@ impl Lanes for Avx2 {
 /// The CPU supports AVX2 and FMA, and the lengths satisfy the `KernelFn` contract in
 /// [`super`] (rank 1 or 2, `down`/`up` of `rank·n`, `y` of `n`).
 #[target_feature(enable = "avx2,fma")]
+#[inline(never)]
 pub(super) unsafe fn forward_avx2_fma(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; lengths forwarded.
     unsafe { lanes::forward::<Avx2>(a, x, y) }
 }
 
-/// AVX-512F kernel: 16-lane vectors (`zmm` registers).
+/// AVX-512F kernel: 16 lanes in `zmm` registers.
 ///
 /// # Safety
 /// The CPU supports AVX-512F, and the lengths satisfy the `KernelFn` contract in [`super`].
 #[target_feature(enable = "avx512f")]
+#[inline(never)]
 pub(super) unsafe fn forward_avx512f(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
-    // SAFETY: `Portable` needs no particular CPU feature; lengths forwarded.
-    unsafe { lanes::forward::<Portable<f32, 16>>(a, x, y) }
+    // SAFETY: AVX-512F enabled here and present by our contract; lengths forwarded.
+    unsafe { lanes::forward::<Avx512>(a, x, y) }
 }
 
-/// Test-only: the AVX-512 kernel's 16-lane body compiled for AVX2+FMA, so hosts without
-/// AVX-512 still run its block and tail logic.
+/// Test-only: the 16-lane body (the AVX-512 kernel's block and tail logic) as portable
+/// vectors compiled for AVX2+FMA, so that hosts without AVX-512 still run it.
 ///
 /// # Safety
 /// As [`forward_avx2_fma`].
@@ -102,45 +174,12 @@ pub(super) unsafe fn forward_width16_on_avx2(a: Adapter<'_>, x: &[f32], y: &mut 
     unsafe { lanes::forward::<Portable<f32, 16>>(a, x, y) }
 }
 
-/// Four f64 lanes in one `ymm` register. Methods need AVX2 and FMA (the [`Vector`] contract).
-#[derive(Clone, Copy)]
-struct Avx2F64(__m256d);
-
-impl Vector for Avx2F64 {
-    type Elem = f64;
-    const LANES: usize = 4;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        // SAFETY: the CPU has AVX, per the trait contract.
-        Self(unsafe { _mm256_setzero_pd() })
-    }
-    #[inline(always)]
-    unsafe fn splat(v: f64) -> Self {
-        // SAFETY: the CPU has AVX, per the trait contract.
-        Self(unsafe { _mm256_set1_pd(v) })
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f64) -> Self {
-        // SAFETY: AVX present; 4 readable doubles at `p`; `loadu` needs no alignment.
-        Self(unsafe { _mm256_loadu_pd(p) })
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f64) {
-        // SAFETY: AVX present; 4 writable doubles at `p`; `storeu` needs no alignment.
-        unsafe { _mm256_storeu_pd(p, self.0) }
-    }
-    #[inline(always)]
-    unsafe fn mul_add(self, a: Self, b: Self) -> Self {
-        // SAFETY: the CPU has FMA, per the trait contract.
-        Self(unsafe { _mm256_fmadd_pd(a.0, b.0, self.0) })
-    }
-}
-
 /// Merge update, f32, AVX2+FMA.
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; `o` satisfies the [`rank_update::UpdateFn`] contract.
 #[target_feature(enable = "avx2,fma")]
+#[inline(never)]
 pub(super) unsafe fn update_avx2_f32(o: &Operands<f32>) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; operands forwarded.
     unsafe { rank_update::update::<Avx2>(o) }
@@ -151,33 +190,36 @@ pub(super) unsafe fn update_avx2_f32(o: &Operands<f32>) {
 /// # Safety
 /// As [`update_avx2_f32`].
 #[target_feature(enable = "avx2,fma")]
+#[inline(never)]
 pub(super) unsafe fn update_avx2_f64(o: &Operands<f64>) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; operands forwarded.
     unsafe { rank_update::update::<Avx2F64>(o) }
 }
 
-/// Merge update, f32, AVX-512F (16-lane portable vectors in `zmm` registers).
+/// Merge update, f32, AVX-512F (16 lanes in `zmm` registers).
 ///
 /// # Safety
 /// The CPU supports AVX-512F; `o` satisfies the [`rank_update::UpdateFn`] contract.
 #[target_feature(enable = "avx512f")]
+#[inline(never)]
 pub(super) unsafe fn update_avx512_f32(o: &Operands<f32>) {
-    // SAFETY: `Portable` needs no particular CPU feature; operands forwarded.
-    unsafe { rank_update::update::<Portable<f32, 16>>(o) }
+    // SAFETY: AVX-512F enabled here and present by our contract; operands forwarded.
+    unsafe { rank_update::update::<Avx512>(o) }
 }
 
-/// Merge update, f64, AVX-512F (8-lane portable vectors in `zmm` registers).
+/// Merge update, f64, AVX-512F (8 lanes in `zmm` registers).
 ///
 /// # Safety
 /// As [`update_avx512_f32`].
 #[target_feature(enable = "avx512f")]
+#[inline(never)]
 pub(super) unsafe fn update_avx512_f64(o: &Operands<f64>) {
-    // SAFETY: `Portable` needs no particular CPU feature; operands forwarded.
-    unsafe { rank_update::update::<Portable<f64, 8>>(o) }
+    // SAFETY: AVX-512F enabled here and present by our contract; operands forwarded.
+    unsafe { rank_update::update::<Avx512F64>(o) }
 }
 
-/// Test-only: the AVX-512 f32 update body (16 lanes) compiled for AVX2+FMA, so hosts without
-/// AVX-512 still run its tile and tail logic.
+/// Test-only: the AVX-512 f32 update's width (16 lanes, portable vectors) compiled for
+/// AVX2+FMA, so that hosts without AVX-512 still run its tile and tail logic.
 ///
 /// # Safety
 /// As [`update_avx2_f32`].
@@ -188,7 +230,7 @@ pub(super) unsafe fn update_width16_on_avx2_f32(o: &Operands<f32>) {
     unsafe { rank_update::update::<Portable<f32, 16>>(o) }
 }
 
-/// Test-only: the AVX-512 f64 update body (8 lanes) compiled for AVX2+FMA.
+/// Test-only: the AVX-512 f64 update's width (8 lanes) compiled for AVX2+FMA.
 ///
 /// # Safety
 /// As [`update_avx2_f64`].
