@@ -1,0 +1,217 @@
+//! Machine-code audit of the x86-64 SIMD kernels, runnable on any x86-64 machine (whatever
+//! ISA the CPU itself has): disassembles this test's own executable with `objdump -d -C`
+//! (binutils; set `OBJDUMP` to use another binary), finds each kernel in [`KERNELS`] by its
+//! demangled name and checks its instructions:
+//!
+//! * no kernel holds a gather or scatter (`vgather*`, `vpgather*`, `vscatter*`,
+//!   `vpscatter*`): a kernel that streams contiguous rows has no use for them, and their
+//!   presence means the compiler turned lane-wise code into per-element memory accesses;
+//! * an AVX-512 kernel holds FMAs on `zmm` registers, an AVX2 kernel FMAs on `ymm` registers.
+//!
+//! It also fails when the executable holds a function of `ndlora::simd::x86` that the table
+//! does not list, so a new kernel cannot go unaudited. Run with `--nocapture` to see the
+//! table of what was audited.
+#![cfg(target_arch = "x86_64")]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use ndarray::Array2;
+use ndlora::{LoraConfig, LoraLayer, MicroLora, SimdLevel};
+
+/// The instruction set a kernel is compiled for, which says what its FMAs must look like.
+#[derive(Clone, Copy, Debug)]
+enum Isa {
+    /// `#[target_feature(enable = "avx2,fma")]`: FMAs on `ymm` registers.
+    Avx2,
+    /// `#[target_feature(enable = "avx512f")]`: FMAs on `zmm` registers.
+    Avx512,
+}
+
+/// Every x86-64 kernel, by demangled symbol. A new kernel is one line here (and, if no
+/// public call in [`link_kernels`] reaches it yet, one call there so it is linked in).
+const KERNELS: &[(&str, Isa)] = &[
+    ("ndlora::simd::x86::forward_avx2_fma", Isa::Avx2),
+    ("ndlora::simd::x86::forward_avx512f", Isa::Avx512),
+    ("ndlora::simd::x86::update_avx2_f32", Isa::Avx2),
+    ("ndlora::simd::x86::update_avx2_f64", Isa::Avx2),
+    ("ndlora::simd::x86::update_avx512_f32", Isa::Avx512),
+    ("ndlora::simd::x86::update_avx512_f64", Isa::Avx512),
+];
+
+/// Functions under this path must all be in [`KERNELS`].
+const KERNEL_MODULE: &str = "ndlora::simd::x86::";
+
+/// Calls the public entry points that dispatch to the kernels, so that the linker keeps
+/// every kernel in this executable (the dispatch tables refer to all of them, whichever
+/// the CPU runs). The results do not matter here; other tests check them.
+fn link_kernels() {
+    let lora = MicroLora::new(16, 2);
+    let mut y = [0.0_f32; 16];
+    for level in SimdLevel::ALL {
+        let _ = lora.forward_with(level, &[1.0; 16], &mut y);
+    }
+    let config = LoraConfig {
+        rank: 2,
+        ..Default::default()
+    };
+    let mut layer = LoraLayer::new(Array2::<f32>::zeros((8, 40)), config.clone()).unwrap();
+    layer.weight_b_mut().unwrap().fill(0.5);
+    layer.merge().unwrap();
+    let mut layer = LoraLayer::new(Array2::<f64>::zeros((8, 40)), config).unwrap();
+    layer.weight_b_mut().unwrap().fill(0.5);
+    layer.merge().unwrap();
+}
+
+/// The mnemonic and operands of one disassembled instruction line, if it is one
+/// (`  4011d0:\tvfmadd231ps %zmm1,%zmm2,%zmm3` with `--no-show-raw-insn`).
+fn instruction(line: &str) -> Option<&str> {
+    let (address, text) = line.split_once(":\t")?;
+    let address = address.trim();
+    (!address.is_empty() && address.bytes().all(|b| b.is_ascii_hexdigit())).then(|| text.trim())
+}
+
+/// Instructions of every function of the executable whose name is a kernel or lies in
+/// [`KERNEL_MODULE`], by name as `objdump -C` prints it (the path without its hash, for
+/// legacy and v0 mangling alike); a name may occur more than once.
+fn disassemble() -> BTreeMap<String, Vec<Vec<String>>> {
+    let exe = std::env::current_exe().expect("path of the test executable");
+    let objdump = std::env::var("OBJDUMP").unwrap_or_else(|_| "objdump".to_owned());
+    let mut child = Command::new(&objdump)
+        .args(["-d", "-C", "--no-show-raw-insn", "-j", ".text"])
+        .arg(&exe)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "the codegen audit needs `{objdump}` (GNU binutils; install the `binutils` \
+                 package or set OBJDUMP) and could not run it: {e}"
+            )
+        });
+    let mut functions: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.expect("objdump output is text");
+        // A function starts with `0000000000401000 <name>:`.
+        if let Some(name) = line
+            .strip_suffix(">:")
+            .and_then(|l| l.split_once(" <"))
+            .filter(|(addr, _)| addr.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(|(_, name)| name.to_owned())
+        {
+            let wanted = name.starts_with(KERNEL_MODULE) || KERNELS.iter().any(|(k, _)| *k == name);
+            current = wanted.then(|| {
+                functions.entry(name.clone()).or_default().push(Vec::new());
+                name
+            });
+        } else if let (Some(name), Some(insn)) = (&current, instruction(&line)) {
+            let bodies = functions.get_mut(name).unwrap();
+            bodies.last_mut().unwrap().push(insn.to_owned());
+        }
+    }
+    let status = child.wait().expect("objdump ran");
+    assert!(
+        status.success(),
+        "`{objdump} -d {}` failed: {status}",
+        exe.display()
+    );
+    functions
+}
+
+/// What one function holds, and what the audit makes of it.
+struct Finding {
+    instructions: usize,
+    gathers: usize,
+    zmm_fmas: usize,
+    ymm_fmas: usize,
+}
+
+impl Finding {
+    fn of(body: &[String]) -> Finding {
+        let mnemonic = |i: &String| i.split_whitespace().next().unwrap_or("").to_owned();
+        let is_gather = |m: &str| {
+            ["vgather", "vpgather", "vscatter", "vpscatter"]
+                .iter()
+                .any(|p| m.starts_with(p))
+        };
+        let is_fma = |m: &str| {
+            ["vfmadd", "vfmsub", "vfnmadd", "vfnmsub"]
+                .iter()
+                .any(|p| m.starts_with(p))
+        };
+        let fmas_on = |reg: &str| {
+            body.iter()
+                .filter(|i| is_fma(&mnemonic(i)) && i.contains(reg))
+                .count()
+        };
+        Finding {
+            instructions: body.len(),
+            gathers: body.iter().filter(|i| is_gather(&mnemonic(i))).count(),
+            zmm_fmas: fmas_on("%zmm"),
+            ymm_fmas: fmas_on("%ymm"),
+        }
+    }
+
+    /// Why the function fails the audit for `isa`, if it does.
+    fn problem(&self, isa: Isa) -> Option<String> {
+        if self.gathers > 0 {
+            return Some(format!("{} gather/scatter instructions", self.gathers));
+        }
+        match isa {
+            Isa::Avx512 if self.zmm_fmas == 0 => Some("no FMA on zmm registers".to_owned()),
+            Isa::Avx2 if self.ymm_fmas == 0 => Some("no FMA on ymm registers".to_owned()),
+            _ => None,
+        }
+    }
+}
+
+#[test]
+fn simd_kernels_compile_to_the_intended_instructions() {
+    link_kernels();
+    let functions = disassemble();
+    let mut report = vec![format!(
+        "{:<40} {:>6} {:>6} {:>8} {:>8} {:>8}  verdict",
+        "kernel", "isa", "insns", "gathers", "zmm-fma", "ymm-fma"
+    )];
+    let mut failures = Vec::new();
+    for &(name, isa) in KERNELS {
+        let Some(bodies) = functions.get(name) else {
+            failures.push(format!(
+                "{name}: not in {} (renamed? add a call reaching it to link_kernels)",
+                std::env::current_exe().unwrap().display()
+            ));
+            continue;
+        };
+        for body in bodies {
+            let f = Finding::of(body);
+            let problem = f.problem(isa);
+            report.push(format!(
+                "{name:<40} {:>6} {:>6} {:>8} {:>8} {:>8}  {}",
+                format!("{isa:?}").to_lowercase(),
+                f.instructions,
+                f.gathers,
+                f.zmm_fmas,
+                f.ymm_fmas,
+                problem.as_deref().unwrap_or("ok")
+            ));
+            if let Some(problem) = problem {
+                failures.push(format!("{name} ({isa:?}): {problem}"));
+            }
+        }
+    }
+    for name in functions.keys() {
+        if !KERNELS.iter().any(|(k, _)| k == name) {
+            failures.push(format!(
+                "{name}: a function of {KERNEL_MODULE} not listed in KERNELS"
+            ));
+        }
+    }
+    let report = report.join("\n");
+    assert!(
+        failures.is_empty(),
+        "codegen audit failed:\n  {}\n\n{report}",
+        failures.join("\n  ")
+    );
+    println!("codegen audit passed:\n{report}");
+}
