@@ -127,6 +127,7 @@ pub mod peft;
 ))]
 extern crate blas_src;
 
+mod aligned;
 mod backend;
 mod blas;
 mod check;

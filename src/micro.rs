@@ -4,6 +4,7 @@
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::aligned::aligned_standard;
 use crate::check::{
     check_finite, check_finite_slice, check_learning_rate, check_len, check_shape, check_width,
 };
@@ -87,11 +88,11 @@ impl LearningSignal {
 ///
 /// [`accumulate_gradient`]: MicroLora::accumulate_gradient
 /// [`apply_accumulated`]: MicroLora::apply_accumulated
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct MicroLora {
-    /// D (r×H), standard layout.
+    /// D (r×H), standard layout, on a cache-line boundary (`aligned_standard`).
     down: Array2<f32>,
-    /// U (r×H), standard layout.
+    /// U (r×H), standard layout, on a cache-line boundary.
     up: Array2<f32>,
     scale: f32,
     /// Σ ∂/∂D over pending signals (r×H).
@@ -167,16 +168,9 @@ impl MicroLora {
 
     fn assemble(down: Array2<f32>, up: Array2<f32>, scale: f32) -> Self {
         let dim = down.raw_dim();
-        let standard = |m: Array2<f32>| {
-            if m.is_standard_layout() {
-                m
-            } else {
-                m.as_standard_layout().into_owned()
-            }
-        };
         Self {
-            down: standard(down),
-            up: standard(up),
+            down: aligned_standard(down),
+            up: aligned_standard(up),
             scale,
             grad_down: Array2::zeros(dim),
             grad_up: Array2::zeros(dim),
@@ -476,7 +470,8 @@ impl MicroLora {
     /// # Ok::<(), ndlora::LoraError>(())
     /// ```
     pub fn reset(&mut self) {
-        self.down = initial_down(self.rank(), self.hidden_dim());
+        let initial = initial_down(self.rank(), self.hidden_dim());
+        self.down.assign(&initial);
         self.up.fill(0.0);
         self.clear_gradients();
     }
@@ -621,6 +616,21 @@ impl MicroLora {
                 input.len(),
                 output.len()
             );
+        }
+    }
+}
+
+impl Clone for MicroLora {
+    /// A copy with its factors on a cache-line boundary again (a derived clone would copy
+    /// them to wherever the allocator puts them).
+    fn clone(&self) -> Self {
+        Self {
+            down: aligned_standard(self.down.clone()),
+            up: aligned_standard(self.up.clone()),
+            scale: self.scale,
+            grad_down: self.grad_down.clone(),
+            grad_up: self.grad_up.clone(),
+            pending: self.pending,
         }
     }
 }
