@@ -1,0 +1,501 @@
+//! PEFT LoRA adapter files in and out.
+//!
+//! Hugging Face PEFT saves a LoRA adapter as a directory with two files:
+//!
+//! * `adapter_config.json`: `peft_type: "LORA"`, the rank `r`, `lora_alpha`, `use_rslora`,
+//!   per-module overrides `rank_pattern` / `alpha_pattern`, `target_modules`, … ([`PeftConfig`]);
+//! * `adapter_model.safetensors`: for each adapted `nn.Linear` at module path `M`, the tensors
+//!   `base_model.model.M.lora_A.weight` (r×in) and `base_model.model.M.lora_B.weight` (out×r).
+//!
+//! [`PeftAdapter::load`] reads such a directory (tensors in F32, F64, F16 or BF16, converted to
+//! the float type `A`); [`PeftAdapter::to_layer`] joins one module's factors with the base
+//! weight (and bias) you supply into a [`LoraLayer`] that computes what PEFT computes:
+//!
+//! * scaling s = α/r, or α/√r with `use_rslora`, where r and α are the module's own
+//!   (`rank_pattern` / `alpha_pattern` override the global `r` / `lora_alpha` for module paths
+//!   that match a key as the regex `(.*\.)?KEY$`, first matching key in file order wins);
+//! * Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ; merged, W ← W + s·B A (b unchanged).
+//!
+//! The other way, [`PeftAdapter::from_layers`] collects trained layers and
+//! [`PeftAdapter::save`] writes the two files with PEFT's key names and config fields (format of
+//! PEFT [`PEFT_FORMAT_VERSION`]), so `PeftModel.from_pretrained(base, dir)` loads them.
+//!
+//! Features that would change the math and that ndlora does not implement are refused with
+//! [`LoraError::PeftUnsupported`] rather than silently ignored: `peft_type` other than `LORA`,
+//! `bias` other than `"none"`, and any of [`UNSUPPORTED_FIELDS`] set (DoRA, LoRA bias, QALoRA,
+//! layer replication, aLoRA, Arrow, BD-LoRA, target parameters, trainable tokens,
+//! modules to save, MonteCLoRA, VeLoRA, KaSA). Init-only options (`init_lora_weights`, LoftQ,
+//! EVA, CorDA, LoRA-GA configs) do not change a trained adapter's forward and are accepted.
+//!
+//! ## Example
+//!
+//! ```
+//! use ndarray::Array2;
+//! use ndlora::peft::PeftAdapter;
+//! use ndlora::{LoraConfig, LoraLayer};
+//!
+//! // A "trained" layer: W (6×4) with rank-2 factors and s = 16/2 = 8.
+//! let w = Array2::<f32>::from_shape_fn((6, 4), |(i, j)| (i as f32 - j as f32) * 0.1);
+//! let a = Array2::from_shape_fn((2, 4), |(i, j)| ((i + j) as f32 * 0.3).sin());
+//! let b = Array2::from_shape_fn((6, 2), |(i, j)| ((i * 2 + j) as f32 * 0.2).cos());
+//! let config = LoraConfig { rank: 2, alpha: 16.0, ..Default::default() };
+//! let layer = LoraLayer::from_parts(w.clone(), a, b, config)?;
+//!
+//! // Save it as a PEFT adapter for module `layers.0.q_proj`…
+//! let dir = std::env::temp_dir().join(format!("ndlora-peft-doc-{}", std::process::id()));
+//! PeftAdapter::from_layers([("layers.0.q_proj", &layer)])?.save(&dir)?;
+//!
+//! // …and load it back, as PEFT (or ndlora) would.
+//! let adapter = PeftAdapter::<f32>::load(&dir)?;
+//! assert_eq!(adapter.module_names(), ["layers.0.q_proj"]);
+//! assert_eq!(adapter.rank("layers.0.q_proj")?, 2);
+//! assert_eq!(adapter.scaling("layers.0.q_proj")?, 8.0);
+//! let loaded = adapter.to_layer("layers.0.q_proj", w, None)?;
+//! let x = Array2::<f32>::ones((3, 4));
+//! assert_eq!(loaded.forward(x.view())?, layer.forward(x.view())?);
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok::<(), ndlora::LoraError>(())
+//! ```
+
+mod config;
+mod tensors;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use ndarray::{Array1, Array2, ArrayView2};
+use serde_json::{Map, Value};
+
+pub use config::{PeftConfig, TargetModules, UNSUPPORTED_FIELDS};
+
+use crate::config::{LoraConfig, LoraInit};
+use crate::error::{shape_str, LoraError, Result};
+use crate::float::LoraFloat;
+use crate::layer::LoraLayer;
+use config::{alpha_json, peft_config_json, scaling_of};
+use tensors::{key_of, read_halves, valid_module_name, write_safetensors, Factor};
+
+/// The config file's name in an adapter directory.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+
+/// The tensor file's name in an adapter directory.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// The prefix PEFT puts before every module path in a tensor key (`PeftModel.base_model.model`).
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// The PEFT version whose file format [`PeftAdapter::save`] writes, recorded as `peft_version`.
+pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
+/// One adapted module: its factors and the r, α it was configured with.
+#[derive(Debug, Clone, PartialEq)]
+struct Module<A> {
+    a: Array2<A>,
+    b: Array2<A>,
+}
+
+/// A PEFT LoRA adapter: a [`PeftConfig`] and, per adapted module, the factors A (r×in) and
+/// B (out×r) in float type `A`. See the [module docs](self) for the file format and an example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeftAdapter<A: LoraFloat> {
+    config: PeftConfig,
+    modules: BTreeMap<String, Module<A>>,
+}
+
+/// The most frequent value (ties: the first one seen) — used for the global r and α.
+fn most_common<T: Copy, K: Eq + std::hash::Hash>(values: &[T], key: impl Fn(T) -> K) -> T {
+    let mut counts: HashMap<K, usize> = HashMap::new();
+    for &v in values {
+        *counts.entry(key(v)).or_default() += 1;
+    }
+    let best = values.iter().map(|&v| counts[&key(v)]).max().unwrap_or(0);
+    *values
+        .iter()
+        .find(|&&v| counts[&key(v)] == best)
+        .expect("values is not empty")
+}
+
+impl<A: LoraFloat> PeftAdapter<A> {
+    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
+    ///
+    /// Every tensor must be a `lora_A` / `lora_B` weight of some module (keys with or without
+    /// the adapter name `default`), 2-D, non-empty, finite after conversion to `A`, in F32,
+    /// F64, F16 or BF16; each module needs both, with A r×in and B out×r where r is the
+    /// module's rank from the config. Errors name the file, field, tensor or module at fault;
+    /// corrupt, truncated or hostile files are errors, never panics (the safetensors header is
+    /// validated against the file's real length before any tensor is read).
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config_path = dir.join(CONFIG_FILE);
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| LoraError::io(&config_path, &e))?;
+        let config = PeftConfig::from_json_str(&text).map_err(|e| match e {
+            LoraError::Parse {
+                format, message, ..
+            } => LoraError::Parse {
+                path: config_path.display().to_string(),
+                format,
+                message,
+            },
+            other => other,
+        })?;
+
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let bytes = std::fs::read(&weights_path).map_err(|e| LoraError::io(&weights_path, &e))?;
+        Self::from_config_and_bytes(config, &bytes, &weights_path.display().to_string())
+    }
+
+    /// Like [`load`](Self::load), from the two files' contents already in memory: the text of
+    /// `adapter_config.json` and the bytes of `adapter_model.safetensors`.
+    pub fn from_bytes(config_json: &str, safetensors: &[u8]) -> Result<Self> {
+        let config = PeftConfig::from_json_str(config_json)?;
+        Self::from_config_and_bytes(config, safetensors, WEIGHTS_FILE)
+    }
+
+    fn from_config_and_bytes(config: PeftConfig, bytes: &[u8], path: &str) -> Result<Self> {
+        let halves = read_halves::<A>(bytes, path)?;
+        if halves.is_empty() {
+            return Err(LoraError::MissingTensor {
+                name: key_of("<module>", Factor::A),
+            });
+        }
+        let mut modules = BTreeMap::new();
+        for (module, pair) in halves {
+            let (a, b) = match pair {
+                (Some(a), Some(b)) => (a, b),
+                (None, _) => {
+                    return Err(LoraError::MissingTensor {
+                        name: key_of(&module, Factor::A),
+                    })
+                }
+                (_, None) => {
+                    return Err(LoraError::MissingTensor {
+                        name: key_of(&module, Factor::B),
+                    })
+                }
+            };
+            let r = config.rank_for(&module);
+            let mismatch = match (a.nrows() == r, b.ncols() == r) {
+                (true, true) => None,
+                (false, _) => Some((
+                    "lora_A (rank from the config)",
+                    a.shape(),
+                    format!("[{r}, _]"),
+                )),
+                (_, false) => Some((
+                    "lora_B (rank from the config)",
+                    b.shape(),
+                    format!("[_, {r}]"),
+                )),
+            };
+            if let Some((what, got, expected)) = mismatch {
+                return Err(LoraError::ShapeMismatch {
+                    what,
+                    expected,
+                    got: shape_str(got),
+                }
+                .in_module(&module));
+            }
+            modules.insert(module, Module { a, b });
+        }
+        Ok(Self { config, modules })
+    }
+
+    /// The adapted modules' paths without the `base_model.model.` prefix (e.g.
+    /// `layers.0.q_proj`), sorted.
+    pub fn module_names(&self) -> Vec<String> {
+        self.modules.keys().cloned().collect()
+    }
+
+    /// Whether the adapter holds factors for `module`.
+    pub fn contains(&self, module: &str) -> bool {
+        self.modules.contains_key(module)
+    }
+
+    /// The parsed `adapter_config.json`.
+    pub fn config(&self) -> &PeftConfig {
+        &self.config
+    }
+
+    fn module(&self, module: &str) -> Result<&Module<A>> {
+        self.modules
+            .get(module)
+            .ok_or_else(|| LoraError::UnknownModule {
+                module: module.to_owned(),
+            })
+    }
+
+    /// The rank r of `module` (`rank_pattern` or `r`).
+    pub fn rank(&self, module: &str) -> Result<usize> {
+        Ok(self.module(module)?.a.nrows())
+    }
+
+    /// The α of `module` (`alpha_pattern` or `lora_alpha`).
+    pub fn alpha(&self, module: &str) -> Result<f64> {
+        self.module(module)?;
+        Ok(self.config.alpha_for(module))
+    }
+
+    /// The scaling s of `module`: α/r, or α/√r with `use_rslora`.
+    pub fn scaling(&self, module: &str) -> Result<f64> {
+        self.module(module)?;
+        Ok(self.config.scaling_for(module))
+    }
+
+    /// The factors (A, B) of `module`: A is r×in (`lora_A.weight`), B is out×r
+    /// (`lora_B.weight`).
+    pub fn factors(&self, module: &str) -> Result<(ArrayView2<'_, A>, ArrayView2<'_, A>)> {
+        let m = self.module(module)?;
+        Ok((m.a.view(), m.b.view()))
+    }
+
+    /// A [`LoraLayer`] for `module`: your base weight and bias with this adapter's factors,
+    /// rank, α and `use_rslora`; `dropout` = `lora_dropout`, unmerged. Its forward is PEFT's
+    /// Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ.
+    ///
+    /// `base_weight` is the base layer's weight as the model stores it: out×in
+    /// (`nn.Linear`), or in×out when the config has `fan_in_fan_out` (GPT-2's `Conv1D`), in
+    /// which case it is transposed here (the LoRA factors are stored out×r / r×in either way).
+    /// `bias`, if given, has length out.
+    ///
+    /// Errors: unknown module, a base weight whose shape does not fit the factors, a bias of
+    /// the wrong length, non-finite values, or a config `LoraLayer` does not support (rank
+    /// above min(in, out), which PEFT allows, or `lora_dropout` = 1).
+    pub fn to_layer(
+        &self,
+        module: &str,
+        base_weight: Array2<A>,
+        bias: Option<Array1<A>>,
+    ) -> Result<LoraLayer<A>> {
+        let m = self.module(module)?;
+        let (d, k) = (m.b.nrows(), m.a.ncols());
+        let expected = if self.config.fan_in_fan_out() {
+            [k, d]
+        } else {
+            [d, k]
+        };
+        if base_weight.shape() != expected {
+            return Err(LoraError::ShapeMismatch {
+                what: if self.config.fan_in_fan_out() {
+                    "base_weight (in×out, fan_in_fan_out)"
+                } else {
+                    "base_weight (out×in)"
+                },
+                expected: shape_str(&expected),
+                got: shape_str(base_weight.shape()),
+            }
+            .in_module(module));
+        }
+        let w = if self.config.fan_in_fan_out() {
+            base_weight
+                .reversed_axes()
+                .as_standard_layout()
+                .into_owned()
+        } else {
+            base_weight
+        };
+        let config = LoraConfig {
+            rank: m.a.nrows(),
+            alpha: self.config.alpha_for(module),
+            dropout: self.config.lora_dropout(),
+            use_rslora: self.config.use_rslora(),
+            init: LoraInit::KaimingUniform,
+            ..LoraConfig::default()
+        };
+        let layer = LoraLayer::from_parts(w, m.a.clone(), m.b.clone(), config)
+            .map_err(|e| e.in_module(module))?;
+        match bias {
+            Some(b) => layer.with_bias(b).map_err(|e| e.in_module(module)),
+            None => Ok(layer),
+        }
+    }
+
+    /// An adapter from trained layers, keyed by module path (e.g. `layers.0.q_proj`, the
+    /// path in the base model PEFT will see), ready to [`save`](Self::save).
+    ///
+    /// The config gets PEFT's fields: `r` and `lora_alpha` are the most common rank and α
+    /// among the layers, and modules that differ get `rank_pattern` / `alpha_pattern` entries
+    /// keyed by their path (longest first, so that a key cannot capture a longer path that
+    /// ends with it); `use_rslora` is the most common setting, and a layer with the other
+    /// setting is expressed through its α; `target_modules` lists the paths; `lora_dropout`
+    /// is the largest layer dropout. A layer whose scaling was changed with
+    /// [`LoraLayer::set_scaling`] is saved with the α that gives that scaling.
+    ///
+    /// Errors (naming the module): no layers, an invalid or duplicate path, a merged layer
+    /// (its W already holds s·B A, so the factors no longer describe a change to the base a
+    /// PEFT user would load them onto: unmerge it first), or a scaling that no α reproduces
+    /// exactly as PEFT computes α/r (or α/√r).
+    pub fn from_layers<'a, I>(layers: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = (&'a str, &'a LoraLayer<A>)>,
+    {
+        let mut collected: BTreeMap<String, &LoraLayer<A>> = BTreeMap::new();
+        for (name, layer) in layers {
+            if !valid_module_name(name) {
+                return Err(LoraError::InvalidValue {
+                    what: "module path",
+                    expected: "a non-empty dot-separated path without empty components",
+                    got: format!("{name:?}"),
+                });
+            }
+            if layer.is_merged() {
+                return Err(LoraError::MergeState {
+                    operation: "PeftAdapter::from_layers",
+                    expected: false,
+                }
+                .in_module(name));
+            }
+            if collected.insert(name.to_owned(), layer).is_some() {
+                return Err(LoraError::InvalidValue {
+                    what: "module path",
+                    expected: "each module once",
+                    got: format!("{name:?} twice"),
+                });
+            }
+        }
+        if collected.is_empty() {
+            return Err(LoraError::InvalidValue {
+                what: "layers",
+                expected: "at least one layer",
+                got: "none".into(),
+            });
+        }
+        let entries: Vec<(&str, &LoraLayer<A>)> =
+            collected.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+        let flags: Vec<bool> = entries.iter().map(|(_, l)| l.config().use_rslora).collect();
+        let use_rslora = most_common(&flags, |f| f);
+
+        // Per module: rank and the α that gives its scaling under the global use_rslora.
+        let mut specs: Vec<(usize, f64)> = Vec::with_capacity(entries.len());
+        for &(name, layer) in &entries {
+            let (r, s, config) = (layer.rank(), layer.scaling(), layer.config());
+            let alpha =
+                if config.use_rslora == use_rslora && config.scaling().to_bits() == s.to_bits() {
+                    config.alpha
+                } else if use_rslora {
+                    s * (r as f64).sqrt()
+                } else {
+                    s * r as f64
+                };
+            if scaling_of(alpha, r, use_rslora).to_bits() != s.to_bits() {
+                return Err(LoraError::InvalidValue {
+                    what: "scaling",
+                    expected: "α/r (or α/√r with rsLoRA) for some α, as PEFT computes it",
+                    got: s.to_string(),
+                }
+                .in_module(name));
+            }
+            specs.push((r, alpha));
+        }
+        let ranks: Vec<usize> = specs.iter().map(|s| s.0).collect();
+        let alphas: Vec<f64> = specs.iter().map(|s| s.1).collect();
+        let r = most_common(&ranks, |r| r);
+        let lora_alpha = most_common(&alphas, f64::to_bits);
+
+        // Pattern entries for the modules that differ, then for any module a key captured by
+        // mistake, until every module resolves to its own (r, α).
+        let mut rank_keys: Vec<usize> = Vec::new();
+        let mut alpha_keys: Vec<usize> = Vec::new();
+        for (i, &(mr, ma)) in specs.iter().enumerate() {
+            if mr != r {
+                rank_keys.push(i);
+            }
+            if ma.to_bits() != lora_alpha.to_bits() {
+                alpha_keys.push(i);
+            }
+        }
+        let by_length = |keys: &mut Vec<usize>| {
+            keys.sort_by(|&x, &y| {
+                entries[y]
+                    .0
+                    .len()
+                    .cmp(&entries[x].0.len())
+                    .then(entries[x].0.cmp(entries[y].0))
+            });
+            keys.dedup();
+        };
+        let build = |rank_keys: &[usize], alpha_keys: &[usize]| -> Result<PeftConfig> {
+            let rank_pattern: Map<String, Value> = rank_keys
+                .iter()
+                .map(|&i| (entries[i].0.to_owned(), Value::from(specs[i].0)))
+                .collect();
+            let alpha_pattern: Map<String, Value> = alpha_keys
+                .iter()
+                .map(|&i| (entries[i].0.to_owned(), alpha_json(specs[i].1)))
+                .collect();
+            let dropout = entries
+                .iter()
+                .map(|(_, l)| l.config().dropout)
+                .fold(0.0, f64::max);
+            let targets: Vec<Value> = entries.iter().map(|(n, _)| Value::from(*n)).collect();
+            PeftConfig::from_map(peft_config_json(
+                r,
+                lora_alpha,
+                use_rslora,
+                dropout,
+                rank_pattern,
+                alpha_pattern,
+                targets,
+            ))
+        };
+        let mut config;
+        loop {
+            by_length(&mut rank_keys);
+            by_length(&mut alpha_keys);
+            config = build(&rank_keys, &alpha_keys)?;
+            let mut changed = false;
+            for (i, &(name, _)) in entries.iter().enumerate() {
+                let (mr, ma) = specs[i];
+                if config.rank_for(name) != mr && !rank_keys.contains(&i) {
+                    rank_keys.push(i);
+                    changed = true;
+                }
+                if config.alpha_for(name).to_bits() != ma.to_bits() && !alpha_keys.contains(&i) {
+                    alpha_keys.push(i);
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        let mut modules = BTreeMap::new();
+        for (i, &(name, layer)) in entries.iter().enumerate() {
+            let (mr, ma) = specs[i];
+            if config.rank_for(name) != mr || config.alpha_for(name).to_bits() != ma.to_bits() {
+                return Err(LoraError::InvalidValue {
+                    what: "module path",
+                    expected: "a path no rank_pattern/alpha_pattern key of another module captures",
+                    got: format!("{name:?}"),
+                }
+                .in_module(name));
+            }
+            modules.insert(
+                name.to_owned(),
+                Module {
+                    a: layer.weight_a().to_owned(),
+                    b: layer.weight_b().to_owned(),
+                },
+            );
+        }
+        Ok(Self { config, modules })
+    }
+
+    /// Writes `dir/adapter_config.json` (the config's JSON, keys as PEFT writes them) and
+    /// `dir/adapter_model.safetensors` (keys `base_model.model.<module>.lora_A.weight` /
+    /// `.lora_B.weight` without adapter name, dtype F32 or F64 as `A`, metadata
+    /// `{"format": "pt"}`), creating `dir` if needed. The tensor file is written to a
+    /// temporary file and renamed into place.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| LoraError::io(dir, &e))?;
+        write_safetensors(
+            &dir.join(WEIGHTS_FILE),
+            self.modules
+                .iter()
+                .map(|(name, m)| (name.as_str(), m.a.view(), m.b.view())),
+        )?;
+        let config_path = dir.join(CONFIG_FILE);
+        std::fs::write(&config_path, self.config.to_json_string())
+            .map_err(|e| LoraError::io(&config_path, &e))
+    }
+}
