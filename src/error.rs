@@ -111,6 +111,47 @@ pub enum LoraError {
         /// The parser's message.
         message: String,
     },
+    /// A path that must name a regular file names something else (after following symbolic
+    /// links): a directory, a FIFO, a character or block device, or a socket. It was not read:
+    /// a FIFO can block a reader forever and a device such as `/dev/zero` never ends.
+    #[error("{path} is {kind}, not a regular file")]
+    NotAFile {
+        /// The path as given (a symbolic link is named, not its target).
+        path: String,
+        /// What it is, e.g. `"a directory"`, `"a FIFO"`, `"a character device"`.
+        kind: &'static str,
+    },
+    /// A file (or a document about to be written as one) larger than ndlora accepts for its
+    /// role, e.g. an `adapter_config.json` over
+    /// [`peft::MAX_CONFIG_SIZE`](crate::peft::MAX_CONFIG_SIZE). It was not read (or written).
+    #[error("{path} is {size} bytes, over the {limit}-byte limit for {what}")]
+    FileTooLarge {
+        /// The file.
+        path: String,
+        /// Its role, e.g. `"a PEFT adapter config"`.
+        what: &'static str,
+        /// Its size in bytes.
+        size: u64,
+        /// The largest size accepted.
+        limit: u64,
+    },
+    /// A regular expression in a PEFT config (a `rank_pattern` / `alpha_pattern` key, or
+    /// `target_modules`) whose compiled form would exceed a size limit: its own
+    /// ([`peft::PATTERN_SIZE_LIMIT`](crate::peft::PATTERN_SIZE_LIMIT)) or, with the keys
+    /// before it, the budget for the whole config
+    /// ([`peft::PATTERN_BUDGET`](crate::peft::PATTERN_BUDGET)). Compilation stops at the
+    /// limit, so such a config costs bounded time and memory.
+    #[error(
+        "PEFT config field `{field}`: the compiled pattern would exceed {limit} bytes ({scope})"
+    )]
+    PeftPatternTooLarge {
+        /// The field and key, e.g. `rank_pattern.layers\.\d+\.q_proj`.
+        field: String,
+        /// The limit in bytes that would be exceeded.
+        limit: usize,
+        /// `"the limit for one pattern"` or `"the budget for all patterns of the config"`.
+        scope: &'static str,
+    },
     /// A field of a PEFT `adapter_config.json` is missing or has a value of the wrong type or
     /// out of its domain.
     #[error("PEFT config field `{field}`: expected {expected}, got {got}")]

@@ -3,11 +3,49 @@
 //! ([`UNSUPPORTED_FIELDS`]) and the document [`PeftAdapter::save`](super::PeftAdapter::save)
 //! writes.
 
-use regex::Regex;
+use regex_automata::util::syntax;
+use regex_automata::{meta, MatchKind};
 use serde_json::{Map, Value};
 
 use super::{CONFIG_FILE, PEFT_FORMAT_VERSION};
 use crate::error::{LoraError, Result};
+
+/// The largest `adapter_config.json` accepted, in bytes (4 MiB). PEFT's own configs are a few
+/// KiB; one that lists a `rank_pattern` entry for each of thousands of modules stays far below
+/// this. The limit bounds what parsing a hostile config can cost (the JSON tree of a 4 MiB
+/// document takes at most ~0.2 GB; see the README's *Hardening* section for measurements).
+/// [`PeftAdapter::load`](super::PeftAdapter::load) refuses a larger file before reading it,
+/// [`PeftConfig::from_json_str`] a longer text, and
+/// [`PeftAdapter::from_layers`](super::PeftAdapter::from_layers) a config it would write
+/// larger, all with [`LoraError::FileTooLarge`].
+pub const MAX_CONFIG_SIZE: u64 = 4 << 20;
+
+/// The longest `rank_pattern` / `alpha_pattern` key (or `target_modules` string) compiled as a
+/// regular expression, in bytes. Parsing a pattern costs time and memory before its compiled
+/// size can be checked (a Unicode class such as `\w` expands to hundreds of ranges), so the
+/// source is bounded too. Keys made only of ASCII letters, digits, `_` and `.` (module paths,
+/// as [`PeftAdapter::from_layers`](super::PeftAdapter::from_layers) writes them) are matched
+/// without a regex and are not subject to this limit nor to [`PATTERN_BUDGET`].
+pub const PATTERN_MAX_LEN: usize = 512;
+
+/// The largest compiled form of one pattern, in bytes (the regex engine's
+/// `RegexBuilder::size_limit`, which bounds its NFA and one-pass DFA; 1 MiB). Compilation
+/// stops as soon as it is exceeded.
+pub const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
+/// The largest cache of the lazy DFA each pattern uses when matching, in bytes (the regex
+/// engine's `RegexBuilder::dfa_size_limit`; 16 KiB, for each search direction). A pattern that
+/// needs more falls back to the engine's NFA simulation, still linear in the module path's
+/// length.
+pub const PATTERN_DFA_SIZE_LIMIT: usize = 16 << 10;
+
+/// The budget for all regular-expression keys of one config (`rank_pattern` and
+/// `alpha_pattern` together), in bytes (8 MiB). Each key is charged its compiled size as the
+/// regex engine reports it plus twice [`PATTERN_DFA_SIZE_LIMIT`] for its match caches; the key
+/// that would go over the budget is refused with [`LoraError::PeftPatternTooLarge`]. With the
+/// other limits this bounds the time and memory a config's patterns can take, at load and at
+/// every match.
+pub const PATTERN_BUDGET: usize = 8 << 20;
 
 /// Config fields that change what a LoRA adapter computes and that ndlora does not implement.
 /// A config in which one of them holds anything but `null`, `false`, `[]` or `{}` is refused
@@ -47,14 +85,16 @@ impl TargetModules {
     /// [`Unspecified`](Self::Unspecified) and `"all-linear"` depend on the model and answer
     /// `true`.
     ///
-    /// Errors if the regex is not one the `regex` crate accepts (e.g. look-around).
+    /// Errors if the regex is not one the `regex` crate accepts (e.g. look-around), or is
+    /// longer than [`PATTERN_MAX_LEN`] or compiles to more than [`PATTERN_SIZE_LIMIT`]
+    /// ([`LoraError::PeftPatternTooLarge`]).
     pub fn matches(&self, module: &str) -> Result<bool> {
         Ok(match self {
             Self::Unspecified => true,
             Self::List(names) => names.iter().any(|t| suffix_match(t, module)),
             Self::Regex(re) if re.eq_ignore_ascii_case("all-linear") => true,
             Self::Regex(re) => {
-                compile_regex("target_modules", &format!("^(?:{re})$"))?.is_match(module)
+                compile_regex("target_modules", re, &format!("^(?:{re})$"))?.is_match(module)
             }
         })
     }
@@ -68,12 +108,79 @@ fn suffix_match(key: &str, module: &str) -> bool {
             && module.as_bytes()[module.len() - key.len() - 1] == b'.')
 }
 
-fn compile_regex(field: &str, pattern: &str) -> Result<Regex> {
-    Regex::new(pattern).map_err(|_| LoraError::PeftConfigField {
+/// A key of ASCII letters, digits, `_` and `.` only: [`literal_match`] decides it.
+fn is_literal(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.')
+}
+
+/// PEFT's `re.match(rf"(.*\.)?({key})$", module)` for a key [`is_literal`] accepts, without a
+/// regex: a `.` of the key is the regex `.` (any one character but `\n`), every other character
+/// stands for itself. The key then matches exactly the last `key.len()` characters, and what
+/// precedes them must be empty or a `.*\.` (ending with `.`, no `\n`).
+fn literal_match(key: &str, module: &str) -> bool {
+    let mut chars = module.char_indices().rev();
+    let mut start = module.len();
+    for k in key.bytes().rev() {
+        match chars.next() {
+            Some((i, c)) if c == char::from(k) || (k == b'.' && c != '\n') => start = i,
+            _ => return false,
+        }
+    }
+    let prefix = &module[..start];
+    prefix.is_empty() || (prefix.ends_with('.') && !prefix.contains('\n'))
+}
+
+/// Compiles `pattern` (the user's `source`, wrapped) within [`PATTERN_MAX_LEN`],
+/// [`PATTERN_SIZE_LIMIT`] and [`PATTERN_DFA_SIZE_LIMIT`], with the `regex` crate's semantics
+/// (Unicode, UTF-8, leftmost-first). The bounded backtracker is off, so that a pattern's match
+/// caches are the lazy DFA's (bounded) and the NFA simulation's (linear in the NFA).
+fn compile_regex(field: &str, source: &str, pattern: &str) -> Result<meta::Regex> {
+    let too_large = |limit, scope| LoraError::PeftPatternTooLarge {
         field: field.to_owned(),
-        expected: "a regular expression in the syntax the regex crate supports",
-        got: Value::from(pattern).to_string(),
-    })
+        limit,
+        scope,
+    };
+    if source.len() > PATTERN_MAX_LEN {
+        return Err(too_large(
+            PATTERN_MAX_LEN,
+            "the source length limit for one pattern",
+        ));
+    }
+    meta::Builder::new()
+        .configure(
+            meta::Config::new()
+                .match_kind(MatchKind::LeftmostFirst)
+                .utf8_empty(true)
+                .nfa_size_limit(Some(PATTERN_SIZE_LIMIT))
+                .onepass_size_limit(Some(PATTERN_SIZE_LIMIT))
+                .hybrid_cache_capacity(PATTERN_DFA_SIZE_LIMIT)
+                .backtrack(false),
+        )
+        .syntax(syntax::Config::new().utf8(true))
+        .build(pattern)
+        .map_err(|e| match e.size_limit() {
+            Some(_) => too_large(
+                PATTERN_SIZE_LIMIT,
+                "the compiled-size limit for one pattern",
+            ),
+            None => LoraError::PeftConfigField {
+                field: field.to_owned(),
+                expected: "a regular expression in the syntax the regex crate supports",
+                got: Value::from(pattern).to_string(),
+            },
+        })
+}
+
+/// What a `rank_pattern` / `alpha_pattern` key matches with.
+#[derive(Debug, Clone)]
+enum Matcher {
+    /// [`literal_match`].
+    Literal,
+    /// `^(?:.*\.)?(?:KEY)$`.
+    Regex(meta::Regex),
 }
 
 /// One `rank_pattern` / `alpha_pattern` key and how to match it.
@@ -81,29 +188,39 @@ fn compile_regex(field: &str, pattern: &str) -> Result<Regex> {
 struct Pattern<T> {
     key: String,
     value: T,
-    /// `None` when the key is a plain identifier: then `(.*\.)?KEY$` is the suffix rule.
-    regex: Option<Regex>,
+    matcher: Matcher,
 }
 
 impl<T> Pattern<T> {
-    fn new(field: &str, key: String, value: T) -> Result<Self> {
-        let plain = !key.is_empty() && key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
-        let regex = if plain {
-            None
+    /// `budget`: what is left of [`PATTERN_BUDGET`]; a regex key takes its share.
+    fn new(field: &str, key: String, value: T, budget: &mut usize) -> Result<Self> {
+        let matcher = if is_literal(&key) {
+            Matcher::Literal
         } else {
-            Some(compile_regex(
-                &format!("{field}.{key}"),
-                &format!(r"^(?:.*\.)?(?:{key})$"),
-            )?)
+            let name = format!("{field}.{key}");
+            let re = compile_regex(&name, &key, &format!(r"^(?:.*\.)?(?:{key})$"))?;
+            let cost = re.memory_usage() + 2 * PATTERN_DFA_SIZE_LIMIT;
+            *budget = budget
+                .checked_sub(cost)
+                .ok_or(LoraError::PeftPatternTooLarge {
+                    field: name,
+                    limit: PATTERN_BUDGET,
+                    scope: "the budget for all patterns of the config",
+                })?;
+            Matcher::Regex(re)
         };
-        Ok(Self { key, value, regex })
+        Ok(Self {
+            key,
+            value,
+            matcher,
+        })
     }
 
     /// PEFT's `re.match(rf"(.*\.)?({key})$", module)`.
     fn matches(&self, module: &str) -> bool {
-        match &self.regex {
-            None => suffix_match(&self.key, module),
-            Some(re) => re.is_match(module),
+        match &self.matcher {
+            Matcher::Literal => literal_match(&self.key, module),
+            Matcher::Regex(re) => re.is_match(module),
         }
     }
 }
@@ -140,7 +257,13 @@ impl PeftConfig {
     /// PEFT's defaults (`r` 8, `lora_alpha` 8, `use_rslora` false, …) except `peft_type`, which
     /// is required and must be `"LORA"`. Unsupported features are refused (see the
     /// [module docs](super)).
+    ///
+    /// Bounded: a text longer than [`MAX_CONFIG_SIZE`] is refused with
+    /// [`LoraError::FileTooLarge`] before it is parsed, and the `rank_pattern` /
+    /// `alpha_pattern` keys compile within [`PATTERN_MAX_LEN`], [`PATTERN_SIZE_LIMIT`] and
+    /// [`PATTERN_BUDGET`] (else [`LoraError::PeftPatternTooLarge`]).
     pub fn from_json_str(text: &str) -> Result<Self> {
+        check_config_size(CONFIG_FILE, text.len() as u64)?;
         let value: Value = serde_json::from_str(text).map_err(|e| LoraError::Parse {
             path: CONFIG_FILE.to_owned(),
             format: "JSON",
@@ -230,8 +353,9 @@ impl PeftConfig {
                 ))
             }
         };
-        let rank_pattern = get_patterns(&raw, "rank_pattern", get_rank_value)?;
-        let alpha_pattern = get_patterns(&raw, "alpha_pattern", |field, v| {
+        let mut budget = PATTERN_BUDGET;
+        let rank_pattern = get_patterns(&raw, "rank_pattern", &mut budget, get_rank_value)?;
+        let alpha_pattern = get_patterns(&raw, "alpha_pattern", &mut budget, |field, v| {
             get_alpha(Some(v), field).map(|a| a.unwrap_or(lora_alpha))
         })?;
         Ok(Self {
@@ -386,6 +510,7 @@ fn get_alpha(v: Option<&Value>, field: &str) -> Result<Option<f64>> {
 fn get_patterns<T>(
     raw: &Map<String, Value>,
     field: &str,
+    budget: &mut usize,
     parse: impl Fn(&str, &Value) -> Result<T>,
 ) -> Result<Vec<Pattern<T>>> {
     match raw.get(field) {
@@ -394,11 +519,25 @@ fn get_patterns<T>(
             .iter()
             .map(|(key, v)| {
                 let name = format!("{field}.{key}");
-                Pattern::new(field, key.clone(), parse(&name, v)?)
+                Pattern::new(field, key.clone(), parse(&name, v)?, budget)
             })
             .collect(),
         Some(other) => Err(field_err(field, "an object of module patterns", other)),
     }
+}
+
+/// Refuses a config of `size` bytes over [`MAX_CONFIG_SIZE`] ([`LoraError::FileTooLarge`]
+/// naming `path`).
+pub(super) fn check_config_size(path: &str, size: u64) -> Result<()> {
+    if size > MAX_CONFIG_SIZE {
+        return Err(LoraError::FileTooLarge {
+            path: path.to_owned(),
+            what: "a PEFT adapter config",
+            size,
+            limit: MAX_CONFIG_SIZE,
+        });
+    }
+    Ok(())
 }
 
 /// An alpha as JSON: an integer when it is one (as PEFT configs usually hold), else a float.

@@ -27,6 +27,24 @@
 //! modules to save, MonteCLoRA, VeLoRA, KaSA). Init-only options (`init_lora_weights`, LoftQ,
 //! EVA, CorDA, LoRA-GA configs) do not change a trained adapter's forward and are accepted.
 //!
+//! ## Hostile files
+//!
+//! Adapter directories come from elsewhere, so reading one costs time and memory bounded by
+//! the files' real sizes and these limits, and every refusal is a typed [`LoraError`] naming
+//! the file, field or tensor:
+//!
+//! * each path must be a regular file after following symbolic links ([`LoraError::NotAFile`]
+//!   for a directory, FIFO, device or socket, refused unread; a FIFO cannot block the open);
+//! * `adapter_config.json` at most [`MAX_CONFIG_SIZE`] bytes ([`LoraError::FileTooLarge`]);
+//! * `rank_pattern` / `alpha_pattern` keys that are regexes: at most [`PATTERN_MAX_LEN`]
+//!   bytes of source and [`PATTERN_SIZE_LIMIT`] bytes compiled each, a lazy-DFA cache of
+//!   [`PATTERN_DFA_SIZE_LIMIT`], and [`PATTERN_BUDGET`] for all of them together
+//!   ([`LoraError::PeftPatternTooLarge`]); matching is linear in the module path's length.
+//!   Keys of letters, digits, `_` and `.` (module paths) are matched without a regex;
+//! * the safetensors header at most [`MAX_HEADER_SIZE`] bytes, checked with overflow-checked
+//!   arithmetic against the file's size (offsets, element counts × dtype sizes, contiguous
+//!   coverage of the data) before the data is allocated or the `safetensors` crate sees it.
+//!
 //! ## Example
 //!
 //! ```
@@ -61,19 +79,25 @@ mod config;
 mod tensors;
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, FileType};
+use std::io::Read;
 use std::path::Path;
 
 use ndarray::{Array1, Array2, ArrayView2};
 use serde_json::{Map, Value};
 
-pub use config::{PeftConfig, TargetModules, UNSUPPORTED_FIELDS};
+pub use config::{
+    PeftConfig, TargetModules, MAX_CONFIG_SIZE, PATTERN_BUDGET, PATTERN_DFA_SIZE_LIMIT,
+    PATTERN_MAX_LEN, PATTERN_SIZE_LIMIT, UNSUPPORTED_FIELDS,
+};
+pub use tensors::MAX_HEADER_SIZE;
 
 use crate::config::{LoraConfig, LoraInit};
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
-use crate::layer::LoraLayer;
-use config::{alpha_json, peft_config_json, scaling_of};
-use tensors::{key_of, read_halves, valid_module_name, write_safetensors, Factor};
+use crate::layer::{check_finite, LoraLayer};
+use config::{alpha_json, check_config_size, peft_config_json, scaling_of};
+use tensors::{key_of, read_file, read_halves, valid_module_name, write_safetensors, Factor};
 
 /// The config file's name in an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -86,6 +110,98 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 
 /// The PEFT version whose file format [`PeftAdapter::save`] writes, recorded as `peft_version`.
 pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
+
+/// Opens `path` for reading (following symbolic links) and returns it with its size, refusing
+/// anything but a regular file with [`LoraError::NotAFile`] before a byte is read: a FIFO
+/// could block the reader forever, a device such as `/dev/zero` never ends. The path is
+/// checked before it is opened (opening a device can have effects of its own) and the opened
+/// handle again (the path may have changed in between). On Unix the open is non-blocking, so
+/// that even a FIFO swapped in between cannot block it (the flag means nothing for a regular
+/// file, which is all that is then read), and cannot make a terminal the controlling one.
+pub(crate) fn open_regular(path: &Path) -> Result<(File, u64)> {
+    let refuse = |kind| LoraError::NotAFile {
+        path: path.display().to_string(),
+        kind,
+    };
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_file() {
+            return Err(refuse(file_kind(meta.file_type())));
+        }
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    let file = options.open(path).map_err(|e| LoraError::io(path, &e))?;
+    let meta = file.metadata().map_err(|e| LoraError::io(path, &e))?;
+    if !meta.is_file() {
+        return Err(refuse(file_kind(meta.file_type())));
+    }
+    Ok((file, meta.len()))
+}
+
+/// What a file that is not a regular file is, for [`LoraError::NotAFile`].
+fn file_kind(ft: FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "a FIFO";
+        }
+        if ft.is_char_device() {
+            return "a character device";
+        }
+        if ft.is_block_device() {
+            return "a block device";
+        }
+        if ft.is_socket() {
+            return "a socket";
+        }
+    }
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// What the reader requires of one module's factors, checked by the writer too: A (r×in) and
+/// B (out×r) finite, with r the module's rank in the config.
+fn check_module<A: LoraFloat>(
+    module: &str,
+    a: ArrayView2<'_, A>,
+    b: ArrayView2<'_, A>,
+    r: usize,
+) -> Result<()> {
+    check_finite("lora_A", a)
+        .and_then(|()| check_finite("lora_B", b))
+        .map_err(|e| e.in_module(module))?;
+    let mismatch = match (a.nrows() == r, b.ncols() == r) {
+        (true, true) => return Ok(()),
+        (false, _) => (
+            "lora_A (rank from the config)",
+            a.shape(),
+            format!("[{r}, _]"),
+        ),
+        (_, false) => (
+            "lora_B (rank from the config)",
+            b.shape(),
+            format!("[_, {r}]"),
+        ),
+    };
+    Err(LoraError::ShapeMismatch {
+        what: mismatch.0,
+        expected: mismatch.2,
+        got: shape_str(mismatch.1),
+    }
+    .in_module(module))
+}
+
 /// One adapted module: its factors and the r, α it was configured with.
 #[derive(Debug, Clone, PartialEq)]
 struct Module<A> {
@@ -121,18 +237,31 @@ impl<A: LoraFloat> PeftAdapter<A> {
     /// the adapter name `default`), 2-D, non-empty, finite after conversion to `A`, in F32,
     /// F64, F16 or BF16; each module needs both, with A r×in and B out×r where r is the
     /// module's rank from the config. Errors name the file, field, tensor or module at fault;
-    /// corrupt, truncated or hostile files are errors, never panics (the safetensors header is
-    /// validated against the file's real length before any tensor is read).
+    /// corrupt, truncated or hostile files are errors, never panics.
+    ///
+    /// Bounded by the files' sizes and the stated limits, whatever the files hold: each path is
+    /// opened once and must be a regular file after following symbolic links
+    /// ([`LoraError::NotAFile`] for a directory, FIFO, device or socket, which are not read);
+    /// the config may be at most [`MAX_CONFIG_SIZE`] bytes ([`LoraError::FileTooLarge`]) and
+    /// its patterns compile within [`PATTERN_BUDGET`]; the safetensors length prefix and header
+    /// (at most [`MAX_HEADER_SIZE`] bytes) are read and checked against the file's size with
+    /// overflow-checked arithmetic before the tensor data is allocated, and no more than the
+    /// size the file had when opened is read.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let config_path = dir.join(CONFIG_FILE);
-        let text =
-            std::fs::read_to_string(&config_path).map_err(|e| LoraError::io(&config_path, &e))?;
+        let shown = config_path.display().to_string();
+        let (file, size) = open_regular(&config_path)?;
+        check_config_size(&shown, size)?;
+        let mut text = String::new();
+        file.take(size)
+            .read_to_string(&mut text)
+            .map_err(|e| LoraError::io(&config_path, &e))?;
         let config = PeftConfig::from_json_str(&text).map_err(|e| match e {
             LoraError::Parse {
                 format, message, ..
             } => LoraError::Parse {
-                path: config_path.display().to_string(),
+                path: shown,
                 format,
                 message,
             },
@@ -140,7 +269,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
         })?;
 
         let weights_path = dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&weights_path).map_err(|e| LoraError::io(&weights_path, &e))?;
+        let bytes = read_file(&weights_path)?;
         Self::from_config_and_bytes(config, &bytes, &weights_path.display().to_string())
     }
 
@@ -173,28 +302,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
                     })
                 }
             };
-            let r = config.rank_for(&module);
-            let mismatch = match (a.nrows() == r, b.ncols() == r) {
-                (true, true) => None,
-                (false, _) => Some((
-                    "lora_A (rank from the config)",
-                    a.shape(),
-                    format!("[{r}, _]"),
-                )),
-                (_, false) => Some((
-                    "lora_B (rank from the config)",
-                    b.shape(),
-                    format!("[_, {r}]"),
-                )),
-            };
-            if let Some((what, got, expected)) = mismatch {
-                return Err(LoraError::ShapeMismatch {
-                    what,
-                    expected,
-                    got: shape_str(got),
-                }
-                .in_module(&module));
-            }
+            check_module(&module, a.view(), b.view(), config.rank_for(&module))?;
             modules.insert(module, Module { a, b });
         }
         Ok(Self { config, modules })

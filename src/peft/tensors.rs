@@ -1,17 +1,231 @@
 //! `adapter_model.safetensors`: tensor keys, decoding F32/F64/F16/BF16 into the float type,
-//! encoding it back, and reading and writing the file.
+//! encoding it back, the header check every file goes through before the `safetensors` crate
+//! sees it, and reading and writing the file.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::io::Read;
 use std::path::Path;
 
 use ndarray::{Array2, ArrayView2};
+use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors, View};
+use serde::de::{Deserializer, MapAccess, Visitor};
 
-use super::{KEY_PREFIX, WEIGHTS_FILE};
+use super::{open_regular, KEY_PREFIX, WEIGHTS_FILE};
+use crate::check::check_finite;
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
-use crate::check::check_finite;
+
+/// The largest JSON header of a safetensors file accepted, in bytes: the format's own limit
+/// (the `safetensors` crate's), so that every file it reads is read here. The header is read,
+/// and checked against the file's size, before any tensor data is.
+pub const MAX_HEADER_SIZE: u64 = 100_000_000;
+
+/// A [`LoraError::Parse`] about the safetensors file `path`.
+fn parse_error(path: &str, message: String) -> LoraError {
+    LoraError::Parse {
+        path: path.to_owned(),
+        format: "safetensors",
+        message,
+    }
+}
+
+/// The JSON header's length n from a safetensors file's first 8 bytes (little-endian u64),
+/// checked: at most [`MAX_HEADER_SIZE`], and 8 + n within the file's `file_len` bytes.
+pub(crate) fn header_len(first: [u8; 8], file_len: u64, path: &str) -> Result<usize> {
+    let n = u64::from_le_bytes(first);
+    if n > MAX_HEADER_SIZE {
+        return Err(parse_error(
+            path,
+            format!("header length {n} is over the {MAX_HEADER_SIZE}-byte limit"),
+        ));
+    }
+    if n > file_len.saturating_sub(8) {
+        return Err(parse_error(
+            path,
+            format!("header length {n} runs past the end of the {file_len}-byte file"),
+        ));
+    }
+    // n ≤ MAX_HEADER_SIZE fits any usize of 32 bits or more.
+    usize::try_from(n).map_err(|_| parse_error(path, format!("header length {n} too large")))
+}
+
+/// Checks the header of a safetensors file of `file_len` bytes whose 8-byte length prefix said
+/// `header.len()` — everything the `safetensors` crate relies on, with checked arithmetic so
+/// that no file can make it (or this) overflow: UTF-8 JSON object; `__metadata__` (optional,
+/// once) a map of strings; each tensor once, with a known dtype, a shape whose element count
+/// and byte size fit `usize` and are whole bytes, `data_offsets` [begin, end] with
+/// end − begin = that size; the tensors' data contiguous from 0, without gaps or overlaps;
+/// and 8 + header + data exactly the file's length. `path` names the file in errors
+/// ([`LoraError::Parse`], format `"safetensors"`).
+///
+/// Nothing is allocated in proportion to what the header claims, only to the header itself.
+/// Once this passes, `safetensors::SafeTensors::deserialize` accepts the file without reaching
+/// its own unchecked arithmetic.
+pub(crate) fn check_header(header: &[u8], file_len: u64, path: &str) -> Result<()> {
+    let err = |message: String| parse_error(path, message);
+    let text = std::str::from_utf8(header).map_err(|e| err(format!("header is not UTF-8: {e}")))?;
+    let mut json = serde_json::Deserializer::from_str(text);
+    let entries = json
+        .deserialize_map(EntriesVisitor)
+        .and_then(|entries| json.end().map(|()| entries))
+        .map_err(|e| err(format!("header: {e}")))?;
+    let mut spans = Vec::with_capacity(entries.len());
+    for (name, info) in entries {
+        let elements = info
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| err(format!("tensor `{name}`: shape {:?} overflows", info.shape)))?;
+        let bits = elements.checked_mul(info.dtype.bitsize()).ok_or_else(|| {
+            err(format!(
+                "tensor `{name}`: {elements} elements of {:?} overflow",
+                info.dtype
+            ))
+        })?;
+        if bits % 8 != 0 {
+            return Err(err(format!(
+                "tensor `{name}`: {elements} elements of {:?} are not a whole number of bytes",
+                info.dtype
+            )));
+        }
+        let (begin, end) = info.data_offsets;
+        if end < begin || end - begin != bits / 8 {
+            return Err(err(format!(
+                "tensor `{name}`: data_offsets [{begin}, {end}] do not span the {} bytes of \
+                 shape {:?} × {:?}",
+                bits / 8,
+                info.shape,
+                info.dtype
+            )));
+        }
+        spans.push((begin, end, name));
+    }
+    spans.sort_unstable();
+    let mut covered = 0usize;
+    for (begin, end, name) in &spans {
+        if *begin != covered {
+            return Err(err(format!(
+                "tensor `{name}`: data starts at byte {begin}, expected {covered} (a gap or an \
+                 overlap)"
+            )));
+        }
+        covered = *end;
+    }
+    let data_start = 8 + header.len();
+    let total = u64::try_from(covered)
+        .ok()
+        .and_then(|c| c.checked_add(data_start as u64));
+    if total != Some(file_len) {
+        return Err(err(format!(
+            "the header describes {data_start} + {covered} bytes, the file has {file_len}"
+        )));
+    }
+    Ok(())
+}
+
+/// [`header_len`] and [`check_header`] on a whole file in memory.
+pub(crate) fn check_safetensors(bytes: &[u8], path: &str) -> Result<()> {
+    let Some(first) = bytes.first_chunk::<8>() else {
+        return Err(parse_error(
+            path,
+            format!(
+                "{} bytes, shorter than the 8-byte header length",
+                bytes.len()
+            ),
+        ));
+    };
+    let n = header_len(*first, bytes.len() as u64, path)?;
+    check_header(&bytes[8..8 + n], bytes.len() as u64, path)
+}
+
+/// The header's entries in file order: `__metadata__` checked (a map of strings, once) and
+/// dropped, every other key a tensor, each key once.
+struct EntriesVisitor;
+
+impl<'de> Visitor<'de> for EntriesVisitor {
+    type Value = Vec<(String, TensorInfo)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object of tensors")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        use serde::de::Error;
+        let mut seen = HashSet::new();
+        let mut entries = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(M::Error::custom(format!("key `{key}` appears twice")));
+            }
+            if key == "__metadata__" {
+                map.next_value::<HashMap<String, String>>()?;
+            } else {
+                entries.push((key, map.next_value::<TensorInfo>()?));
+            }
+        }
+        Ok(entries)
+    }
+}
+
+/// Reads the safetensors file at `path`: opened once and refused unless a regular file
+/// ([`open_regular`]); its length prefix and header are read and checked against the file's
+/// size ([`header_len`], [`check_header`]) before the data is allocated, and then exactly the
+/// bytes the header accounts for are read. Allocation failure is an error
+/// ([`LoraError::Io`] with kind `OutOfMemory`), not an abort.
+pub(super) fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let shown = path.display().to_string();
+    let (file, size) = open_regular(path)?;
+    let io = |e: std::io::Error| LoraError::io(path, &e);
+    let mut file = file.take(size);
+    if size < 8 {
+        return Err(parse_error(
+            &shown,
+            format!("{size} bytes, shorter than the 8-byte header length"),
+        ));
+    }
+    let mut first = [0u8; 8];
+    file.read_exact(&mut first).map_err(io)?;
+    let n = header_len(first, size, &shown)?;
+    let mut bytes = Vec::new();
+    reserve(&mut bytes, 8 + n, path)?;
+    bytes.extend_from_slice(&first);
+    (&mut file)
+        .take(n as u64)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() != 8 + n {
+        return Err(parse_error(
+            &shown,
+            "the file shrank while it was read".into(),
+        ));
+    }
+    check_header(&bytes[8..], size, &shown)?;
+    // The header accounts for every byte of the file: read the rest, no more.
+    let total = usize::try_from(size)
+        .map_err(|_| parse_error(&shown, format!("{size} bytes do not fit in memory")))?;
+    let rest = total - bytes.len();
+    reserve(&mut bytes, rest, path)?;
+    file.read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() != total {
+        return Err(parse_error(
+            &shown,
+            "the file shrank while it was read".into(),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Reserves `extra` bytes or fails with an error instead of aborting.
+fn reserve(bytes: &mut Vec<u8>, extra: usize, path: &Path) -> Result<()> {
+    bytes.try_reserve_exact(extra).map_err(|e| LoraError::Io {
+        path: path.display().to_string(),
+        kind: std::io::ErrorKind::OutOfMemory,
+        message: format!("cannot allocate {extra} bytes: {e}"),
+    })
+}
 
 /// A module's (A, B) while a file is read: either may be missing so far.
 pub(super) type Halves<A> = (Option<Array2<A>>, Option<Array2<A>>);
@@ -149,18 +363,16 @@ fn encode<A: LoraFloat>(m: ArrayView2<'_, A>) -> OutTensor {
     }
 }
 
-/// Every tensor of the safetensors file `bytes` (`path` names it in errors), decoded into `A`
-/// and sorted into (A, B) per module. Each must be a `lora_A` / `lora_B` weight of some module,
-/// 2-D, non-empty, finite after conversion, and there only once.
+/// Every tensor of the safetensors file `bytes` (`path` names it in errors; its header is
+/// checked first, [`check_safetensors`]), decoded into `A` and sorted into (A, B) per module.
+/// Each must be a `lora_A` / `lora_B` weight of some module, 2-D, non-empty, in F32, F64, F16
+/// or BF16, and there only once.
 pub(super) fn read_halves<A: LoraFloat>(
     bytes: &[u8],
     path: &str,
 ) -> Result<BTreeMap<String, Halves<A>>> {
-    let tensors = SafeTensors::deserialize(bytes).map_err(|e| LoraError::Parse {
-        path: path.to_owned(),
-        format: "safetensors",
-        message: e.to_string(),
-    })?;
+    check_safetensors(bytes, path)?;
+    let tensors = SafeTensors::deserialize(bytes).map_err(|e| parse_error(path, e.to_string()))?;
     let mut halves: BTreeMap<String, Halves<A>> = BTreeMap::new();
     let mut names = tensors.names();
     names.sort_unstable();
@@ -178,11 +390,6 @@ pub(super) fn read_halves<A: LoraFloat>(
             message: e.to_string(),
         })?;
         let m = decode::<A>(name, view.dtype(), view.shape(), view.data())?;
-        let what = match factor {
-            Factor::A => "lora_A",
-            Factor::B => "lora_B",
-        };
-        check_finite(what, m.view()).map_err(|e| e.in_module(module))?;
         let slot = halves.entry(module.to_owned()).or_default();
         let slot = match factor {
             Factor::A => &mut slot.0,
