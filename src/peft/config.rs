@@ -540,9 +540,11 @@ pub(super) fn check_config_size(path: &str, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// An alpha as JSON: an integer when it is one (as PEFT configs usually hold), else a float.
+/// An alpha as JSON that reads back bit for bit: an integer when it is one (as PEFT configs
+/// usually hold), else a float in its shortest round-trip form. −0.0 is written as the float
+/// `-0.0`, since the integer 0 would lose its sign.
 pub(super) fn alpha_json(alpha: f64) -> Value {
-    if alpha.fract() == 0.0 && alpha.abs() < 9.0e15 {
+    if alpha.fract() == 0.0 && alpha.abs() < 9.0e15 && (alpha != 0.0 || alpha.is_sign_positive()) {
         Value::from(alpha as i64)
     } else {
         Value::from(alpha)

@@ -45,6 +45,10 @@
 //!   arithmetic against the file's size (offsets, element counts × dtype sizes, contiguous
 //!   coverage of the data) before the data is allocated or the `safetensors` crate sees it.
 //!
+//! The writer refuses what the reader would: [`PeftAdapter::from_layers`] and
+//! [`PeftAdapter::save`] check the same things before anything is written, and `save` renames
+//! complete, synced temporary files into place.
+//!
 //! ## Example
 //!
 //! ```
@@ -80,7 +84,7 @@ mod tensors;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, FileType};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use ndarray::{Array1, Array2, ArrayView2};
@@ -97,7 +101,7 @@ use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
 use crate::layer::{check_finite, LoraLayer};
 use config::{alpha_json, check_config_size, peft_config_json, scaling_of};
-use tensors::{key_of, read_file, read_halves, valid_module_name, write_safetensors, Factor};
+use tensors::{key_of, read_file, read_halves, serialize, valid_module_name, Factor};
 
 /// The config file's name in an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -202,6 +206,22 @@ fn check_module<A: LoraFloat>(
     .in_module(module))
 }
 
+/// Writes `bytes` to a new temporary file in `dir` (deleted again if anything fails), synced
+/// to disk, to be renamed over `path` once every file of the adapter is ready.
+fn write_temp(dir: &Path, path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".ndlora-").suffix(".tmp");
+    // Like `std::fs::write`: read-write for everyone the umask allows, not only the owner.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut temp = builder
+        .tempfile_in(dir)
+        .map_err(|e| LoraError::io(dir, &e))?;
+    temp.write_all(bytes)
+        .and_then(|()| temp.as_file().sync_all())
+        .map_err(|e| LoraError::io(path, &e))?;
+    Ok(temp)
+}
 /// One adapted module: its factors and the r, α it was configured with.
 #[derive(Debug, Clone, PartialEq)]
 struct Module<A> {
@@ -430,8 +450,12 @@ impl<A: LoraFloat> PeftAdapter<A> {
     ///
     /// Errors (naming the module): no layers, an invalid or duplicate path, a merged layer
     /// (its W already holds s·B A, so the factors no longer describe a change to the base a
-    /// PEFT user would load them onto: unmerge it first), or a scaling that no α reproduces
-    /// exactly as PEFT computes α/r (or α/√r).
+    /// PEFT user would load them onto: unmerge it first), a NaN or ±∞ in A or B
+    /// ([`LoraError::NonFinite`], which [`load`](Self::load) would refuse), or a scaling that
+    /// no α reproduces exactly as PEFT computes α/r (or α/√r). Every finite scaling that an α
+    /// reproduces, −0.0 included, reads back bit for bit. A config that
+    /// [`load`](Self::load) would refuse is refused here: one over [`MAX_CONFIG_SIZE`], or
+    /// with module paths whose pattern keys exceed [`PATTERN_BUDGET`].
     pub fn from_layers<'a, I>(layers: I) -> Result<Self>
     where
         I: IntoIterator<Item = (&'a str, &'a LoraLayer<A>)>,
@@ -459,6 +483,9 @@ impl<A: LoraFloat> PeftAdapter<A> {
                     got: format!("{name:?} twice"),
                 });
             }
+            // What `load` refuses is refused here (the factors are public through
+            // `weight_a_mut` / `weight_b_mut`, which do not check finiteness).
+            check_module(name, layer.weight_a(), layer.weight_b(), layer.rank())?;
         }
         if collected.is_empty() {
             return Err(LoraError::InvalidValue {
@@ -566,6 +593,11 @@ impl<A: LoraFloat> PeftAdapter<A> {
                 break;
             }
         }
+        // From here on, the config as `load` will see it: its JSON text read back (α are
+        // written so that they read back bit for bit, −0.0 included), within MAX_CONFIG_SIZE.
+        let text = config.to_json_string();
+        check_config_size(CONFIG_FILE, text.len() as u64)?;
+        let config = PeftConfig::from_json_str(&text)?;
         let mut modules = BTreeMap::new();
         for (i, &(name, layer)) in entries.iter().enumerate() {
             let (mr, ma) = specs[i];
@@ -591,19 +623,51 @@ impl<A: LoraFloat> PeftAdapter<A> {
     /// Writes `dir/adapter_config.json` (the config's JSON, keys as PEFT writes them) and
     /// `dir/adapter_model.safetensors` (keys `base_model.model.<module>.lora_A.weight` /
     /// `.lora_B.weight` without adapter name, dtype F32 or F64 as `A`, metadata
-    /// `{"format": "pt"}`), creating `dir` if needed. The tensor file is written to a
-    /// temporary file and renamed into place.
+    /// `{"format": "pt"}`), creating `dir` if needed.
+    ///
+    /// Writes only what [`load`](Self::load) reads back: finite factors whose shapes agree
+    /// with the config, a config within [`MAX_CONFIG_SIZE`] and a header within
+    /// [`MAX_HEADER_SIZE`], all checked before anything is written. Each file is written to a
+    /// temporary file in `dir` and synced; only when both are complete are they renamed over
+    /// the two names, so a failure never leaves a partly written file under either name (and
+    /// a name that is taken by a directory or other non-file is refused up front with
+    /// [`LoraError::NotAFile`]).
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| LoraError::io(dir, &e))?;
-        write_safetensors(
-            &dir.join(WEIGHTS_FILE),
+        for (name, m) in &self.modules {
+            check_module(name, m.a.view(), m.b.view(), self.config.rank_for(name))?;
+        }
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let config_path = dir.join(CONFIG_FILE);
+        let config = self.config.to_json_string().into_bytes();
+        check_config_size(&config_path.display().to_string(), config.len() as u64)?;
+        let weights = serialize(
             self.modules
                 .iter()
                 .map(|(name, m)| (name.as_str(), m.a.view(), m.b.view())),
+            &weights_path.display().to_string(),
         )?;
-        let config_path = dir.join(CONFIG_FILE);
-        std::fs::write(&config_path, self.config.to_json_string())
-            .map_err(|e| LoraError::io(&config_path, &e))
+        std::fs::create_dir_all(dir).map_err(|e| LoraError::io(dir, &e))?;
+        let files = [(weights_path, weights), (config_path, config)];
+        for (path, _) in &files {
+            // A rename can replace a file or a symbolic link, not a directory.
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if !meta.is_file() && !meta.file_type().is_symlink() {
+                    return Err(LoraError::NotAFile {
+                        path: path.display().to_string(),
+                        kind: file_kind(meta.file_type()),
+                    });
+                }
+            }
+        }
+        let temps = files
+            .iter()
+            .map(|(path, bytes)| write_temp(dir, path, bytes))
+            .collect::<Result<Vec<_>>>()?;
+        for (temp, (path, _)) in temps.into_iter().zip(&files) {
+            temp.persist(path)
+                .map_err(|e| LoraError::io(path, &e.error))?;
+        }
+        Ok(())
     }
 }

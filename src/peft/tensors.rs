@@ -407,30 +407,19 @@ pub(super) fn read_halves<A: LoraFloat>(
     Ok(halves)
 }
 
-/// Writes `path` as a safetensors file: per module (A, B), the keys
+/// A safetensors file's bytes: per module (A, B), the keys
 /// `base_model.model.<module>.lora_{A,B}.weight` in `A`'s own dtype, metadata
-/// `{"format": "pt"}`.
-pub(super) fn write_safetensors<'a, A: LoraFloat>(
-    path: &Path,
+/// `{"format": "pt"}`. Errors (a header over [`MAX_HEADER_SIZE`]) name `path`.
+pub(super) fn serialize<'a, A: LoraFloat>(
     modules: impl Iterator<Item = (&'a str, ArrayView2<'a, A>, ArrayView2<'a, A>)>,
-) -> Result<()> {
+    path: &str,
+) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, OutTensor)> = Vec::new();
     for (name, a, b) in modules {
         tensors.push((key_of(name, Factor::A), encode(a)));
         tensors.push((key_of(name, Factor::B), encode(b)));
     }
     let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-    safetensors::serialize_to_file(
-        tensors.iter().map(|(k, t)| (k.as_str(), t)),
-        Some(metadata),
-        path,
-    )
-    .map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(io) => LoraError::io(path, &io),
-        other => LoraError::Parse {
-            path: path.display().to_string(),
-            format: "safetensors",
-            message: other.to_string(),
-        },
-    })
+    safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
+        .map_err(|e| parse_error(path, e.to_string()))
 }
