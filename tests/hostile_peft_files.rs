@@ -377,7 +377,7 @@ fn patterns_over_their_limits() {
     assert_eq!(t.cases, PATTERNS);
 }
 
-/// Keys of letters, digits, `_` and `.` are matched without a regex; every key must match
+/// Keys with no regex syntax but `.` are matched without a regex; every key must match
 /// exactly what PEFT's regex `(.*\.)?(KEY)$` matches, here the `regex` crate's reading of it
 /// (`.` is any character but `\n`, `$` the end). Module paths with multi-byte characters,
 /// newlines and dots in odd places; literal keys of any length (they are not regexes, so not
@@ -399,6 +399,12 @@ fn pattern_keys_match_as_the_regex_does() {
         "..",
         "_",
         "9",
+        "q-proj",
+        "a/b.c",
+        "m:n#1",
+        "a&b~c",
+        "@",
+        "%.=",
         // Regex keys, for comparison.
         "q_pr.j",
         "^layers",
@@ -436,6 +442,17 @@ fn pattern_keys_match_as_the_regex_does() {
         "m._",
         "m.9",
         "m.a",
+        "x.q-proj",
+        "xq-proj",
+        "x.a/b.c",
+        "a/bXc",
+        "m:n#1",
+        "z.m:n#1",
+        "a&b~c",
+        "y.@",
+        "@",
+        "%x=",
+        "p.%.=",
         "b",
         &long,
         &format!("m.{long}"),

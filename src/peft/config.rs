@@ -23,9 +23,11 @@ pub const MAX_CONFIG_SIZE: u64 = 4 << 20;
 /// The longest `rank_pattern` / `alpha_pattern` key (or `target_modules` string) compiled as a
 /// regular expression, in bytes. Parsing a pattern costs time and memory before its compiled
 /// size can be checked (a Unicode class such as `\w` expands to hundreds of ranges), so the
-/// source is bounded too. Keys made only of ASCII letters, digits, `_` and `.` (module paths,
-/// as [`PeftAdapter::from_layers`](super::PeftAdapter::from_layers) writes them) are matched
-/// without a regex and are not subject to this limit nor to [`PATTERN_BUDGET`].
+/// source is bounded too. Keys with no regex syntax but `.` (module paths such as
+/// `layers.0.q_proj`, as [`PeftAdapter::from_layers`](super::PeftAdapter::from_layers) writes
+/// them: printable ASCII without `\ + * ? ( ) | [ ] { } ^ $`) are matched without a regex,
+/// exactly as the regex would match, and are not subject to this limit nor to
+/// [`PATTERN_BUDGET`].
 pub const PATTERN_MAX_LEN: usize = 512;
 
 /// The largest compiled form of one pattern, in bytes (the regex engine's
@@ -108,12 +110,14 @@ fn suffix_match(key: &str, module: &str) -> bool {
             && module.as_bytes()[module.len() - key.len() - 1] == b'.')
 }
 
-/// A key of ASCII letters, digits, `_` and `.` only: [`literal_match`] decides it.
+/// A key of printable ASCII characters that stand for themselves in a regex (letters, digits,
+/// `_`, `-`, `/`, `:`, … — none of `\ + * ? ( ) | [ ] { } ^ $`), and `.`: [`literal_match`]
+/// decides it.
 fn is_literal(key: &str) -> bool {
     !key.is_empty()
         && key
             .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.')
+            .all(|c| c.is_ascii_graphic() && !br"\+*?()|[]{}^$".contains(&c))
 }
 
 /// PEFT's `re.match(rf"(.*\.)?({key})$", module)` for a key [`is_literal`] accepts, without a

@@ -40,7 +40,7 @@
 //!   bytes of source and [`PATTERN_SIZE_LIMIT`] bytes compiled each, a lazy-DFA cache of
 //!   [`PATTERN_DFA_SIZE_LIMIT`], and [`PATTERN_BUDGET`] for all of them together
 //!   ([`LoraError::PeftPatternTooLarge`]); matching is linear in the module path's length.
-//!   Keys of letters, digits, `_` and `.` (module paths) are matched without a regex;
+//!   Keys with no regex syntax but `.` (module paths) are matched without a regex;
 //! * the safetensors header at most [`MAX_HEADER_SIZE`] bytes, checked with overflow-checked
 //!   arithmetic against the file's size (offsets, element counts × dtype sizes, contiguous
 //!   coverage of the data) before the data is allocated or the `safetensors` crate sees it.
