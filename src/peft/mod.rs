@@ -96,10 +96,11 @@ pub use config::{
 };
 pub use tensors::MAX_HEADER_SIZE;
 
+use crate::check::check_finite;
 use crate::config::{LoraConfig, LoraInit};
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
-use crate::layer::{check_finite, LoraLayer};
+use crate::layer::LoraLayer;
 use config::{alpha_json, check_config_size, peft_config_json, scaling_of};
 use tensors::{key_of, read_file, read_halves, serialize, valid_module_name, Factor};
 

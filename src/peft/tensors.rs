@@ -14,7 +14,6 @@ use safetensors::{Dtype, SafeTensors, View};
 use serde::de::{Deserializer, MapAccess, Visitor};
 
 use super::{open_regular, KEY_PREFIX, WEIGHTS_FILE};
-use crate::check::check_finite;
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
 

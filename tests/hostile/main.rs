@@ -2,7 +2,8 @@
 //! zero sizes, NaN/±∞ in weights, inputs, gradients and learning rates, bad ranks, sizes whose
 //! products overflow `usize`, corrupt serde documents, truncated and bit-flipped safetensors
 //! files and contradictory PEFT configs. One module per subject: `layer`, `model`, `micro`,
-//! `peft`.
+//! `peft`, and `files` (adapter paths that are not regular files, oversized or overflowing
+//! headers, unbounded patterns, layers the writer must refuse).
 //!
 //! Each case asserts the specific error variant (with its key fields) and that the value the
 //! method was called on is unchanged bit for bit (`common::State`: serialised state plus the
@@ -18,6 +19,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod files;
 mod layer;
 mod micro;
 mod model;
@@ -48,7 +50,8 @@ const TOTAL: usize = LAYER_CONSTRUCT
     + MICRO
     + MICRO_SERDE
     + PEFT_CONFIG
-    + PEFT_TENSORS_AND_LAYERS;
+    + PEFT_TENSORS_AND_LAYERS
+    + files::CASES;
 
 /// A boxed check on an error, for tables of cases.
 type Check = Box<dyn Fn(&LoraError) -> bool>;
@@ -105,5 +108,5 @@ fn nonfinite<A: LoraFloat>() -> [A; 3] {
 #[test]
 fn catalogue_size() {
     println!("hostile catalogue: {TOTAL} hand-written cases (×2 float types for LoraLayer and LoraModel)");
-    assert_eq!(TOTAL, 351);
+    assert_eq!(TOTAL, 351 + 46);
 }

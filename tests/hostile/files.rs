@@ -4,17 +4,15 @@
 //! compiled size is unbounded, safetensors headers whose offsets overflow, and layers the
 //! writer must refuse because the reader would.
 //!
-//! Same discipline as the catalogue in `hostile.rs`: each case asserts the specific
+//! The catalogue's discipline: each case asserts the specific
 //! `LoraError` variant and its key fields, cases are counted per category and the counts are
 //! asserted. The positive checks (the pattern matcher against the `regex` crate, a −0.0
 //! scaling read back bit for bit, atomic saves) are separate tests.
 
-mod common;
-
-use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 
-use common::{random, rng};
+use crate::common::{random, rng};
+use crate::Tally;
 use ndarray::Array2;
 use ndlora::peft::{
     PeftAdapter, PeftConfig, TargetModules, CONFIG_FILE, MAX_CONFIG_SIZE, MAX_HEADER_SIZE,
@@ -26,39 +24,18 @@ use safetensors::Dtype;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
-// Counting (the minimum of `hostile.rs`'s `Tally`).
+// Counting.
 
 /// Expected number of cases per category (asserted by each category's test).
 #[cfg(unix)]
 const FILES: usize = 13;
+#[cfg(not(unix))]
+const FILES: usize = 0;
 const PATTERNS: usize = 11;
 const WRITER: usize = 10;
 const HEADERS: usize = 12;
-
-#[derive(Default)]
-struct Tally {
-    cases: usize,
-}
-
-impl Tally {
-    /// Asserts that `result` is an error matching `expected`.
-    #[track_caller]
-    fn err<T: Debug>(
-        &mut self,
-        name: &str,
-        result: Result<T, LoraError>,
-        expected: impl Fn(&LoraError) -> bool,
-    ) {
-        self.cases += 1;
-        match result {
-            Ok(v) => panic!("{name}: expected an error, got Ok({v:?})"),
-            Err(e) => {
-                assert!(expected(&e), "{name}: unexpected error {e:?} ({e})");
-                assert!(!e.to_string().is_empty());
-            }
-        }
-    }
-}
+/// This module's cases in the catalogue.
+pub(crate) const CASES: usize = FILES + PATTERNS + WRITER + HEADERS;
 
 // ---------------------------------------------------------------------------------------------
 // Shared inputs.
