@@ -16,6 +16,9 @@ use std::arch::x86_64::{
     _mm512_storeu_ps, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
 };
 
+use ndarray::ArrayViewMut2;
+
+use super::decode;
 use super::lanes::{self, Lanes};
 use super::rank_update::{self, Operands};
 #[cfg(test)]
@@ -239,4 +242,93 @@ pub(super) unsafe fn update_width16_on_avx2_f32(o: &Operands<f32>) {
 pub(super) unsafe fn update_width8_on_avx2_f64(o: &Operands<f64>) {
     // SAFETY: `Portable` needs no particular CPU feature; operands forwarded.
     unsafe { rank_update::update::<Portable<f64, 8>>(o) }
+}
+
+/// Skinny product (see [`decode`]), f32, AVX2+FMA: 4 rows of W × 2 rows of X per tile (8
+/// accumulators, 2 vectors of X and one of W: 11 of the 16 `ymm` registers).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; the arguments satisfy the [`decode::ProductFn`] contract.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn product_avx2_f32(
+    o: &decode::Operands<'_, '_, f32>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f32>,
+) {
+    // SAFETY: AVX2+FMA enabled here and present by our contract; arguments forwarded.
+    unsafe { decode::product::<Avx2, 4, 2>(o, i0, y) }
+}
+
+/// Skinny product, f64, AVX2+FMA (tiles as [`product_avx2_f32`]).
+///
+/// # Safety
+/// As [`product_avx2_f32`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn product_avx2_f64(
+    o: &decode::Operands<'_, '_, f64>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f64>,
+) {
+    // SAFETY: AVX2+FMA enabled here and present by our contract; arguments forwarded.
+    unsafe { decode::product::<Avx2F64, 4, 2>(o, i0, y) }
+}
+
+/// Skinny product, f32, AVX-512F: 16-lane portable vectors in `zmm` registers, 4 rows of W ×
+/// 4 rows of X per tile (16 accumulators of the 32 registers).
+///
+/// # Safety
+/// The CPU supports AVX-512F; the arguments satisfy the [`decode::ProductFn`] contract.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn product_avx512_f32(
+    o: &decode::Operands<'_, '_, f32>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f32>,
+) {
+    // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
+    unsafe { decode::product::<Portable<f32, 16>, 4, 4>(o, i0, y) }
+}
+
+/// Skinny product, f64, AVX-512F (8-lane portable vectors; tiles as [`product_avx512_f32`]).
+///
+/// # Safety
+/// As [`product_avx512_f32`].
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn product_avx512_f64(
+    o: &decode::Operands<'_, '_, f64>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f64>,
+) {
+    // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
+    unsafe { decode::product::<Portable<f64, 8>, 4, 4>(o, i0, y) }
+}
+
+/// Test-only: the AVX-512 f32 skinny-product body (16 lanes) compiled for AVX2+FMA, so hosts
+/// without AVX-512 still run its tile and tail logic.
+///
+/// # Safety
+/// As [`product_avx2_f32`].
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn product_width16_on_avx2_f32(
+    o: &decode::Operands<'_, '_, f32>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f32>,
+) {
+    // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
+    unsafe { decode::product::<Portable<f32, 16>, 4, 4>(o, i0, y) }
+}
+
+/// Test-only: the AVX-512 f64 skinny-product body (8 lanes) compiled for AVX2+FMA.
+///
+/// # Safety
+/// As [`product_avx2_f64`].
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn product_width8_on_avx2_f64(
+    o: &decode::Operands<'_, '_, f64>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f64>,
+) {
+    // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
+    unsafe { decode::product::<Portable<f64, 8>, 4, 4>(o, i0, y) }
 }
