@@ -1,29 +1,34 @@
-//! The skinny product Y = X Wᵀ + b + Σ s·H Bᵀ for a few rows of X (n ≤ a few dozen, n = 1
-//! in particular: one token of a decoder), streaming W once.
+//! The skinny product Y = X Wᵀ + b for a few rows of X (n up to a few dozen, n = 1 in
+//! particular: one token of a decoder), streaming W once, with the LoRA branch folded in.
 //!
-//! Shapes: W d×k (row-major: unit column stride, any row stride), X n×k (unit column
-//! stride), Y n×d (any strides), bias b of length d, and per LoRA branch H = X Aᵀ (n×r,
-//! computed by the caller with this same kernel on A's rows), B d×r and a scale s.
+//! Shapes: W d×k, X n×k, Y n×d (any strides), bias b of length d. The product is a list of
+//! *segments* (W₀, X₀), (W₁, X₁), …: Y = Σₛ Xₛ Wₛᵀ + b, every Wₛ with d rows and every Xₛ
+//! with n rows, each with a unit column stride (any row stride). A LoRA layer's forward is
+//! the two segments (W, X) and (B, C) with C = s·X Aᵀ (n×r), itself this product with the
+//! one segment (A, X); a model with several adapters adds one segment per adapter.
 //!
-//! Why not BLAS: a `?gemm` with M = n small packs and runs a micro-kernel built for large M,
-//! and spends 3–5× a single pass over W (OpenBLAS 0.3.21: `sgemm` with M = 1 takes 3× its
-//! own `sgemv` on a 4096² W). The product is memory-bound at n = 1 and compute-light up to
-//! n of a few dozen, so the floor is one read of W. This kernel:
+//! Why not BLAS: a `?gemm` with M = n small packs its operands and runs a micro-kernel built
+//! for large M, and costs 3–5× a single pass over W (OpenBLAS 0.3.21: `sgemm` with M = 1
+//! takes 3× its own `sgemv` on a 4096² W). The product is memory-bound at n = 1 and
+//! compute-light up to n of a few dozen, so the floor is one read of W. This kernel:
 //!
-//! * walks W in blocks of `MR` rows; each block is read once per group of `NX` rows of X,
-//!   i.e. once for n ≤ `NX`, and from L1/L2 for the later groups (the caller copies X to a
-//!   unit column stride if it lacks one). Per vector step a tile loads `MR` vectors of W and
-//!   `NX` vectors of X and runs `MR·NX` independent FMA chains;
+//! * walks W in blocks of `MR` rows and, along k, in chunks of [`CHUNK_BYTES`] per row: the
+//!   block's chunk stays in L1 while every group of `NX` rows of X (a *panel* of up to
+//!   [`PANEL_GROUPS`] groups) runs over it, so W is read from memory once per panel. Per
+//!   vector step a register tile loads `MR` vectors of W and `NX` of X and runs `MR·NX`
+//!   independent FMA chains; its accumulators wait in a stack buffer between chunks;
+//! * prefetches the block's next chunk while the groups of the current one run, spread
+//!   over the groups, so the stream from memory overlaps the arithmetic;
 //! * forms each output element by **one formula, whatever its place in a tile**: one vector
-//!   accumulator over the k/L full vectors in order, a fixed pairwise sum of its lanes,
-//!   scalar FMAs over the k mod L tail, then + bᵢ, then per branch one FMA
-//!   y ← y + s·(Σₚ Bᵢₚ·Hₘₚ) with the r-term sum in order p = 0..r. So splitting W's rows over
-//!   threads (any bands) gives bit-identical results for any thread count, and the tail rows
-//!   of W and of X run the same arithmetic as full tiles;
-//! * writes each element of Y once (the epilogue adds the bias and the LoRA branch there).
-//!
-//! The scale s multiplies the finished r-term sum (as a BLAS `?gemm` applies α), never H
-//! itself, so a huge s with a zero in B cannot make ∞·0 = NaN.
+//!   accumulator over the whole vectors of every segment in order (chunking only pauses
+//!   it), a fixed pairwise sum of its lanes, scalar FMAs over each segment's tail (kₛ mod
+//!   L elements) in order, then + bᵢ. So bands of W's rows on different threads give
+//!   bit-identical results for any thread count, and the edge rows of W and X run the same
+//!   arithmetic as full tiles;
+//! * writes each element of Y once.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 
@@ -33,34 +38,37 @@ use super::SimdLevel;
 /// The widest vector (in lanes) the kernel body takes; sizes its lane-sum buffer.
 const MAX_LANES: usize = 16;
 
-/// One LoRA branch of a product: the term s·H Bᵀ, with H = X Aᵀ (n×r) and B (d×r), any
-/// strides.
+/// Groups of `NX` rows of X per panel: the accumulators of a block of W's rows against
+/// one panel wait in a stack buffer between column chunks (`PANEL_GROUPS·MR·NX` vectors).
+pub(super) const PANEL_GROUPS: usize = 16;
+
+/// Bytes of each row of a W block per column chunk. Measured (4096², f32, n = 8–64, one
+/// AVX-512 thread): 2–4 KiB per row is best; 256 B is 20 % slower, 16 KiB 15 % slower.
+pub(super) const CHUNK_BYTES: usize = 2048;
+
+/// One term Xₛ Wₛᵀ of a product: W-like d×kₛ and X-like n×kₛ, each with a unit column
+/// stride (or kₛ ≤ 1).
 #[derive(Clone, Copy)]
-pub(crate) struct Branch<'a, T> {
-    /// B, d×r.
-    pub b: ArrayView2<'a, T>,
-    /// H = X Aᵀ, n×r.
-    pub h: ArrayView2<'a, T>,
-    /// s.
-    pub scale: T,
+pub(crate) struct Segment<'a, T> {
+    /// d×kₛ.
+    pub w: ArrayView2<'a, T>,
+    /// n×kₛ.
+    pub x: ArrayView2<'a, T>,
 }
 
-/// The inputs of one product: X (n×k) and W (d×k), each with unit column stride (or
-/// k ≤ 1), the optional bias (length d) and the branches.
+/// The inputs of one product: its segments and the optional bias (length d).
 #[derive(Clone, Copy)]
 pub(crate) struct Operands<'a, 'b, T> {
-    x: ArrayView2<'a, T>,
-    w: ArrayView2<'a, T>,
+    segments: &'b [Segment<'a, T>],
     bias: Option<ArrayView1<'a, T>>,
-    branches: &'b [Branch<'a, T>],
 }
 
 /// Writes the band Y[.., i0..i0 + y.ncols()] of the product `o`, where `y` is that band.
 ///
 /// # Safety
-/// `o`'s X and W have unit column stride or k ≤ 1; the shapes chain (X n×k, W d×k, bias d,
-/// each branch's B d×r and H n×r for a common r per branch); `y` is n×c with
-/// i0 + c ≤ d; the CPU supports the kernel's instructions.
+/// Every segment's views have unit column stride (or kₛ ≤ 1); the shapes chain (every
+/// segment's W d×kₛ and X n×kₛ, bias d); `y` is n×c with i0 + c ≤ d; the CPU supports
+/// the kernel's instructions.
 pub(crate) type ProductFn<T> =
     unsafe fn(o: &Operands<'_, '_, T>, i0: usize, y: ArrayViewMut2<'_, T>);
 
@@ -107,54 +115,43 @@ unsafe fn product_scalar<T: DecodeElement>(
     unsafe { product::<Portable<T, 1>, 4, 4>(o, i0, y) }
 }
 
-/// Y = X Wᵀ + b + Σ s·H Bᵀ with the kernel at `level`, W's rows split into bands over up
-/// to `threads` threads (bit-identical results for any count). Returns `false`, Y
-/// untouched, when the kernel does not apply: the level does not run on this CPU, or X or
-/// W lacks a unit column stride (a caller copies X, or uses a gemm).
+/// Y = Σₛ Xₛ Wₛᵀ + b with the kernel at `level`, W's rows split into bands over up to
+/// `threads` threads (bit-identical results for any count). Returns `false`, Y untouched,
+/// when the kernel does not apply: the level does not run on this CPU, or a segment's W or
+/// X lacks a unit column stride.
 ///
 /// # Panics
 /// If the shapes do not chain (an internal bug: callers validate first).
 #[track_caller]
 pub(crate) fn skinny_product<'a, T: DecodeElement>(
     level: SimdLevel,
-    x: ArrayView2<'a, T>,
-    w: ArrayView2<'a, T>,
+    segments: &[Segment<'a, T>],
     bias: Option<ArrayView1<'a, T>>,
-    branches: &[Branch<'a, T>],
     y: ArrayViewMut2<'_, T>,
     threads: usize,
 ) -> bool {
-    let ((n, k), d) = (x.dim(), w.nrows());
+    let (n, d) = y.dim();
     assert!(
-        w.ncols() == k
-            && y.dim() == (n, d)
-            && bias.is_none_or(|b| b.len() == d)
-            && branches
-                .iter()
-                .all(|br| br.b.nrows() == d && br.h.nrows() == n && br.b.ncols() == br.h.ncols()),
-        "skinny product shapes do not chain: X {:?}, W {:?}, Y {:?}",
-        x.dim(),
-        w.dim(),
+        segments
+            .iter()
+            .all(|s| s.w.nrows() == d && s.x.nrows() == n && s.w.ncols() == s.x.ncols())
+            && bias.is_none_or(|b| b.len() == d),
+        "skinny product shapes do not chain into Y {:?}",
         y.dim()
     );
     let unit = |m: &ArrayView2<'_, T>| m.ncols() <= 1 || m.strides()[1] == 1;
-    if !unit(&x) || !unit(&w) || !level.is_available() {
+    if !segments.iter().all(|s| unit(&s.w) && unit(&s.x)) || !level.is_available() {
         return false;
     }
     let Some(kernel) = T::product_kernel(level) else {
         return false;
     };
-    let o = Operands {
-        x,
-        w,
-        bias,
-        branches,
-    };
     if n == 0 || d == 0 {
         return true;
     }
+    let o = Operands { segments, bias };
     // Bands of whole row blocks (a multiple of every kernel's MR).
-    const BAND_ALIGN: usize = 8;
+    const BAND_ALIGN: usize = 12;
     let band = d
         .div_ceil(threads.clamp(1, d.div_ceil(BAND_ALIGN)))
         .next_multiple_of(BAND_ALIGN);
@@ -199,16 +196,22 @@ pub(super) unsafe fn product<V: Vector, const MR: usize, const NX: usize>(
         i0,
     };
     let (n, c) = y.dim();
-    let mut i = i0;
-    while i + MR <= i0 + c {
-        // SAFETY: rows i..i + MR ≤ i0 + c ≤ d; the rest forwarded.
-        unsafe { rows::<V, MR, NX>(o, out, i, n) };
-        i += MR;
-    }
-    while i < i0 + c {
-        // SAFETY: row i < d; the rest forwarded.
-        unsafe { rows::<V, 1, NX>(o, out, i, n) };
-        i += 1;
+    let mut m0 = 0;
+    while m0 < n {
+        // A panel of X's rows; W streams once per panel.
+        let m1 = n.min(m0 + PANEL_GROUPS * NX);
+        let mut i = i0;
+        while i + MR <= i0 + c {
+            // SAFETY: rows i..i + MR ≤ i0 + c ≤ d, X rows m0..m1 ≤ n; the rest forwarded.
+            unsafe { rows::<V, MR, NX>(o, out, i, m0..m1) };
+            i += MR;
+        }
+        while i < i0 + c {
+            // SAFETY: row i < d; the rest forwarded.
+            unsafe { rows::<V, 1, NX>(o, out, i, m0..m1) };
+            i += 1;
+        }
+        m0 = m1;
     }
 }
 
@@ -221,67 +224,145 @@ struct Out<T> {
     i0: usize,
 }
 
-/// Rows i..i + M of W against all n rows of X: groups of `NX`, then one smaller group.
+/// Rows i..i + M of W against X's rows `panel`: segment by segment and column chunk by
+/// column chunk, every group of `NX` rows of X (the last one may be smaller) continues its
+/// accumulators in its slot of the buffer; then each element is finished and written.
 ///
 /// # Safety
-/// i + M ≤ d and i ≥ out.i0 inside the band; as [`product`].
+/// i + M ≤ d and i ≥ out.i0 inside the band, `panel` inside 0..n and at most
+/// `PANEL_GROUPS·NX` long; as [`product`].
 #[inline(always)]
 unsafe fn rows<V: Vector, const M: usize, const NX: usize>(
     o: &Operands<'_, '_, V::Elem>,
     out: Out<V::Elem>,
     i: usize,
-    n: usize,
-) where
-    V::Elem: DecodeElement,
-{
-    let mut m = 0;
-    while m + NX <= n {
-        // SAFETY: X rows m..m + NX ≤ n; the rest forwarded.
-        unsafe { tile::<V, M, NX>(o, out, i, m) };
-        m += NX;
-    }
-    // SAFETY (each arm): X rows m..n, that many (< NX ≤ 8); the rest forwarded.
-    unsafe {
-        match n - m {
-            0 => {}
-            1 => tile::<V, M, 1>(o, out, i, m),
-            2 => tile::<V, M, 2>(o, out, i, m),
-            3 => tile::<V, M, 3>(o, out, i, m),
-            4 => tile::<V, M, 4>(o, out, i, m),
-            5 => tile::<V, M, 5>(o, out, i, m),
-            6 => tile::<V, M, 6>(o, out, i, m),
-            _ => tile::<V, M, 7>(o, out, i, m),
-        }
-    }
-}
-
-/// One register tile: Y[m..m + N, i..i + M].
-///
-/// # Safety
-/// i + M ≤ d inside the band, m + N ≤ n; as [`product`].
-#[inline(always)]
-unsafe fn tile<V: Vector, const M: usize, const N: usize>(
-    o: &Operands<'_, '_, V::Elem>,
-    out: Out<V::Elem>,
-    i: usize,
-    m: usize,
+    panel: Range<usize>,
 ) where
     V::Elem: DecodeElement,
 {
     let l = V::LANES;
-    let k = o.x.ncols();
-    let (w_row, x_row) = (o.w.strides()[0], o.x.strides()[0]);
-    // SAFETY (the block): rows i + a < d of W and m + q < n of X exist, so these offsets
-    // stay inside the views; columns j < k are read with unit stride (the contract), and
-    // every vector load covers j..j + l ≤ k. The CPU supports `V` (the contract).
+    let chunk = (CHUNK_BYTES / std::mem::size_of::<V::Elem>()).next_multiple_of(l);
+    let groups = panel.len().div_ceil(NX);
+    let mut acc = [[[MaybeUninit::<V>::uninit(); NX]; M]; PANEL_GROUPS];
+    let mut started = false;
+    for seg in o.segments {
+        let k = seg.x.ncols();
+        let body = k - k % l;
+        let mut j0 = 0;
+        while j0 < body {
+            let cols = j0..body.min(j0 + chunk);
+            for (g, slot) in acc.iter_mut().take(groups).enumerate() {
+                let m = panel.start + g * NX;
+                let tile = Tile {
+                    seg,
+                    i,
+                    m,
+                    cols: cols.clone(),
+                    start: !started,
+                    // Group g prefetches its share of the block's rows, one chunk ahead.
+                    prefetch: g * M / groups..(g + 1) * M / groups,
+                    ahead: chunk,
+                };
+                // SAFETY (each arm): X rows m..m + that many ≤ panel.end (only the last
+                // group is smaller than NX); columns within the segment's body; the
+                // slot's entries are initialised unless `start`. The rest forwarded.
+                unsafe {
+                    match (panel.end - m).min(NX) {
+                        c if c == NX => accumulate::<V, M, NX, NX>(&tile, slot),
+                        1 => accumulate::<V, M, 1, NX>(&tile, slot),
+                        2 => accumulate::<V, M, 2, NX>(&tile, slot),
+                        3 => accumulate::<V, M, 3, NX>(&tile, slot),
+                        4 => accumulate::<V, M, 4, NX>(&tile, slot),
+                        5 => accumulate::<V, M, 5, NX>(&tile, slot),
+                        6 => accumulate::<V, M, 6, NX>(&tile, slot),
+                        _ => accumulate::<V, M, 7, NX>(&tile, slot),
+                    }
+                }
+            }
+            started = true;
+            j0 = cols.end;
+        }
+    }
+    for (g, slot) in acc.iter().take(groups).enumerate() {
+        let m = panel.start + g * NX;
+        for (a, slot) in slot.iter().enumerate() {
+            for (q, acc) in slot.iter().take(panel.end - m).enumerate() {
+                // SAFETY: `accumulate` initialised this slot if `started`; row i + a < d
+                // of every W and row m + q < n of every X, tail columns inside them;
+                // Y[m + q, i + a] is inside the band. CPU support by the contract.
+                unsafe {
+                    let mut s = if started {
+                        lane_sum(acc.assume_init())
+                    } else {
+                        <V::Elem as Element>::ZERO
+                    };
+                    for seg in o.segments {
+                        let k = seg.x.ncols();
+                        let w = seg.w.as_ptr().offset((i + a) as isize * seg.w.strides()[0]);
+                        let x = seg.x.as_ptr().offset((m + q) as isize * seg.x.strides()[0]);
+                        for j in k - k % l..k {
+                            s = s.fused_add(*w.add(j), *x.add(j));
+                        }
+                    }
+                    if let Some(b) = &o.bias {
+                        s = s + *b.uget(i + a);
+                    }
+                    let at = (m + q) as isize * out.row + (i + a - out.i0) as isize * out.col;
+                    *out.ptr.offset(at) = s;
+                }
+            }
+        }
+    }
+}
+
+/// What one register tile runs over: rows i.. of the segment's W and m.. of its X, the
+/// columns `cols` (whole vectors); `start`: begin at 0 rather than the slot's values;
+/// `prefetch`: the rows of the block whose next chunk (`ahead` elements on) it prefetches.
+struct Tile<'s, 'a, T> {
+    seg: &'s Segment<'a, T>,
+    i: usize,
+    m: usize,
+    cols: Range<usize>,
+    start: bool,
+    prefetch: Range<usize>,
+    ahead: usize,
+}
+
+/// One register tile: rows t.i..t.i + M of W × rows t.m..t.m + N of X over `t.cols`,
+/// continuing the accumulators in `slot`.
+///
+/// # Safety
+/// t.i + M ≤ d, t.m + N ≤ n, N ≤ NX, `t.cols` within the segment's columns in whole
+/// vectors, `t.prefetch` within 0..M; `slot`'s first N entries per row are initialised
+/// unless `t.start`; as [`product`].
+#[inline(always)]
+unsafe fn accumulate<V: Vector, const M: usize, const N: usize, const NX: usize>(
+    t: &Tile<'_, '_, V::Elem>,
+    slot: &mut [[MaybeUninit<V>; NX]; M],
+) where
+    V::Elem: DecodeElement,
+{
+    let l = V::LANES;
+    let (sw, sx) = (&t.seg.w, &t.seg.x);
+    // SAFETY (the block): rows t.i + a < d of W and t.m + q < n of X exist, so these
+    // offsets stay inside the views; columns are read with unit stride (the contract), and
+    // every vector load covers j..j + l ≤ t.cols.end ≤ kₛ. Prefetches never fault. The CPU
+    // supports `V` (the contract). `slot` is read only where initialised (the contract).
     unsafe {
         let w: [*const V::Elem; M] =
-            std::array::from_fn(|a| o.w.as_ptr().offset((i + a) as isize * w_row));
+            std::array::from_fn(|a| sw.as_ptr().offset((t.i + a) as isize * sw.strides()[0]));
         let x: [*const V::Elem; N] =
-            std::array::from_fn(|q| o.x.as_ptr().offset((m + q) as isize * x_row));
-        let mut acc = [[V::zero(); N]; M];
-        let mut j = 0;
-        while j + l <= k {
+            std::array::from_fn(|q| sx.as_ptr().offset((t.m + q) as isize * sx.strides()[0]));
+        let mut acc: [[V; N]; M] = if t.start {
+            [[V::zero(); N]; M]
+        } else {
+            std::array::from_fn(|a| std::array::from_fn(|q| slot[a][q].assume_init()))
+        };
+        let mut j = t.cols.start;
+        while j < t.cols.end {
+            for a in t.prefetch.clone() {
+                V::prefetch(w[a].wrapping_add(j + t.ahead));
+            }
             let xv: [V; N] = std::array::from_fn(|q| V::load(x[q].add(j)));
             for (acc, w) in acc.iter_mut().zip(&w) {
                 let wv = V::load(w.add(j));
@@ -291,15 +372,9 @@ unsafe fn tile<V: Vector, const M: usize, const N: usize>(
             }
             j += l;
         }
-        for (a, (acc, w)) in acc.iter().zip(&w).enumerate() {
-            for (q, (acc, x)) in acc.iter().zip(&x).enumerate() {
-                let mut s = lane_sum(*acc);
-                for j in j..k {
-                    s = s.fused_add(*w.add(j), *x.add(j));
-                }
-                let v = epilogue(o, s, i + a, m + q);
-                let at = (m + q) as isize * out.row + (i + a - out.i0) as isize * out.col;
-                *out.ptr.offset(at) = v;
+        for (slot, acc) in slot.iter_mut().zip(&acc) {
+            for (slot, acc) in slot.iter_mut().zip(acc) {
+                *slot = MaybeUninit::new(*acc);
             }
         }
     }
@@ -328,41 +403,6 @@ where
     buf[0]
 }
 
-/// y = s + bᵢ, then per branch y ← y + s_br·(Σₚ Bᵢₚ·Hₘₚ).
-///
-/// # Safety
-/// i < d, m < n (inside the views).
-#[inline(always)]
-unsafe fn epilogue<T: DecodeElement>(o: &Operands<'_, '_, T>, dot: T, i: usize, m: usize) -> T {
-    let mut y = match &o.bias {
-        // SAFETY: i < d = the bias length.
-        Some(b) => dot + unsafe { *b.uget(i) },
-        None => dot,
-    };
-    for br in o.branches {
-        let (bp, hp) = (br.b.as_ptr(), br.h.as_ptr());
-        let (b_row, b_col) = (br.b.strides()[0], br.b.strides()[1]);
-        let h_col = br.h.strides()[1];
-        // SAFETY: row i < d of B and row m < n of H exist; p < r columns of each.
-        let (b_i, h_m) = unsafe {
-            (
-                bp.offset(i as isize * b_row),
-                hp.offset(m as isize * br.h.strides()[0]),
-            )
-        };
-        let r = br.b.ncols();
-        let mut t = T::ZERO;
-        for p in 0..r as isize {
-            // SAFETY: p < r.
-            t = t.fused_add(unsafe { *b_i.offset(p * b_col) }, unsafe {
-                *h_m.offset(p * h_col)
-            });
-        }
-        y = y.fused_add(br.scale, t);
-    }
-    y
-}
-
 #[cfg(test)]
 mod tests {
     use ndarray::{s, Array1, Array2, ShapeBuilder};
@@ -375,34 +415,28 @@ mod tests {
         })
     }
 
-    /// One product's operands, owned, in standard layout.
+    /// One product's operands, owned, in standard layout: (W-like, X-like) per segment.
     struct Case<T> {
-        x: Array2<T>,
-        w: Array2<T>,
+        segments: Vec<(Array2<T>, Array2<T>)>,
         bias: Option<Array1<T>>,
-        /// (B, H, s) per branch.
-        branches: Vec<(Array2<T>, Array2<T>, T)>,
     }
 
     impl<T: DecodeElement + From<f32>> Case<T> {
+        /// The segment (W d×k, X n×k), then one (B d×r, C n×r) per rank.
         fn new(d: usize, k: usize, n: usize, bias: bool, ranks: &[usize]) -> Self {
-            Case {
-                x: pattern(n, k, 1.0),
-                w: pattern(d, k, 2.0),
-                bias: bias.then(|| pattern(1, d, 3.0).remove_axis(ndarray::Axis(0))),
-                branches: ranks
-                    .iter()
-                    .enumerate()
-                    .map(|(q, &r)| {
-                        let seed = 4.0 + q as f32;
-                        (
-                            pattern(d, r, seed),
-                            pattern(n, r, seed + 0.5),
-                            T::from(-1.75),
-                        )
-                    })
-                    .collect(),
+            let mut segments = vec![(pattern(d, k, 2.0), pattern(n, k, 1.0))];
+            for (q, &r) in ranks.iter().enumerate() {
+                let seed = 4.0 + q as f32;
+                segments.push((pattern(d, r, seed), pattern(n, r, seed + 0.5)));
             }
+            Case {
+                segments,
+                bias: bias.then(|| pattern(1, d, 3.0).remove_axis(ndarray::Axis(0))),
+            }
+        }
+
+        fn dims(&self) -> (usize, usize) {
+            (self.segments[0].1.nrows(), self.segments[0].0.nrows())
         }
     }
 
@@ -410,35 +444,20 @@ mod tests {
     /// scales the rounding error bound).
     fn reference<T: Into<f64> + Copy>(c: &Case<T>) -> (Array2<f64>, Array2<f64>) {
         let f = |v: &T| -> f64 { (*v).into() };
-        let (n, d) = (c.x.nrows(), c.w.nrows());
+        let (n, d) = (c.segments[0].1.nrows(), c.segments[0].0.nrows());
         let mut value = Array2::zeros((n, d));
         let mut size = Array2::zeros((n, d));
         for ((m, i), v) in value.indexed_iter_mut() {
-            let mut mag = 0.0;
-            let mut sum = 0.0;
-            for (x, w) in c.x.row(m).iter().zip(c.w.row(i)) {
-                sum += f(x) * f(w);
-                mag += (f(x) * f(w)).abs();
+            let (mut sum, mut mag) = (0.0, 0.0);
+            for (w, x) in &c.segments {
+                for (w, x) in w.row(i).iter().zip(x.row(m)) {
+                    sum += f(w) * f(x);
+                    mag += (f(w) * f(x)).abs();
+                }
             }
             if let Some(b) = &c.bias {
                 sum += f(&b[i]);
                 mag += f(&b[i]).abs();
-            }
-            for (b, h, s) in &c.branches {
-                let t: f64 = b
-                    .row(i)
-                    .iter()
-                    .zip(h.row(m))
-                    .map(|(b, h)| f(b) * f(h))
-                    .sum();
-                let t_mag: f64 = b
-                    .row(i)
-                    .iter()
-                    .zip(h.row(m))
-                    .map(|(b, h)| (f(b) * f(h)).abs())
-                    .sum();
-                sum += f(s) * t;
-                mag += f(s).abs() * t_mag;
             }
             *v = sum;
             size[[m, i]] = mag;
@@ -446,20 +465,18 @@ mod tests {
         (value, size)
     }
 
-    /// Memory layouts of the operands: X and W 0 standard, 1 a sub-view of a wider array
-    /// (row stride > k), 2 rows reversed (negative row stride); Y 0 standard, 1 column-major,
-    /// 2 a sub-view inside a NaN-filled array (the padding is checked untouched), 3 both axes
-    /// reversed. `factors_f`: B and H column-major.
+    /// Memory layouts: the operands 0 standard, 1 a sub-view of a wider array (row stride
+    /// > kₛ), 2 rows reversed (negative row stride); Y 0 standard, 1 column-major, 2 a
+    /// sub-view inside a NaN-filled array (the padding is checked untouched), 3 both axes
+    /// reversed.
     #[derive(Clone, Copy, Debug)]
     struct Layout {
-        x: usize,
-        w: usize,
+        operands: usize,
         y: usize,
-        factors_f: bool,
     }
 
+    /// The backing array of `a` laid out per `layout`; [`view_of`] finds `a` inside it.
     fn place<T: Copy + From<f32>>(a: &Array2<T>, layout: usize) -> Array2<T> {
-        // Returns the backing array; `view_of` finds the operand inside it.
         let (r, c) = a.dim();
         match layout {
             0 => a.clone(),
@@ -480,12 +497,6 @@ mod tests {
         }
     }
 
-    fn f_order<T: Copy + DecodeElement>(a: &Array2<T>) -> Array2<T> {
-        let mut f = Array2::from_elem(a.dim().f(), T::ZERO);
-        f.assign(a);
-        f
-    }
-
     /// Runs `kernel` directly on the bands of W's rows that start at `cuts` (and 0), with
     /// the operands laid out per `layout`; returns Y in standard layout.
     fn run<T: DecodeElement + From<f32> + Into<f64>>(
@@ -494,32 +505,23 @@ mod tests {
         layout: Layout,
         cuts: &[usize],
     ) -> Array2<T> {
-        let ((n, k), d) = (c.x.dim(), c.w.nrows());
-        let (xb, wb) = (place(&c.x, layout.x), place(&c.w, layout.w));
-        let factors: Vec<_> = c
-            .branches
+        let (n, d) = c.dims();
+        let backing: Vec<_> = c
+            .segments
             .iter()
-            .map(|(b, h, s)| {
-                if layout.factors_f {
-                    (f_order(b), f_order(h), *s)
-                } else {
-                    (b.clone(), h.clone(), *s)
-                }
-            })
+            .map(|(w, x)| (place(w, layout.operands), place(x, layout.operands)))
             .collect();
-        let branches: Vec<_> = factors
+        let segments: Vec<_> = backing
             .iter()
-            .map(|(b, h, s)| Branch {
-                b: b.view(),
-                h: h.view(),
-                scale: *s,
+            .zip(&c.segments)
+            .map(|((w, x), (w0, _))| Segment {
+                w: view_of(w, layout.operands, w0.ncols()),
+                x: view_of(x, layout.operands, w0.ncols()),
             })
             .collect();
         let o = Operands {
-            x: view_of(&xb, layout.x, k),
-            w: view_of(&wb, layout.w, k),
+            segments: &segments,
             bias: c.bias.as_ref().map(|b| b.view()),
-            branches: &branches,
         };
         let nan = T::from(f32::NAN);
         let mut yb = match layout.y {
@@ -538,8 +540,8 @@ mod tests {
             bounds.push(d);
             for band in bounds.windows(2) {
                 let part = y.slice_mut(s![.., band[0]..band[1]]);
-                // SAFETY: the kernels passed here run on this host; unit column strides for
-                // X and W (every layout above); shapes chain; the band lies inside Y.
+                // SAFETY: the kernels passed here run on this host; unit column strides
+                // (every layout above); shapes chain; the band lies inside Y.
                 unsafe { kernel(&o, band[0], part) };
             }
         }
@@ -583,6 +585,11 @@ mod tests {
         unsafe { product::<Portable<T, L>, MR, NX>(o, i0, y) }
     }
 
+    /// The bits of `v` widened to f64 (exact, so equal bits ⇔ equal bits in `T`).
+    fn bits<T: Into<f64>>(v: T) -> u64 {
+        v.into().to_bits()
+    }
+
     fn check_all<T>(extra: &[(&'static str, ProductFn<T>)], same_formula: &[ProductFn<T>], eps: f64)
     where
         T: DecodeElement + From<f32> + Into<f64>,
@@ -591,69 +598,59 @@ mod tests {
         let names: Vec<_> = all.iter().map(|k| k.0).collect();
         println!("kernels tested: {names:?}");
         let mut case_no = 0usize;
-        for d in [1, 7, 33, 257] {
-            for k in [0, 1, 7, 33, 257] {
-                for n in (1..=10).chain([17, 33]) {
-                    case_no += 1;
-                    let bias = case_no % 2 == 0;
-                    let ranks: &[usize] = match case_no % 3 {
-                        0 => &[],
-                        1 => &[3],
-                        _ => &[1, 16],
-                    };
-                    let c = Case::<T>::new(d, k, n, bias, ranks);
-                    let (want, size) = reference(&c);
-                    let plain = Layout {
-                        x: 0,
-                        w: 0,
-                        y: 0,
-                        factors_f: false,
-                    };
-                    let r_sum: usize = ranks.iter().sum();
-                    for &(name, kernel) in &all {
-                        let base = run(kernel, &c, plain, &[]);
-                        let ctx = format!("{name} d{d} k{k} n{n} bias {bias} ranks {ranks:?}");
-                        for ((idx, g), (want, size)) in
-                            base.indexed_iter().zip(want.iter().zip(&size))
-                        {
-                            let g: f64 = (*g).into();
-                            let bound = eps * (k + r_sum + 2) as f64 * (size + f64::MIN_POSITIVE);
-                            assert!((g - want).abs() <= bound, "{ctx} {idx:?}: {g} vs {want}");
-                        }
-                        // Other layouts and row splits: bit for bit the same.
-                        let layout = Layout {
-                            x: case_no % 3,
-                            w: (case_no / 3) % 3,
-                            y: case_no % 4,
-                            factors_f: case_no % 5 < 2,
-                        };
-                        for cuts in [&[1, 5, 13][..], &[4, 8, 16, 32, 64], &[3, 200]] {
-                            let got = run(kernel, &c, layout, cuts);
-                            assert!(
-                                got.iter().zip(&base).all(|(a, b)| bits(*a) == bits(*b)),
-                                "{ctx} {layout:?} cuts {cuts:?}: not bit-identical to one band in standard layout"
-                            );
-                        }
-                    }
-                    // Tile shapes only group the work: every shape gives the same bits.
-                    if let Some((&first, rest)) = same_formula.split_first() {
-                        let base = run(first, &c, plain, &[]);
-                        for &kernel in rest {
-                            let got = run(kernel, &c, plain, &[2]);
-                            assert!(
-                                got.iter().zip(&base).all(|(a, b)| bits(*a) == bits(*b)),
-                                "d{d} k{k} n{n}: tile shapes disagree"
-                            );
-                        }
-                    }
+        // Odd sizes, plus rows of W longer than a column chunk (several chunks, f32 and
+        // f64) and batches longer than a panel of X's rows.
+        let sizes = [1, 7, 33, 257].into_iter().flat_map(|d| {
+            [0, 1, 7, 33, 257]
+                .into_iter()
+                .flat_map(move |k| (1..=10).chain([17, 33]).map(move |n| (d, k, n)))
+        });
+        for (d, k, n) in sizes.chain([(9, 1100, 70), (13, 2053, 5), (5, 600, 131)]) {
+            case_no += 1;
+            let bias = case_no % 2 == 0;
+            let ranks: &[usize] = match case_no % 3 {
+                0 => &[],
+                1 => &[3],
+                _ => &[1, 16],
+            };
+            let c = Case::<T>::new(d, k, n, bias, ranks);
+            let (want, size) = reference(&c);
+            let plain = Layout { operands: 0, y: 0 };
+            let terms: usize = c.segments.iter().map(|s| s.0.ncols()).sum();
+            for &(name, kernel) in &all {
+                let base = run(kernel, &c, plain, &[]);
+                let ctx = format!("{name} d{d} k{k} n{n} bias {bias} ranks {ranks:?}");
+                for ((idx, g), (want, size)) in base.indexed_iter().zip(want.iter().zip(&size)) {
+                    let g: f64 = (*g).into();
+                    let bound = eps * (terms + 2) as f64 * size;
+                    assert!((g - want).abs() <= bound, "{ctx} {idx:?}: {g} vs {want}");
+                }
+                // Other layouts and row splits: bit for bit the same.
+                let layout = Layout {
+                    operands: case_no % 3,
+                    y: case_no % 4,
+                };
+                for cuts in [&[1, 5, 13][..], &[4, 8, 16, 32, 64], &[3, 200]] {
+                    let got = run(kernel, &c, layout, cuts);
+                    assert!(
+                        got.iter().zip(&base).all(|(a, b)| bits(*a) == bits(*b)),
+                        "{ctx} {layout:?} cuts {cuts:?}: not bit-identical to one band in \
+                         standard layout"
+                    );
+                }
+            }
+            // Tile shapes only group the work: every shape gives the same bits.
+            if let Some((&first, rest)) = same_formula.split_first() {
+                let base = run(first, &c, plain, &[]);
+                for &kernel in rest {
+                    let got = run(kernel, &c, plain, &[2]);
+                    assert!(
+                        got.iter().zip(&base).all(|(a, b)| bits(*a) == bits(*b)),
+                        "d{d} k{k} n{n}: tile shapes disagree"
+                    );
                 }
             }
         }
-    }
-
-    /// The bits of `v` widened to f64 (exact, so equal bits ⇔ equal bits in `T`).
-    fn bits<T: Into<f64>>(v: T) -> u64 {
-        v.into().to_bits()
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -664,7 +661,7 @@ mod tests {
                 super::super::x86::product_width16_on_avx2_f32,
             )]
         } else {
-            vec![("portable 16", portable::<f32, 16, 4, 4>)]
+            vec![("portable 16", portable::<f32, 16, 6, 4>)]
         }
     }
 
@@ -676,18 +673,18 @@ mod tests {
                 super::super::x86::product_width8_on_avx2_f64,
             )]
         } else {
-            vec![("portable 8", portable::<f64, 8, 4, 4>)]
+            vec![("portable 8", portable::<f64, 8, 6, 4>)]
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     fn wide_f32() -> Vec<(&'static str, ProductFn<f32>)> {
-        vec![("portable 16", portable::<f32, 16, 4, 4>)]
+        vec![("portable 16", portable::<f32, 16, 6, 4>)]
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     fn wide_f64() -> Vec<(&'static str, ProductFn<f64>)> {
-        vec![("portable 8", portable::<f64, 8, 4, 4>)]
+        vec![("portable 8", portable::<f64, 8, 6, 4>)]
     }
 
     #[test]
@@ -720,4 +717,61 @@ mod tests {
             f64::EPSILON,
         );
     }
+
+    /// The safe entry: declines layouts it cannot read and levels this CPU lacks (Y
+    /// untouched), and with threads gives the single-thread bits.
+    #[test]
+    fn safe_entry_declines_and_splits() {
+        let c = Case::<f32>::new(70, 40, 3, true, &[4]);
+        let segments: Vec<_> = c
+            .segments
+            .iter()
+            .map(|(w, x)| Segment {
+                w: w.view(),
+                x: x.view(),
+            })
+            .collect();
+        let bias = c.bias.as_ref().map(|b| b.view());
+        let level = crate::simd::simd_level();
+        let mut one = Array2::<f32>::from_elem((3, 70), f32::NAN);
+        assert!(skinny_product(level, &segments, bias, one.view_mut(), 1));
+        for threads in [2, 3, 7, 100] {
+            let mut y = Array2::<f32>::from_elem((3, 70), f32::NAN);
+            assert!(skinny_product(
+                level,
+                &segments,
+                bias,
+                y.view_mut(),
+                threads
+            ));
+            assert!(
+                y.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads"
+            );
+        }
+        // A column-major X (no unit column stride): declined.
+        let xf = c.segments[0].1.t().as_standard_layout().into_owned();
+        let mut strided = segments.clone();
+        strided[0].x = xf.t();
+        let mut y = Array2::<f32>::from_elem((3, 70), 7.0);
+        assert!(!skinny_product(level, &strided, bias, y.view_mut(), 1));
+        assert!(y.iter().all(|&v| v == 7.0));
+        for l in SimdLevel::ALL.into_iter().filter(|l| !l.is_available()) {
+            assert!(!skinny_product(l, &segments, bias, y.view_mut(), 1));
+        }
+        assert!(y.iter().all(|&v| v == 7.0));
+        // n = 0 and d = 0 are done at once.
+        let empty = [Segment {
+            w: c.segments[0].0.view(),
+            x: c.segments[0].1.slice(s![..0, ..]),
+        }];
+        assert!(skinny_product(
+            level,
+            &empty,
+            bias,
+            Array2::zeros((0, 70)).view_mut(),
+            4
+        ));
+    }
 }
+
