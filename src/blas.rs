@@ -23,6 +23,9 @@ pub struct GemmCounters {
     /// Merge/unmerge updates W ← W ± s·B A run by the fused SIMD kernel instead of a gemm
     /// (see [`LoraLayer::merge`](crate::LoraLayer::merge)).
     pub fused_updates: u64,
+    /// Forwards of at most [`N_SKINNY`](crate::N_SKINNY) rows run by ndlora's own skinny
+    /// kernel (one pass over W, bias and LoRA branch included) instead of BLAS.
+    pub skinny_products: u64,
 }
 
 impl GemmCounters {
@@ -31,6 +34,7 @@ impl GemmCounters {
         fallback_calls: 0,
         layout_copies: 0,
         fused_updates: 0,
+        skinny_products: 0,
     };
 }
 
@@ -43,7 +47,7 @@ impl GemmCounters {
 ///
 /// let layer = LoraLayer::new(Array2::<f32>::ones((8, 16)), LoraConfig { rank: 2, ..Default::default() })?;
 /// ndlora::reset_gemm_counters();
-/// layer.forward(Array2::<f32>::ones((4, 16)).view())?;
+/// layer.forward(Array2::<f32>::ones((ndlora::N_SKINNY + 1, 16)).view())?;
 /// let c = ndlora::gemm_counters();
 /// assert_eq!(c.blas_calls + c.fallback_calls, 3); // X Wᵀ, X Aᵀ, (X Aᵀ) Bᵀ
 /// assert_eq!(c.layout_copies, 0);

@@ -12,7 +12,7 @@ use crate::check::{check_finite, check_scaling, check_shape};
 use crate::config::{LoraConfig, LoraInit};
 use crate::error::Result;
 use crate::float::LoraFloat;
-use crate::matmul::gemm;
+use crate::matmul::{gemm, LoraTerm};
 
 /// A (r×k), B (d×r), the config and the scaling s of one adapter. Every constructor
 /// validates, so a `Factors` always has consistent shapes, finite values and a scaling that
@@ -150,6 +150,15 @@ impl<A: LoraFloat> Factors<A> {
         check_finite("weight_b", self.b())
     }
 
+    /// The branch as a term of a forward (`matmul::skinny_forward`).
+    pub(crate) fn term(&self) -> LoraTerm<'_, A> {
+        LoraTerm {
+            a: self.a(),
+            b: self.b(),
+            scale: self.alpha(1.0),
+        }
+    }
+
     /// out += s·(X Aᵀ) Bᵀ: two thin products through an n×r temporary, taken from `scratch`
     /// when given (no allocation once it is large enough), else allocated. X should already
     /// be a BLAS operand (`matmul::blas_operand`), since it may feed other products too.
@@ -170,6 +179,22 @@ impl<A: LoraFloat> Factors<A> {
         };
         gemm(A::one(), x, self.weight_a.t(), A::zero(), xa.view_mut());
         gemm(self.alpha(1.0), xa.view(), self.weight_b.t(), A::one(), out);
+    }
+}
+
+/// The working memory of a skinny forward (`matmul::skinny_forward`'s `buffer`): the first
+/// `len` elements of `scratch` when there is one (no allocation once it is large enough),
+/// else of `owned`, grown to `len`.
+pub(crate) fn buffer_of<'s, 't: 's, A: LoraFloat>(
+    scratch: &'s mut Option<&'t mut LoraScratch<A>>,
+    owned: &'s mut Vec<A>,
+) -> impl FnOnce(usize) -> &'s mut [A] + use<'s, 't, A> {
+    move |len| match scratch {
+        Some(scratch) => scratch.slice_mut(len),
+        None => {
+            owned.resize(len, A::zero());
+            &mut owned[..]
+        }
     }
 }
 
@@ -215,10 +240,14 @@ impl<A: LoraFloat> LoraScratch<A> {
     /// An n×r standard-layout view of the first n·r elements, growing the buffer if needed.
     /// (n·r cannot overflow: n ≤ the rows of an existing n×k input and r ≤ k.)
     fn view_mut(&mut self, n: usize, r: usize) -> ArrayViewMut2<'_, A> {
-        let len = n * r;
+        ArrayViewMut2::from_shape((n, r), self.slice_mut(n * r)).expect("n·r elements")
+    }
+
+    /// The first `len` elements, growing the buffer if needed.
+    pub(crate) fn slice_mut(&mut self, len: usize) -> &mut [A] {
         if self.buf.len() < len {
             self.buf.resize(len, A::zero());
         }
-        ArrayViewMut2::from_shape((n, r), &mut self.buf[..len]).expect("n·r elements")
+        &mut self.buf[..len]
     }
 }

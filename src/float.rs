@@ -6,6 +6,7 @@ use ndarray::ScalarOperand;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::blas::GemmScalar;
+use crate::simd::decode::DecodeElement;
 use crate::simd::rank_update::UpdateElement;
 
 /// `f32` or `f64`: the element types [`LoraLayer`](crate::LoraLayer) is generic over.
@@ -14,6 +15,7 @@ use crate::simd::rank_update::UpdateElement;
 pub trait LoraFloat:
     GemmScalar
     + UpdateElement
+    + DecodeElement
     + num_traits::Float
     + ScalarOperand
     + Debug

@@ -10,9 +10,9 @@ use crate::check::{
 };
 use crate::config::LoraConfig;
 use crate::error::{LoraError, Result};
-use crate::factors::{Factors, LoraScratch};
+use crate::factors::{buffer_of, Factors, LoraScratch};
 use crate::float::LoraFloat;
-use crate::matmul::{blas_operand, gemm};
+use crate::matmul::{blas_operand, gemm, skinny_forward};
 use crate::merge::{rank_update, update_weight};
 
 /// A linear layer with a frozen weight W (d×k), an optional frozen bias b (d), and a low-rank
@@ -486,6 +486,26 @@ impl<A: LoraFloat> LoraLayer<A> {
         mut out: ArrayViewMut2<'_, A>,
         scratch: Option<&mut LoraScratch<A>>,
     ) {
+        // A few rows: one pass over W with the bias and the branch folded in, when it applies.
+        let term = self.factors.term();
+        let terms = if self.merged {
+            &[][..]
+        } else {
+            std::slice::from_ref(&term)
+        };
+        let bias = self.bias.as_ref().map(|b| b.view());
+        let (mut scratch, mut owned) = (scratch, Vec::new());
+        let buffer = buffer_of(&mut scratch, &mut owned);
+        if skinny_forward(
+            x,
+            self.base_weight.view(),
+            bias,
+            terms,
+            out.view_mut(),
+            buffer,
+        ) {
+            return;
+        }
         // X feeds two products; a layout BLAS cannot read is copied once, not per product.
         let x = blas_operand(x);
         self.base_into(x.view(), out.view_mut());

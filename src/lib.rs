@@ -150,6 +150,7 @@ pub use error::{LoraError, Result};
 pub use factors::LoraScratch;
 pub use float::LoraFloat;
 pub use layer::LoraLayer;
+pub use matmul::{MAX_SKINNY_ADAPTERS, N_SKINNY};
 pub use micro::{LearningSignal, MicroLora};
 pub use model::LoraModel;
 pub use simd::rank_update::MAX_FUSED_RANK;

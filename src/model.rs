@@ -5,10 +5,10 @@ use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
 use crate::check::{check_finite, check_input_width, check_weight_dims, max_abs};
 use crate::config::LoraConfig;
 use crate::error::{shape_str, LoraError, Result};
-use crate::factors::Factors;
+use crate::factors::{buffer_of, Factors};
 use crate::float::LoraFloat;
 use crate::layer::LoraLayer;
-use crate::matmul::{blas_operand, gemm};
+use crate::matmul::{blas_operand, gemm, skinny_forward};
 use crate::merge::{magnitude_limit, update_magnitude_bound, update_weight};
 
 /// One named adapter: its factors A (r×k), B (d×r), config and scaling s.
@@ -248,13 +248,33 @@ impl<A: LoraFloat> LoraModel<A> {
     /// Errors: `x` is not n×k.
     pub fn forward(&self, x: ArrayView2<'_, A>) -> Result<Array2<A>> {
         self.check_input(x)?;
+        let mut y = Array2::zeros((x.nrows(), self.out_features()));
+        let unmerged = || {
+            self.active
+                .iter()
+                .filter(|id| !self.merged.contains(id))
+                .map(|&id| &self.adapter(id).factors)
+        };
+        // A few rows: one pass over W with every branch folded in, when it applies.
+        let terms: Vec<_> = unmerged().map(|f| f.term()).collect();
+        let (mut no_scratch, mut owned) = (None, Vec::new());
+        let buffer = buffer_of(&mut no_scratch, &mut owned);
+        if skinny_forward(
+            x,
+            self.base_weight.view(),
+            None,
+            &terms,
+            y.view_mut(),
+            buffer,
+        ) {
+            return Ok(y);
+        }
         // X feeds every product: a layout BLAS cannot read is copied once, not per product.
         let x = blas_operand(x);
         let x = x.view();
-        let mut y = Array2::zeros((x.nrows(), self.out_features()));
         gemm(A::one(), x, self.base_weight.t(), A::zero(), y.view_mut());
-        for &id in self.active.iter().filter(|id| !self.merged.contains(id)) {
-            self.adapter(id).factors.add_branch(x, y.view_mut(), None);
+        for factors in unmerged() {
+            factors.add_branch(x, y.view_mut(), None);
         }
         Ok(y)
     }
@@ -263,7 +283,8 @@ impl<A: LoraFloat> LoraModel<A> {
     /// weight only), as if each row ran through its own [`LoraLayer`]. The active set plays
     /// no part.
     ///
-    /// Cost: one base gemm Y = X Wᵀ for the whole batch, then per adapter used one gemm pair
+    /// Cost: one base product Y = X Wᵀ for the whole batch (ndlora's skinny kernel for up to
+    /// [`N_SKINNY`](crate::N_SKINNY) rows, else a gemm), then per adapter used one gemm pair
     /// for its rows, at its own rank (no padding). Rows evenly spaced in the batch (contiguous
     /// ones in particular) are handled as one strided view of X and of Y, with the update
     /// written straight into Y (β = 1, no copy); other row sets are gathered, and their
@@ -315,7 +336,13 @@ impl<A: LoraFloat> LoraModel<A> {
         let x = blas_operand(x);
         let x = x.view();
         let mut y = Array2::zeros((n, self.out_features()));
-        gemm(A::one(), x, self.base_weight.t(), A::zero(), y.view_mut());
+        // The base product of a few rows: one pass over W, when it applies (no branch, so
+        // no working memory).
+        if !skinny_forward(x, self.base_weight.view(), None, &[], y.view_mut(), |_| {
+            &mut []
+        }) {
+            gemm(A::one(), x, self.base_weight.t(), A::zero(), y.view_mut());
+        }
         for (id, rows) in rows_of.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
             let factors = &self.adapter(id).factors;
             if let Some(step) = even_step(rows) {

@@ -1,5 +1,7 @@
 //! Contiguous and leading-dimension layouts reach BLAS without copies; only layouts BLAS
-//! cannot describe are copied. Set NDLORA_EXPECT_BLAS=1 to also require a BLAS backend.
+//! cannot describe are copied. Forwards of at most `N_SKINNY` rows run ndlora's own kernel
+//! instead, for every layout it reads in place. Set NDLORA_EXPECT_BLAS=1 to also require a
+//! BLAS backend.
 
 mod common;
 
@@ -24,6 +26,7 @@ fn expect(calls: u64, copies: u64) -> GemmCounters {
         fallback_calls: if blas() { 0 } else { calls },
         layout_copies: if blas() { copies } else { 0 },
         fused_updates: 0,
+        skinny_products: 0,
     }
 }
 
@@ -64,7 +67,8 @@ fn forward_layouts_reach_blas() {
         ..Default::default()
     };
     let layer = random_layer_with::<f32>(24, 40, cfg, 1);
-    let x: Array2<f32> = random(&mut rng(4), 9, 40);
+    let n = ndlora::N_SKINNY + 1;
+    let x: Array2<f32> = random(&mut rng(4), n, 40);
     for (layout, copies) in [
         (Layout::C, 0),
         (Layout::F, 0),
@@ -80,24 +84,78 @@ fn forward_layouts_reach_blas() {
         assert_eq!(c, expect(3, copies), "{layout:?}");
     }
     // F-order and sub-view outputs are written in place.
-    let mut out = Array2::<f32>::zeros((9, 24).f());
+    let mut out = Array2::<f32>::zeros((n, 24).f());
     let c = counted(|| layer.forward_into(x.view(), out.view_mut()).unwrap());
     assert_eq!(c, expect(3, 0));
-    let mut big = Array2::<f32>::zeros((12, 30));
+    let mut big = Array2::<f32>::zeros((n + 3, 30));
     let c = counted(|| {
         layer
-            .forward_into(x.view(), big.slice_mut(s![1..10, 2..26]))
+            .forward_into(x.view(), big.slice_mut(s![1..n + 1, 2..26]))
             .unwrap()
     });
     assert_eq!(c, expect(3, 0));
     // An output with no BLAS layout is computed in a copy (once per gemm writing it).
-    let mut big = Array2::<f32>::zeros((9, 48));
+    let mut big = Array2::<f32>::zeros((n, 48));
     let c = counted(|| {
         layer
             .forward_into(x.view(), big.slice_mut(s![.., ..;2]))
             .unwrap()
     });
     assert_eq!(c, expect(3, 2));
+}
+
+/// A forward of at most `N_SKINNY` rows is one run of the skinny kernel (bias and branch
+/// included) on a SIMD CPU, for X with unit column stride (any row stride, reversed rows
+/// too) and any output layout; a column-major or doubly-strided X takes the gemms.
+#[test]
+fn few_rows_run_the_skinny_kernel() {
+    let simd = ndlora::simd_level() != ndlora::SimdLevel::Scalar;
+    let skinny = GemmCounters {
+        skinny_products: 1,
+        ..expect(0, 0)
+    };
+    let cfg = LoraConfig {
+        rank: 4,
+        ..Default::default()
+    };
+    let mut layer = random_layer_with::<f32>(24, 40, cfg, 1);
+    for merged in [false, true] {
+        if merged {
+            layer.merge().unwrap();
+        }
+        let gemms = if merged { 1 } else { 3 };
+        for n in [1, 5, ndlora::N_SKINNY] {
+            let x: Array2<f32> = random(&mut rng(4), n, 40);
+            for (layout, in_place) in [
+                (Layout::C, true),
+                (Layout::RowStrided, true),
+                (Layout::Reversed, true),
+                (Layout::F, false),
+                (Layout::ColStrided, false),
+            ] {
+                let laid = Laid::new(&x, layout);
+                let c = counted(|| {
+                    layer.forward(laid.view()).unwrap();
+                });
+                let ctx = format!("{layout:?} n {n} merged {merged}");
+                if simd && (in_place || (layout == Layout::F && n == 1)) {
+                    assert_eq!(c, skinny, "{ctx}");
+                } else {
+                    let copies = u64::from(layout == Layout::ColStrided && n > 1);
+                    assert_eq!(c, expect(gemms, copies), "{ctx}");
+                }
+            }
+            let mut big = Array2::<f32>::zeros((n, 48));
+            let c = counted(|| {
+                layer
+                    .forward_into(x.view(), big.slice_mut(s![.., ..;2]))
+                    .unwrap()
+            });
+            if simd {
+                assert_eq!(c, skinny, "doubly-strided out, n {n}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -32,6 +32,7 @@ use std::ops::Range;
 
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 
+use super::parallel::{row_bands, run_parts};
 use super::vector::{Element, Portable, Vector};
 use super::SimdLevel;
 
@@ -49,7 +50,7 @@ pub(super) const CHUNK_BYTES: usize = 2048;
 /// One term Xₛ Wₛᵀ of a product: W-like d×kₛ and X-like n×kₛ, each with a unit column
 /// stride (or kₛ ≤ 1).
 #[derive(Clone, Copy)]
-pub(crate) struct Segment<'a, T> {
+pub struct Segment<'a, T> {
     /// d×kₛ.
     pub w: ArrayView2<'a, T>,
     /// n×kₛ.
@@ -58,7 +59,7 @@ pub(crate) struct Segment<'a, T> {
 
 /// The inputs of one product: its segments and the optional bias (length d).
 #[derive(Clone, Copy)]
-pub(crate) struct Operands<'a, 'b, T> {
+pub struct Operands<'a, 'b, T> {
     segments: &'b [Segment<'a, T>],
     bias: Option<ArrayView1<'a, T>>,
 }
@@ -69,8 +70,7 @@ pub(crate) struct Operands<'a, 'b, T> {
 /// Every segment's views have unit column stride (or kₛ ≤ 1); the shapes chain (every
 /// segment's W d×kₛ and X n×kₛ, bias d); `y` is n×c with i0 + c ≤ d; the CPU supports
 /// the kernel's instructions.
-pub(crate) type ProductFn<T> =
-    unsafe fn(o: &Operands<'_, '_, T>, i0: usize, y: ArrayViewMut2<'_, T>);
+pub type ProductFn<T> = unsafe fn(o: &Operands<'_, '_, T>, i0: usize, y: ArrayViewMut2<'_, T>);
 
 /// The element types with a skinny-product kernel, and which one runs at each SIMD level.
 /// Sealed (lives in a private module); a supertrait of [`LoraFloat`](crate::LoraFloat).
@@ -150,31 +150,31 @@ pub(crate) fn skinny_product<'a, T: DecodeElement>(
         return true;
     }
     let o = Operands { segments, bias };
-    // Bands of whole row blocks (a multiple of every kernel's MR).
-    const BAND_ALIGN: usize = 12;
-    let band = d
-        .div_ceil(threads.clamp(1, d.div_ceil(BAND_ALIGN)))
-        .next_multiple_of(BAND_ALIGN);
-    if band >= d {
+    let bands = if threads > 1 && d > BAND_ROWS {
+        row_bands(d, threads, BAND_ROWS)
+    } else {
+        // One band: no thread, and no allocation (a serving loop relies on that).
         // SAFETY: checked above: unit column strides, chaining shapes, a level this CPU
-        // runs; the band is all of Y (i0 = 0, c = d).
+        // runs; the band is all of Y.
         unsafe { kernel(&o, 0, y) };
         return true;
+    };
+    let mut parts = Vec::new();
+    let mut y = y;
+    // Bands of whole row blocks (a multiple of every kernel's MR).
+    for (start, len) in bands {
+        let (band, rest) = y.split_at(Axis(1), len);
+        parts.push((start, band));
+        y = rest;
     }
-    std::thread::scope(|scope| {
-        let o = &o;
-        let (mut y, mut i0) = (y, 0);
-        while y.ncols() > band {
-            let (part, rest) = y.split_at(Axis(1), band);
-            // SAFETY: as above, for columns i0..i0 + band of Y, which no other thread touches.
-            scope.spawn(move || unsafe { kernel(o, i0, part) });
-            (y, i0) = (rest, i0 + band);
-        }
-        // SAFETY: as above, for the last band.
-        unsafe { kernel(o, i0, y) };
-    });
+    // SAFETY: checked above: unit column strides, chaining shapes, a level this CPU runs;
+    // each part is the band of Y's columns start..start + len, which no other part touches.
+    run_parts(parts, |(start, band)| unsafe { kernel(&o, start, band) });
     true
 }
+
+/// Rows of W per thread band: a multiple of every kernel's `MR`.
+const BAND_ROWS: usize = 12;
 
 /// The kernel body at `MR` rows of W × `NX` rows of X per register tile.
 ///
@@ -263,7 +263,7 @@ unsafe fn rows<V: Vector, const M: usize, const NX: usize>(
                     prefetch: g * M / groups..(g + 1) * M / groups,
                     ahead: chunk,
                 };
-                // SAFETY (each arm): X rows m..m + that many ≤ panel.end (only the last
+                // SAFETY: (each arm) X rows m..m + that many ≤ panel.end (only the last
                 // group is smaller than NX); columns within the segment's body; the
                 // slot's entries are initialised unless `start`. The rest forwarded.
                 unsafe {
@@ -344,7 +344,7 @@ unsafe fn accumulate<V: Vector, const M: usize, const N: usize, const NX: usize>
 {
     let l = V::LANES;
     let (sw, sx) = (&t.seg.w, &t.seg.x);
-    // SAFETY (the block): rows t.i + a < d of W and t.m + q < n of X exist, so these
+    // SAFETY: (the block) rows t.i + a < d of W and t.m + q < n of X exist, so these
     // offsets stay inside the views; columns are read with unit stride (the contract), and
     // every vector load covers j..j + l ≤ t.cols.end ≤ kₛ. Prefetches never fault. The CPU
     // supports `V` (the contract). `slot` is read only where initialised (the contract).
@@ -408,6 +408,7 @@ mod tests {
     use ndarray::{s, Array1, Array2, ShapeBuilder};
 
     use super::*;
+    use crate::simd::parallel::tests::with_spawn_failing;
 
     fn pattern<T: From<f32>>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
         Array2::from_shape_fn((rows, cols), |(i, j)| {
@@ -466,9 +467,9 @@ mod tests {
     }
 
     /// Memory layouts: the operands 0 standard, 1 a sub-view of a wider array (row stride
-    /// > kₛ), 2 rows reversed (negative row stride); Y 0 standard, 1 column-major, 2 a
-    /// sub-view inside a NaN-filled array (the padding is checked untouched), 3 both axes
-    /// reversed.
+    /// greater than kₛ), 2 rows reversed (negative row stride); Y 0 standard, 1
+    /// column-major, 2 a sub-view inside a NaN-filled array (the padding is checked
+    /// untouched), 3 both axes reversed.
     #[derive(Clone, Copy, Debug)]
     struct Layout {
         operands: usize,
@@ -735,15 +736,15 @@ mod tests {
         let level = crate::simd::simd_level();
         let mut one = Array2::<f32>::from_elem((3, 70), f32::NAN);
         assert!(skinny_product(level, &segments, bias, one.view_mut(), 1));
-        for threads in [2, 3, 7, 100] {
+        for (threads, failing) in [(2, false), (3, false), (7, false), (100, false), (4, true)] {
             let mut y = Array2::<f32>::from_elem((3, 70), f32::NAN);
-            assert!(skinny_product(
-                level,
-                &segments,
-                bias,
-                y.view_mut(),
-                threads
-            ));
+            let mut run = || skinny_product(level, &segments, bias, y.view_mut(), threads);
+            // With thread starts failing, the bands run on the calling thread.
+            assert!(if failing {
+                with_spawn_failing(run)
+            } else {
+                run()
+            });
             assert!(
                 y.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{threads} threads"

@@ -1,0 +1,119 @@
+//! Forwards of at most `N_SKINNY` rows (ndlora's own kernel, one pass over W): the same bits
+//! for any thread count, every adapter of a model folded in (and the gemm beyond
+//! `MAX_SKINNY_ADAPTERS`), and a scaling so large that s·(X Aᵀ) overflows left to the gemm.
+//! One test function: it changes the process-wide thread count.
+
+mod common;
+
+use common::{assert_close, bits, matmul_t, random, random_layer, rng, to_f64, Ref};
+use ndarray::{Array1, Array2};
+use ndlora::{LoraConfig, LoraFloat, LoraModel, SimdLevel};
+
+/// Rounding bound factor, as in tests/layer.rs: |error| ≤ TOL·ε·(the sum over magnitudes).
+const TOL: f64 = 8.0;
+
+/// Runs `f`, returning its value and whether the skinny kernel ran it.
+fn skinny<T>(f: impl FnOnce() -> T) -> (T, bool) {
+    ndlora::reset_gemm_counters();
+    let v = f();
+    (v, ndlora::gemm_counters().skinny_products > 0)
+}
+
+/// n·d·k above the kernel's threading threshold: W's rows are split over the threads, and
+/// every count gives the bits of one thread (and the reference's value).
+fn thread_counts<A: LoraFloat>() {
+    let simd = ndlora::simd_level() != SimdLevel::Scalar;
+    let (d, k) = (1030, 777);
+    let layer = random_layer::<A>(d, k, 16, 5)
+        .with_bias(Array1::from_shape_fn(d, |i| {
+            A::from_f64_lossy(i as f64 / 500.0)
+        }))
+        .unwrap();
+    let reference = Ref::new(&layer);
+    for n in [1, 6, ndlora::N_SKINNY] {
+        let x: Array2<A> = random(&mut rng(n as u64), n, k);
+        let x64 = to_f64(x.view());
+        let bias = to_f64(layer.bias().unwrap().insert_axis(ndarray::Axis(0)));
+        let expected = reference.forward(&x64) + &bias;
+        let magnitude = reference.forward_magnitude(&x64) + bias.mapv(f64::abs);
+        let mut one = None;
+        for threads in [1, 2, 3, 5] {
+            ndlora::set_blas_threads(threads);
+            let (y, own) = skinny(|| layer.forward(x.view()).unwrap());
+            let ctx = format!("{} n {n} threads {threads}", A::NAME);
+            assert_eq!(own, simd, "{ctx}");
+            assert_close(y.view(), &expected, &magnitude, TOL, &ctx);
+            match &one {
+                None => one = Some(bits(y.view())),
+                Some(b) => assert_eq!(&bits(y.view()), b, "{ctx}: bits differ from one thread"),
+            }
+        }
+    }
+    ndlora::set_blas_threads(1);
+}
+
+/// Every active adapter is a branch of the one pass; past `MAX_SKINNY_ADAPTERS` the gemms run.
+fn model_adapters<A: LoraFloat>() {
+    let simd = ndlora::simd_level() != SimdLevel::Scalar;
+    let (d, k, n) = (37, 50, 3);
+    let mut g = rng(11);
+    let mut m = LoraModel::new(random(&mut g, d, k)).unwrap();
+    let count = ndlora::MAX_SKINNY_ADAPTERS + 1;
+    let names: Vec<String> = (0..count).map(|i| format!("a{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let rank = 1 + i % 4;
+        let config = LoraConfig {
+            rank,
+            alpha: 1.0 + i as f64,
+            ..Default::default()
+        };
+        let (a, b) = (random(&mut g, rank, k), random(&mut g, d, rank));
+        m.add_adapter_from_parts(name, a, b, config).unwrap();
+    }
+    let x: Array2<A> = random(&mut rng(3), n, k);
+    let x64 = to_f64(x.view());
+    let base = matmul_t(&x64, &to_f64(m.base_weight()));
+    for active in [2, ndlora::MAX_SKINNY_ADAPTERS, count] {
+        let names: Vec<&str> = names[..active].iter().map(String::as_str).collect();
+        m.set_active(&names).unwrap();
+        let mut expected = base.clone();
+        let mut magnitude = matmul_t(&x64.mapv(f64::abs), &to_f64(m.base_weight()).mapv(f64::abs));
+        for name in &names {
+            let re = Ref::new(&m.to_layer(name).unwrap());
+            expected = expected + re.forward(&x64) - &base;
+            magnitude = magnitude + re.forward_magnitude(&x64);
+        }
+        let (y, own) = skinny(|| m.forward(x.view()).unwrap());
+        let ctx = format!("{} {active} active adapters", A::NAME);
+        assert_eq!(own, simd && active <= ndlora::MAX_SKINNY_ADAPTERS, "{ctx}");
+        assert_close(y.view(), &expected, &magnitude, TOL, &ctx);
+    }
+}
+
+/// s·(X Aᵀ) overflows although the result does not (B's row 0 is zero): the kernel declines,
+/// and the gemm applies s to the finished product, so row 0 of the branch adds exactly 0.
+fn huge_scaling() {
+    let (d, k, r) = (5, 8, 2);
+    let mut layer = random_layer::<f32>(d, k, r, 9);
+    layer.weight_b_mut().unwrap().row_mut(0).fill(0.0);
+    layer.set_scaling(3e38).unwrap();
+    let x = Array2::<f32>::from_elem((2, k), 4.0);
+    let (y, own) = skinny(|| layer.forward(x.view()).unwrap());
+    assert!(!own, "the kernel must decline an overflowing s·(X Aᵀ)");
+    let w0 = to_f64(layer.base_weight()).row(0).sum() * 4.0;
+    for m in 0..2 {
+        assert!(
+            (f64::from(y[[m, 0]]) - w0).abs() <= 1e-4 * (1.0 + w0.abs()),
+            "{y}"
+        );
+    }
+}
+
+#[test]
+fn skinny_forwards() {
+    thread_counts::<f32>();
+    thread_counts::<f64>();
+    model_adapters::<f32>();
+    model_adapters::<f64>();
+    huge_scaling();
+}
