@@ -7,7 +7,7 @@ import os
 import pathlib
 import sys
 
-BASELINES = ["bare-gemm", "rw-pass", "scalar", "naive"]
+BASELINES = ["bare-gemm", "rw-pass", "scalar", "naive", "blas-gemm"]
 target = os.environ.get("CARGO_TARGET_DIR") or pathlib.Path(__file__).resolve().parent.parent / "target"
 root = pathlib.Path(target) / "criterion"
 prefixes = sys.argv[1:]

@@ -1,17 +1,66 @@
 //! What a user would otherwise run, shared by the benches and `examples/paths.rs`
-//! (`#[path]`-included): a bare BLAS gemm and gemv of X Wᵀ, and one streaming read of W (the
-//! memory floor of a one-row forward). f32, row-major.
+//! (`#[path]`-included): a bare BLAS gemm (f32 or f64) and gemv (f32) of X Wᵀ, and one
+//! streaming read of W (the memory floor of a one-row forward). Row-major.
 
 #![allow(dead_code)]
 
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1};
 
-/// Y = X Wᵀ with nothing around it: the cost floor of any forward (`cblas_sgemm`, or ndarray's
-/// pure-Rust gemm without BLAS).
-pub fn bare_gemm(x: &Array2<f32>, w: &Array2<f32>, y: &mut Array2<f32>) {
+/// `cblas_sgemm` / `cblas_dgemm` for [`bare_gemm`].
+pub trait BareGemm: ndarray::LinalgScalar {
+    /// Row-major C (m×n) = A (m×k) · Bᵀ (B n×k), leading dimensions k, k, n.
+    ///
+    /// # Safety
+    /// BLAS's own contract: the pointers hold row-major operands of those shapes; `c` aliases
+    /// neither input.
+    #[cfg(ndlora_blas)]
+    unsafe fn gemm_nt(m: i32, n: i32, k: i32, a: *const Self, b: *const Self, c: *mut Self);
+}
+
+macro_rules! bare_gemm_impl {
+    ($t:ty, $f:ident) => {
+        impl BareGemm for $t {
+            #[cfg(ndlora_blas)]
+            unsafe fn gemm_nt(
+                m: i32,
+                n: i32,
+                k: i32,
+                a: *const Self,
+                b: *const Self,
+                c: *mut Self,
+            ) {
+                use cblas_sys::{CblasNoTrans, CblasRowMajor, CblasTrans};
+                // SAFETY: forwarded from this function's contract.
+                unsafe {
+                    cblas_sys::$f(
+                        CblasRowMajor,
+                        CblasNoTrans,
+                        CblasTrans,
+                        m,
+                        n,
+                        k,
+                        1.0,
+                        a,
+                        k,
+                        b,
+                        k,
+                        0.0,
+                        c,
+                        n,
+                    )
+                }
+            }
+        }
+    };
+}
+bare_gemm_impl!(f32, cblas_sgemm);
+bare_gemm_impl!(f64, cblas_dgemm);
+
+/// Y = X Wᵀ with nothing around it: the cost floor of any forward (`cblas_?gemm`, or
+/// ndarray's pure-Rust gemm without BLAS).
+pub fn bare_gemm<T: BareGemm>(x: &Array2<T>, w: &Array2<T>, y: &mut Array2<T>) {
     #[cfg(ndlora_blas)]
     {
-        use cblas_sys::{cblas_sgemm, CblasNoTrans, CblasRowMajor, CblasTrans};
         let (n, k) = x.dim();
         let d = w.nrows();
         assert!(x.is_standard_layout() && w.is_standard_layout() && y.is_standard_layout());
@@ -19,27 +68,10 @@ pub fn bare_gemm(x: &Array2<f32>, w: &Array2<f32>, y: &mut Array2<f32>) {
         let i = |v: usize| i32::try_from(v).expect("fits BLAS int");
         // SAFETY: all three arrays are standard (row-major) layout with the asserted shapes,
         // so the leading dimensions k, k, d describe them; y is borrowed mutably, no alias.
-        unsafe {
-            cblas_sgemm(
-                CblasRowMajor,
-                CblasNoTrans,
-                CblasTrans,
-                i(n),
-                i(d),
-                i(k),
-                1.0,
-                x.as_ptr(),
-                i(k),
-                w.as_ptr(),
-                i(k),
-                0.0,
-                y.as_mut_ptr(),
-                i(d),
-            );
-        }
+        unsafe { T::gemm_nt(i(n), i(d), i(k), x.as_ptr(), w.as_ptr(), y.as_mut_ptr()) };
     }
     #[cfg(not(ndlora_blas))]
-    ndarray::linalg::general_mat_mul(1.0, x, &w.t(), 0.0, y);
+    ndarray::linalg::general_mat_mul(T::one(), x, &w.t(), T::zero(), y);
 }
 
 /// y = W x for one row x (`cblas_sgemv`, or ndarray's pure-Rust product without BLAS).

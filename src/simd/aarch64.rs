@@ -6,6 +6,9 @@ use std::arch::aarch64::{
     float32x4_t, vaddq_f32, vaddvq_f32, vdupq_n_f32, vfmaq_f32, vld1q_f32, vst1q_f32,
 };
 
+use ndarray::ArrayViewMut2;
+
+use super::decode;
 use super::lanes::{self, Lanes};
 use super::rank_update::{self, Operands};
 use super::vector::{Portable, Vector};
@@ -88,4 +91,33 @@ pub(super) unsafe fn update_neon_f32(o: &Operands<f32>) {
 pub(super) unsafe fn update_neon_f64(o: &Operands<f64>) {
     // SAFETY: `Portable` needs no particular CPU feature; operands forwarded.
     unsafe { rank_update::update::<Portable<f64, 2>>(o) }
+}
+
+/// Skinny product (see [`decode`]), f32, NEON: 6 rows of W × 4 rows of X per tile (24
+/// accumulators of the 32 `q` registers).
+///
+/// # Safety
+/// The CPU supports NEON; the arguments satisfy the [`decode::ProductFn`] contract.
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn product_neon_f32(
+    o: &decode::Operands<'_, '_, f32>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f32>,
+) {
+    // SAFETY: NEON enabled here and present by our contract; arguments forwarded.
+    unsafe { decode::product::<Neon, 6, 4>(o, i0, y) }
+}
+
+/// Skinny product, f64, NEON (2-lane portable vectors; tiles as [`product_neon_f32`]).
+///
+/// # Safety
+/// As [`product_neon_f32`].
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn product_neon_f64(
+    o: &decode::Operands<'_, '_, f64>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f64>,
+) {
+    // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
+    unsafe { decode::product::<Portable<f64, 2>, 6, 4>(o, i0, y) }
 }
