@@ -38,6 +38,10 @@ const KERNELS: &[(&str, Isa)] = &[
     ("ndlora::simd::x86::update_avx2_f64", Isa::Avx2),
     ("ndlora::simd::x86::update_avx512_f32", Isa::Avx512),
     ("ndlora::simd::x86::update_avx512_f64", Isa::Avx512),
+    ("ndlora::simd::x86::product_avx2_f32", Isa::Avx2),
+    ("ndlora::simd::x86::product_avx2_f64", Isa::Avx2),
+    ("ndlora::simd::x86::product_avx512_f32", Isa::Avx512),
+    ("ndlora::simd::x86::product_avx512_f64", Isa::Avx512),
 ];
 
 /// Functions under this path must all be in [`KERNELS`].
@@ -58,9 +62,11 @@ fn link_kernels() {
     };
     let mut layer = LoraLayer::new(Array2::<f32>::zeros((8, 40)), config.clone()).unwrap();
     layer.weight_b_mut().unwrap().fill(0.5);
+    layer.forward(Array2::zeros((1, 40)).view()).unwrap();
     layer.merge().unwrap();
     let mut layer = LoraLayer::new(Array2::<f64>::zeros((8, 40)), config).unwrap();
     layer.weight_b_mut().unwrap().fill(0.5);
+    layer.forward(Array2::zeros((1, 40)).view()).unwrap();
     layer.merge().unwrap();
 }
 

@@ -1,6 +1,7 @@
 //! x86-64 kernels, each written with its ISA's `core::arch` intrinsics: AVX2+FMA (`__m256`,
 //! `__m256d`) and AVX-512F (`__m512`, `__m512d`). Each ISA instantiates the MicroLora
-//! forward ([`lanes::forward`]) and the merge update ([`rank_update::update`]).
+//! forward ([`lanes::forward`]), the merge update ([`rank_update::update`]) and the skinny
+//! product ([`decode::product`]).
 //!
 //! `tests/codegen.rs` audits the machine code of every kernel here (FMAs on the ISA's
 //! registers, no gathers or scatters), on any x86-64 host: a new kernel gets a line in its
@@ -251,6 +252,7 @@ pub(super) unsafe fn update_width8_on_avx2_f64(o: &Operands<f64>) {
 /// # Safety
 /// The CPU supports AVX2 and FMA; the arguments satisfy the [`decode::ProductFn`] contract.
 #[target_feature(enable = "avx2,fma")]
+#[inline(never)]
 pub(super) unsafe fn product_avx2_f32(
     o: &decode::Operands<'_, '_, f32>,
     i0: usize,
@@ -265,6 +267,7 @@ pub(super) unsafe fn product_avx2_f32(
 /// # Safety
 /// As [`product_avx2_f32`].
 #[target_feature(enable = "avx2,fma")]
+#[inline(never)]
 pub(super) unsafe fn product_avx2_f64(
     o: &decode::Operands<'_, '_, f64>,
     i0: usize,
@@ -274,38 +277,42 @@ pub(super) unsafe fn product_avx2_f64(
     unsafe { decode::product::<Avx2F64, 4, 3>(o, i0, y) }
 }
 
-/// Skinny product, f32, AVX-512F: 16-lane vectors in `zmm` registers, 6 rows of W × 4 rows
-/// of X per tile (24 accumulators of the 32 registers). Measured against 4×4, 8×3, 4×6,
-/// 7×3, 5×4, 12×2 and 8×2 tiles on a 4096² W (n = 8–32): the fastest or within noise.
+/// Skinny product, f32, AVX-512F: 16 lanes in `zmm` registers, 6 rows of W × 4 rows of X
+/// per tile (24 accumulators of the 32 registers). Measured against 4×4, 8×3, 4×6, 7×3, 5×4,
+/// 12×2 and 8×2 tiles on a 4096² W (n = 8–32): the fastest or within noise.
 ///
 /// # Safety
 /// The CPU supports AVX-512F; the arguments satisfy the [`decode::ProductFn`] contract.
 #[target_feature(enable = "avx512f")]
+#[inline(never)]
 pub(super) unsafe fn product_avx512_f32(
     o: &decode::Operands<'_, '_, f32>,
     i0: usize,
     y: ArrayViewMut2<'_, f32>,
 ) {
-    // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
-    unsafe { decode::product::<Portable<f32, 16>, 6, 4>(o, i0, y) }
+    // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
+    unsafe { decode::product::<Avx512, 6, 4>(o, i0, y) }
 }
 
-/// Skinny product, f64, AVX-512F (8-lane portable vectors; tiles as [`product_avx512_f32`]).
+/// Skinny product, f64, AVX-512F (8 lanes in `zmm` registers; tiles as
+/// [`product_avx512_f32`]).
 ///
 /// # Safety
 /// As [`product_avx512_f32`].
 #[target_feature(enable = "avx512f")]
+#[inline(never)]
 pub(super) unsafe fn product_avx512_f64(
     o: &decode::Operands<'_, '_, f64>,
     i0: usize,
     y: ArrayViewMut2<'_, f64>,
 ) {
-    // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
-    unsafe { decode::product::<Portable<f64, 8>, 6, 4>(o, i0, y) }
+    // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
+    unsafe { decode::product::<Avx512F64, 6, 4>(o, i0, y) }
 }
 
-/// Test-only: the AVX-512 f32 skinny-product body (16 lanes) compiled for AVX2+FMA, so hosts
-/// without AVX-512 still run its tile and tail logic.
+/// Test-only: the AVX-512 f32 skinny product's width and tiles (16 lanes as portable
+/// vectors) compiled for AVX2+FMA, so that hosts without AVX-512 still run its tile and
+/// tail logic.
 ///
 /// # Safety
 /// As [`product_avx2_f32`].
@@ -320,7 +327,8 @@ pub(super) unsafe fn product_width16_on_avx2_f32(
     unsafe { decode::product::<Portable<f32, 16>, 6, 4>(o, i0, y) }
 }
 
-/// Test-only: the AVX-512 f64 skinny-product body (8 lanes) compiled for AVX2+FMA.
+/// Test-only: the AVX-512 f64 skinny product's width and tiles (8 lanes) compiled for
+/// AVX2+FMA.
 ///
 /// # Safety
 /// As [`product_avx2_f64`].
