@@ -476,7 +476,10 @@ impl<A: LoraFloat> LoraModel<A> {
     /// model.weight_b_mut("a")?.fill(0.1);
     /// let layer = model.to_layer("a")?;
     /// let x = Array2::ones((2, 3));
-    /// assert_eq!(layer.forward(x.view())?, model.forward_mixed(x.view(), &[Some(id); 2])?);
+    /// // Equal up to rounding: below `N_SKINNY` rows the layer's one-pass kernel and the
+    /// // mixed batch's per-adapter products add the terms in different orders.
+    /// let (y_layer, y_mixed) = (layer.forward(x.view())?, model.forward_mixed(x.view(), &[Some(id); 2])?);
+    /// assert!(y_layer.abs_diff_eq(&y_mixed, 1e-6));
     /// # Ok::<(), ndlora::LoraError>(())
     /// ```
     pub fn to_layer(&self, name: &str) -> Result<LoraLayer<A>> {

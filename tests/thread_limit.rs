@@ -53,17 +53,13 @@ fn merge_completes_when_threads_cannot_start() {
     let mut one_thread = layer.clone();
     ndlora::set_blas_threads(1);
     one_thread.merge().unwrap();
-    assert!(ndlora::set_blas_threads(2));
+    // (Returns whether the BLAS's own count could be set: false without OpenBLAS.)
+    ndlora::set_blas_threads(2);
     let mut limited = layer.clone();
-    let mut done = layer.clone();
-    done.merge().unwrap(); // warms every allocation the merge path makes
-    assert_eq!(
-        done, one_thread,
-        "a two-thread merge differs from one thread"
-    );
-
-    // Leave 1 MiB of address space: a thread's stack (2 MiB) no longer fits.
-    let limit = vm_size_bytes() + (256 << 10);
+    // No thread has run a merge band yet, so glibc has no cached thread stack to reuse. Limit
+    // the address space to what is mapped now: no new mapping (a thread's stack) fits, while
+    // the merge's small buffer comes from heap memory the one-thread merge already freed.
+    let limit = vm_size_bytes();
     let rlim = libc::rlimit {
         rlim_cur: limit,
         rlim_max: libc::RLIM_INFINITY,

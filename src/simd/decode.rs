@@ -623,7 +623,7 @@ mod tests {
         });
         for (d, k, n) in sizes.chain([(9, 1100, 70), (13, 2053, 5), (5, 600, 131)]) {
             case_no += 1;
-            let bias = case_no % 2 == 0;
+            let bias = case_no.is_multiple_of(2);
             let ranks: &[usize] = match case_no % 3 {
                 0 => &[],
                 1 => &[3],
@@ -790,4 +790,3 @@ mod tests {
         ));
     }
 }
-
