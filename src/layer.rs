@@ -276,6 +276,10 @@ impl<A: LoraFloat> LoraLayer<A> {
     /// Y = X Wᵀ + b + s·(X Aᵀ) Bᵀ for X of shape n×k (any layout; n may be 0); Y is n×d, and b
     /// (if the layer has a bias) is added to every row. Merged: Y = X Wᵀ + b. No dropout.
     ///
+    /// A batch of at most [`N_SKINNY`](crate::N_SKINNY) rows (one token: n = 1) runs
+    /// ndlora's skinny kernel, which reads W once and adds the bias and the branch in the same
+    /// pass; larger batches run BLAS gemms (the crate docs, *Design*, say when and why).
+    ///
     /// # NaN and ∞ in the input
     /// Not an error (checking every input would cost a pass over X): a NaN or ∞ in row i of X
     /// propagates through the products into row i of Y, and only there. Other rows are
@@ -294,9 +298,10 @@ impl<A: LoraFloat> LoraLayer<A> {
     /// [`forward`](Self::forward) into `out` (n×d, any layout), which is overwritten.
     ///
     /// Allocates one n×r temporary for X Aᵀ per call (and a copy of X or `out` only when it
-    /// has a layout BLAS cannot describe: negative or doubly-strided views). For a serving
-    /// loop that must not allocate, keep a [`LoraScratch`] and call
-    /// [`forward_into_with_scratch`](Self::forward_into_with_scratch).
+    /// has a layout BLAS cannot describe: negative or doubly-strided views; a forward of at
+    /// most [`N_SKINNY`](crate::N_SKINNY) rows reads any X with unit column stride and
+    /// writes any `out` in place). For a serving loop that must not allocate, keep a
+    /// [`LoraScratch`] and call [`forward_into_with_scratch`](Self::forward_into_with_scratch).
     ///
     /// Errors (`out` untouched): [`LoraError::ShapeMismatch`] if X is not n×k or `out` not n×d.
     pub fn forward_into(&self, x: ArrayView2<'_, A>, out: ArrayViewMut2<'_, A>) -> Result<()> {

@@ -22,12 +22,18 @@
 //!
 //! ## Design
 //!
-//! * How a matrix product runs is decided in one place (`src/matmul.rs`): any row- or
-//!   column-major view (including sub-views with a leading dimension) goes straight to
-//!   `cblas_?gemm` with the right transpose flag, and only views BLAS cannot describe
-//!   (negative or doubly-strided ones) are copied, once per forward. The unmerged forward is
-//!   X Wᵀ, then X Aᵀ (n×r) and a β = 1 update s·(X Aᵀ) Bᵀ into Y, so it costs the base product
-//!   plus O(n·r·(d + k)). [`LoraLayer`] and each adapter of a [`LoraModel`] share that LoRA
+//! * How a matrix product runs is decided in one place (`src/matmul.rs`), by shape. A
+//!   forward of at most [`N_SKINNY`] rows (n = 1: one token of a decoder) runs ndlora's own
+//!   skinny kernel (`src/simd/decode.rs`): it reads W once for the whole batch, folds the bias
+//!   and the LoRA branch into the same pass (C = s·X Aᵀ, n×r, is formed first with the same
+//!   kernel) and writes Y once, where a BLAS gemm with M = n packs and runs a micro-kernel
+//!   built for large M (for n = 1, 3× a read of W). Its bands of W's rows split over
+//!   [`set_blas_threads`] threads with the same bits for any count. Larger batches go to
+//!   `cblas_?gemm`: any row- or column-major view (including sub-views with a leading
+//!   dimension) with the right transpose flag, and only views BLAS cannot describe (negative
+//!   or doubly-strided ones) are copied, once per forward. That unmerged forward is X Wᵀ, then
+//!   X Aᵀ (n×r) and a β = 1 update s·(X Aᵀ) Bᵀ into Y, so it costs the base product plus
+//!   O(n·r·(d + k)). [`LoraLayer`] and each adapter of a [`LoraModel`] share that LoRA
 //!   branch.
 //! * Merge is one rank-r update W ← W + s·B A into W, with no d×k temporary. For
 //!   r ≤ [`MAX_FUSED_RANK`] on a CPU with AVX2+FMA, AVX-512F or NEON it runs a fused,

@@ -1,9 +1,12 @@
-//! Hand-vectorised kernels, chosen at run time: [`MicroLora`](crate::MicroLora)'s forward
-//! and the fused rank-r update behind [`LoraLayer::merge`](crate::LoraLayer::merge).
+//! Hand-vectorised kernels, chosen at run time: [`MicroLora`](crate::MicroLora)'s forward,
+//! the fused rank-r update behind [`LoraLayer::merge`](crate::LoraLayer::merge), and the
+//! skinny product behind forwards of at most [`N_SKINNY`](crate::N_SKINNY) rows.
 //!
 //! The forward kernel computes y ← y + s·Uᵀ (D x) for a rank-1 or rank-2 adapter: the r dot
 //! products h = D x in one pass over x, then the fused update y ← y + Σⱼ (s·hⱼ)·Uⱼ in a
 //! second pass. The merge kernel ([`rank_update`]) computes W ← W + α·B A, register-tiled.
+//! The skinny product ([`decode`]) computes Y = Σₛ Xₛ Wₛᵀ + b for a few rows of X, reading
+//! W once, register-tiled over rows of W and of X.
 //!
 //! * [`vector`] is the vector abstraction both bodies are written against (`Vector`, over
 //!   `f32` or `f64`) and its portable `[T; L]` implementation.
@@ -18,7 +21,8 @@
 //! * CPU features are detected once; the chosen [`Kernel`] (a function pointer) is cached in
 //!   a `OnceLock`. [`Kernel::run`] is the one safe entry: it checks the slice lengths that the
 //!   `unsafe` kernels rely on. The merge kernel's safe entry is
-//!   [`rank_update::fused_rank_update`], which takes views and checks their shapes and strides.
+//!   [`rank_update::fused_rank_update`], the skinny product's [`decode::skinny_product`];
+//!   both take views and check their shapes and strides.
 
 use std::fmt;
 use std::sync::OnceLock;
