@@ -13,36 +13,17 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::Array2;
-use ndlora::{LoraConfig, LoraFloat, LoraLayer, LoraScratch};
-use rand::{Rng, SeedableRng};
+use ndlora::LoraScratch;
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::hint::black_box;
 
 #[path = "common/baselines.rs"]
 mod baselines;
+#[path = "common/inputs.rs"]
+mod inputs;
 use baselines::{bare_gemm, bare_gemv, stream_read};
-
-fn random<A: LoraFloat>(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<A> {
-    Array2::from_shape_simple_fn((rows, cols), || {
-        A::from_f64_lossy(rng.random_range(-1.0..1.0))
-    })
-}
-
-/// A layer with random W, A and B (B ≠ 0, as after training).
-fn trained_layer<A: LoraFloat>(d: usize, k: usize, r: usize) -> LoraLayer<A> {
-    let mut g = ChaCha8Rng::seed_from_u64(7);
-    let config = LoraConfig {
-        rank: r,
-        alpha: 2.0 * r as f64,
-        ..Default::default()
-    };
-    let (w, a, b) = (
-        random(&mut g, d, k),
-        random(&mut g, r, k),
-        random(&mut g, d, r),
-    );
-    LoraLayer::from_parts(w, a, b, config).expect("valid layer")
-}
+use inputs::{random, trained_layer};
 
 fn setup() {
     ndlora::set_blas_threads(1);

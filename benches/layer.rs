@@ -10,34 +10,18 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::{Array2, Axis};
-use ndlora::{LoraConfig, LoraLayer};
-use rand::{Rng, SeedableRng};
+use ndlora::LoraLayer;
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 #[path = "common/baselines.rs"]
 mod baselines;
+#[path = "common/inputs.rs"]
+mod inputs;
 use baselines::bare_gemm;
-
-fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<f32> {
-    Array2::from_shape_simple_fn((rows, cols), || rng.random_range(-1.0..1.0))
-}
-
-fn trained_layer(d: usize, k: usize, r: usize) -> LoraLayer<f32> {
-    let mut g = ChaCha8Rng::seed_from_u64(7);
-    let config = LoraConfig {
-        rank: r,
-        alpha: 2.0 * r as f64,
-        ..Default::default()
-    };
-    let (w, a, b) = (
-        random(&mut g, d, k),
-        random(&mut g, r, k),
-        random(&mut g, d, r),
-    );
-    LoraLayer::from_parts(w, a, b, config).expect("valid layer")
-}
+use inputs::{random, trained_layer};
 
 fn forward(c: &mut Criterion) {
     ndlora::set_blas_threads(1);
@@ -48,7 +32,7 @@ fn forward(c: &mut Criterion) {
     eprintln!("backend: {}", ndlora::backend());
     for dk in [1024, 4096] {
         for r in [8, 16, 64, 128] {
-            let layer = trained_layer(dk, dk, r);
+            let layer = trained_layer::<f32>(dk, dk, r);
             let mut merged = layer.clone();
             merged.merge().expect("finite");
             let w = layer.base_weight().to_owned();
@@ -148,7 +132,7 @@ fn merge(c: &mut Criterion) {
         ndlora::set_blas_threads(threads);
         for &dk in sizes {
             for &r in ranks {
-                let mut layer = trained_layer(dk, dk, r);
+                let mut layer = trained_layer::<f32>(dk, dk, r);
                 let name = match threads {
                     1 => format!("merge_d{dk}_k{dk}_r{r}"),
                     t => format!("merge{t}t_d{dk}_k{dk}_r{r}"),
