@@ -1,7 +1,7 @@
 //! The trainable half of a LoRA layer, shared by [`LoraLayer`](crate::LoraLayer) and each
 //! adapter of a [`LoraModel`](crate::LoraModel): factors A (r×k) and B (d×r), the config
-//! they were made with and the scaling s; their initialisation and validation; and the LoRA
-//! branch out += s·(X Aᵀ) Bᵀ with its n×r temporary ([`LoraScratch`]).
+//! they were made with and the scaling s; their initialisation and validation. The factors
+//! are in the layer's factor type ([`LoraFloat::Factor`](crate::LoraFloat::Factor)).
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use rand::SeedableRng;
@@ -12,7 +12,7 @@ use crate::check::{check_finite, check_scaling, check_shape};
 use crate::config::{LoraConfig, LoraInit};
 use crate::error::Result;
 use crate::float::LoraFloat;
-use crate::matmul::{gemm, LoraTerm};
+use crate::matmul::LoraTerm;
 
 /// A (r×k), B (d×r), the config and the scaling s of one adapter. Every constructor
 /// validates, so a `Factors` always has consistent shapes, finite values and a scaling that
@@ -68,24 +68,22 @@ impl<A: LoraFloat> Factors<A> {
     /// Trained factors for a d×k weight, with r = `config.rank`.
     ///
     /// Errors, in this order: the config is invalid for d×k; A is not r×k or B not d×r; the
-    /// scaling is not finite in `A`; a non-finite element of `before_factors` (the caller's
-    /// own matrix, checked here so that errors come in one order), A or B.
+    /// scaling is not finite in `A`; `before_factors` (the caller's own check of its matrix,
+    /// run here so that errors come in one order); a non-finite element of A or B.
     pub(crate) fn from_parts(
         (d, k): (usize, usize),
         weight_a: Array2<A>,
         weight_b: Array2<A>,
         config: LoraConfig,
         scaling: f64,
-        before_factors: Option<(&'static str, ArrayView2<'_, A>)>,
+        before_factors: impl FnOnce() -> Result<()>,
     ) -> Result<Self> {
         config.validate(d, k)?;
         let r = config.rank;
         check_shape("weight_a", weight_a.shape(), &[r, k])?;
         check_shape("weight_b", weight_b.shape(), &[d, r])?;
         let scaling = check_scaling::<A>(scaling)?;
-        if let Some((what, m)) = before_factors {
-            check_finite(what, m)?;
-        }
+        before_factors()?;
         check_finite("weight_a", weight_a.view())?;
         check_finite("weight_b", weight_b.view())?;
         Ok(Self {
@@ -157,97 +155,5 @@ impl<A: LoraFloat> Factors<A> {
             b: self.b(),
             scale: self.alpha(1.0),
         }
-    }
-
-    /// out += s·(X Aᵀ) Bᵀ: two thin products through an n×r temporary, taken from `scratch`
-    /// when given (no allocation once it is large enough), else allocated. X should already
-    /// be a BLAS operand (`matmul::blas_operand`), since it may feed other products too.
-    pub(crate) fn add_branch(
-        &self,
-        x: ArrayView2<'_, A>,
-        out: ArrayViewMut2<'_, A>,
-        scratch: Option<&mut LoraScratch<A>>,
-    ) {
-        let (n, r) = (x.nrows(), self.rank());
-        let mut owned;
-        let mut xa = match scratch {
-            Some(scratch) => scratch.view_mut(n, r),
-            None => {
-                owned = Array2::zeros((n, r));
-                owned.view_mut()
-            }
-        };
-        gemm(A::one(), x, self.weight_a.t(), A::zero(), xa.view_mut());
-        gemm(self.alpha(1.0), xa.view(), self.weight_b.t(), A::one(), out);
-    }
-}
-
-/// The working memory of a skinny forward (`matmul::skinny_forward`'s `buffer`): the first
-/// `len` elements of `scratch` when there is one (no allocation once it is large enough),
-/// else of `owned`, grown to `len`.
-pub(crate) fn buffer_of<'s, 't: 's, A: LoraFloat>(
-    scratch: &'s mut Option<&'t mut LoraScratch<A>>,
-    owned: &'s mut Vec<A>,
-) -> impl FnOnce(usize) -> &'s mut [A] + use<'s, 't, A> {
-    move |len| match scratch {
-        Some(scratch) => scratch.slice_mut(len),
-        None => {
-            owned.resize(len, A::zero());
-            &mut owned[..]
-        }
-    }
-}
-
-/// Reusable working memory for [`LoraLayer::forward_into_with_scratch`](crate::LoraLayer::forward_into_with_scratch):
-/// holds the n×r temporary X Aᵀ of the LoRA branch, grows to the largest n·r asked of it,
-/// never shrinks. One scratch per thread (it is `&mut` during a forward); it can serve
-/// layers of any shape.
-///
-/// ```
-/// let mut scratch = ndlora::LoraScratch::<f64>::with_capacity(32, 8);
-/// assert!(scratch.capacity() >= 32 * 8);
-/// ```
-#[derive(Debug, Clone, Default)]
-pub struct LoraScratch<A> {
-    buf: Vec<A>,
-}
-
-impl<A: LoraFloat> LoraScratch<A> {
-    /// An empty scratch (allocates on first use).
-    pub fn new() -> Self {
-        Self { buf: Vec::new() }
-    }
-
-    /// A scratch that serves batches of up to `n` rows at rank up to `r` without allocating.
-    ///
-    /// # Panics
-    /// If n·r overflows `usize` or the allocation fails (as `Vec::with_capacity`).
-    #[track_caller]
-    pub fn with_capacity(n: usize, r: usize) -> Self {
-        let len = n
-            .checked_mul(r)
-            .expect("LoraScratch::with_capacity: n·r overflows usize");
-        Self {
-            buf: vec![A::zero(); len],
-        }
-    }
-
-    /// How many elements it holds now (n·r it serves without allocating).
-    pub fn capacity(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// An n×r standard-layout view of the first n·r elements, growing the buffer if needed.
-    /// (n·r cannot overflow: n ≤ the rows of an existing n×k input and r ≤ k.)
-    fn view_mut(&mut self, n: usize, r: usize) -> ArrayViewMut2<'_, A> {
-        ArrayViewMut2::from_shape((n, r), self.slice_mut(n * r)).expect("n·r elements")
-    }
-
-    /// The first `len` elements, growing the buffer if needed.
-    pub(crate) fn slice_mut(&mut self, len: usize) -> &mut [A] {
-        if self.buf.len() < len {
-            self.buf.resize(len, A::zero());
-        }
-        &mut self.buf[..len]
     }
 }

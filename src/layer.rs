@@ -10,10 +10,10 @@ use crate::check::{
 };
 use crate::config::LoraConfig;
 use crate::error::{LoraError, Result};
-use crate::factors::{buffer_of, Factors, LoraScratch};
+use crate::factors::Factors;
 use crate::float::LoraFloat;
-use crate::matmul::{blas_operand, gemm, skinny_forward};
-use crate::merge::{rank_update, update_weight};
+use crate::merge::update_weight;
+use crate::scratch::LoraScratch;
 
 /// A linear layer with a frozen weight W (d×k), an optional frozen bias b (d), and a low-rank
 /// update s·B A.
@@ -60,7 +60,7 @@ pub struct LoraLayer<A: LoraFloat> {
     /// The base layer's bias b (length d), if it has one; see [`LoraLayer::with_bias`].
     bias: Option<Array1<A>>,
     /// A, B, the config and the scaling.
-    factors: Factors<A>,
+    factors: Factors<A::Factor>,
     merged: bool,
     dropout_rng: ChaCha8Rng,
     /// An upper bound on max |Wᵢⱼ| (f64, so it cannot overflow), kept so that merge can prove
@@ -113,8 +113,8 @@ impl<A: LoraFloat> LoraLayer<A> {
     /// ```
     pub fn from_parts(
         base_weight: Array2<A>,
-        weight_a: Array2<A>,
-        weight_b: Array2<A>,
+        weight_a: Array2<A::Factor>,
+        weight_b: Array2<A::Factor>,
         config: LoraConfig,
     ) -> Result<Self> {
         let scaling = config.scaling();
@@ -124,20 +124,20 @@ impl<A: LoraFloat> LoraLayer<A> {
     /// Validates a complete state (used by `from_parts` and deserialisation).
     fn from_state(
         base_weight: Array2<A>,
-        weight_a: Array2<A>,
-        weight_b: Array2<A>,
+        weight_a: Array2<A::Factor>,
+        weight_b: Array2<A::Factor>,
         config: LoraConfig,
         scaling: f64,
         merged: bool,
     ) -> Result<Self> {
         let (d, k) = base_weight.dim();
         check_weight_dims(d, k)?;
-        let base = Some(("base_weight", base_weight.view()));
+        let base = || check_finite("base_weight", base_weight.view());
         let factors = Factors::from_parts((d, k), weight_a, weight_b, config, scaling, base)?;
         Ok(Self::assemble(base_weight, factors, merged))
     }
 
-    fn assemble(base_weight: Array2<A>, factors: Factors<A>, merged: bool) -> Self {
+    fn assemble(base_weight: Array2<A>, factors: Factors<A::Factor>, merged: bool) -> Self {
         let mut dropout_rng = ChaCha8Rng::seed_from_u64(factors.config().seed);
         dropout_rng.set_stream(1); // independent of the init stream
         let w_abs_bound = max_abs(base_weight.view());
@@ -197,12 +197,12 @@ impl<A: LoraFloat> LoraLayer<A> {
     }
 
     /// Factor A (r×k).
-    pub fn weight_a(&self) -> ArrayView2<'_, A> {
+    pub fn weight_a(&self) -> ArrayView2<'_, A::Factor> {
         self.factors.a()
     }
 
     /// Factor B (d×r).
-    pub fn weight_b(&self) -> ArrayView2<'_, A> {
+    pub fn weight_b(&self) -> ArrayView2<'_, A::Factor> {
         self.factors.b()
     }
 
@@ -210,13 +210,13 @@ impl<A: LoraFloat> LoraLayer<A> {
     ///
     /// Errors with [`LoraError::MergeState`] while merged: W holds s·B A, and a changed factor
     /// would make `unmerge` subtract something else.
-    pub fn weight_a_mut(&mut self) -> Result<ArrayViewMut2<'_, A>> {
+    pub fn weight_a_mut(&mut self) -> Result<ArrayViewMut2<'_, A::Factor>> {
         self.require_unmerged("weight_a_mut")?;
         Ok(self.factors.a_mut())
     }
 
     /// A mutable view of B; see [`weight_a_mut`](Self::weight_a_mut).
-    pub fn weight_b_mut(&mut self) -> Result<ArrayViewMut2<'_, A>> {
+    pub fn weight_b_mut(&mut self) -> Result<ArrayViewMut2<'_, A::Factor>> {
         self.require_unmerged("weight_b_mut")?;
         Ok(self.factors.b_mut())
     }
@@ -341,7 +341,7 @@ impl<A: LoraFloat> LoraLayer<A> {
         &self,
         x: ArrayView2<'_, A>,
         out: ArrayViewMut2<'_, A>,
-        scratch: &mut LoraScratch<A>,
+        scratch: &mut LoraScratch<A::Factor>,
     ) -> Result<()> {
         self.check_input(x)?;
         check_shape("out", out.shape(), &[x.nrows(), self.out_features()])?;
@@ -360,18 +360,21 @@ impl<A: LoraFloat> LoraLayer<A> {
         }
         self.check_input(x)?;
         let keep = 1.0 - p;
-        let scale = A::from_f64_lossy(1.0 / keep);
+        // Dropout acts on the branch's input in the factor type (PEFT casts X to the LoRA
+        // weights' dtype first).
+        let scale = <A::Factor as LoraFloat>::from_f64_lossy(1.0 / keep);
         let rng = &mut self.dropout_rng;
-        let dropped = x.map(|&v| {
+        let dropped = A::widen(x).map(|&v| {
             if rng.random_bool(keep) {
                 v * scale
             } else {
-                A::zero()
+                num_traits::Zero::zero()
             }
         });
         let mut y = Array2::zeros((x.nrows(), self.out_features()));
-        self.base_into(x, y.view_mut());
-        self.factors.add_branch(dropped.view(), y.view_mut(), None);
+        let bias = self.bias.as_ref().map(|b| b.view());
+        A::forward(x, self.base_weight.view(), bias, &[], y.view_mut(), None);
+        A::add_terms(dropped.view(), &[self.factors.term()], y.view_mut(), None);
         Ok(y)
     }
 
@@ -380,7 +383,7 @@ impl<A: LoraFloat> LoraLayer<A> {
         let mut w = self.base_weight.clone();
         if !self.merged {
             let f = &self.factors;
-            rank_update(f.alpha(1.0), f.b(), f.a(), w.view_mut());
+            A::rank_update(f.alpha(1.0), f.b(), f.a(), w.view_mut());
         }
         w
     }
@@ -488,10 +491,9 @@ impl<A: LoraFloat> LoraLayer<A> {
     fn forward_unchecked(
         &self,
         x: ArrayView2<'_, A>,
-        mut out: ArrayViewMut2<'_, A>,
-        scratch: Option<&mut LoraScratch<A>>,
+        out: ArrayViewMut2<'_, A>,
+        scratch: Option<&mut LoraScratch<A::Factor>>,
     ) {
-        // A few rows: one pass over W with the bias and the branch folded in, when it applies.
         let term = self.factors.term();
         let terms = if self.merged {
             &[][..]
@@ -499,37 +501,7 @@ impl<A: LoraFloat> LoraLayer<A> {
             std::slice::from_ref(&term)
         };
         let bias = self.bias.as_ref().map(|b| b.view());
-        let (mut scratch, mut owned) = (scratch, Vec::new());
-        let buffer = buffer_of(&mut scratch, &mut owned);
-        if skinny_forward(
-            x,
-            self.base_weight.view(),
-            bias,
-            terms,
-            out.view_mut(),
-            buffer,
-        ) {
-            return;
-        }
-        // X feeds two products; a layout BLAS cannot read is copied once, not per product.
-        let x = blas_operand(x);
-        self.base_into(x.view(), out.view_mut());
-        if !self.merged {
-            self.factors.add_branch(x.view(), out, scratch);
-        }
-    }
-
-    /// out ← X Wᵀ + b: with a bias, out is pre-filled with b (broadcast over rows) and the gemm
-    /// accumulates into it with β = 1, so the bias costs one pass of writes and no temporary.
-    fn base_into(&self, x: ArrayView2<'_, A>, mut out: ArrayViewMut2<'_, A>) {
-        let beta = match &self.bias {
-            Some(b) => {
-                out.assign(b);
-                A::one()
-            }
-            None => A::zero(),
-        };
-        gemm(A::one(), x, self.base_weight.t(), beta, out);
+        A::forward(x, self.base_weight.view(), bias, terms, out, scratch);
     }
 
     fn check_input(&self, x: ArrayView2<'_, A>) -> Result<()> {
@@ -578,10 +550,10 @@ impl<A: LoraFloat> LoraLayer<A> {
 /// The serialised form: all state, validated again on load.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LayerRepr<W, V> {
+struct LayerRepr<W, V, F> {
     base_weight: W,
-    weight_a: W,
-    weight_b: W,
+    weight_a: F,
+    weight_b: F,
     /// Absent in documents written before layers had a bias, hence the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     bias: Option<V>,
@@ -616,7 +588,7 @@ impl<'de, A: LoraFloat> Deserialize<'de> for LoraLayer<A> {
     /// inconsistent shapes, a bad config or non-finite values is an error. A document without
     /// a `bias` field loads as a layer without bias.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let r = LayerRepr::<Array2<A>, Array1<A>>::deserialize(deserializer)?;
+        let r = LayerRepr::<Array2<A>, Array1<A>, Array2<A::Factor>>::deserialize(deserializer)?;
         let mut layer = Self::from_state(
             r.base_weight,
             r.weight_a,

@@ -15,6 +15,7 @@ use crate::backend::kernel_threads;
 #[cfg(ndlora_blas)]
 use crate::blas::{blas_layout, BlasLayout};
 use crate::blas::{count, fallback, GemmScalar};
+use crate::scratch::{buffer_of, LoraScratch};
 use crate::simd::decode::{skinny_product, DecodeElement, Segment};
 use crate::simd::{simd_level, SimdLevel};
 
@@ -54,9 +55,10 @@ pub const MAX_SKINNY_ADAPTERS: usize = 8;
 /// [`kernel_threads`] threads: below it a thread start (tens of µs) costs more than it saves.
 const SKINNY_PARALLEL_MIN_WORK: usize = 1 << 22;
 
-/// One LoRA branch s·(X Aᵀ) Bᵀ of a forward: A (r×k), B (d×r), s.
+/// One LoRA branch s·(X Aᵀ) Bᵀ of a forward: A (r×k), B (d×r), s. (Public in a private
+/// module: it appears in the sealed [`Precision`](crate::precision::Precision) hooks.)
 #[derive(Clone, Copy)]
-pub(crate) struct LoraTerm<'a, T> {
+pub struct LoraTerm<'a, T> {
     /// A, r×k.
     pub a: ArrayView2<'a, T>,
     /// B, d×r.
@@ -143,6 +145,67 @@ where
     assert!(skinny_product(level, segments, bias, out, threads));
     count(|c| c.skinny_products += 1);
     true
+}
+
+/// out ← X Wᵀ + b + Σ s·(X Aᵀ) Bᵀ for f32/f64 (every operand in one type): the skinny kernel
+/// when it applies, else a gemm for X Wᵀ (accumulating onto b) and two thin gemms per term.
+pub(crate) fn forward_same<T>(
+    x: ArrayView2<'_, T>,
+    w: ArrayView2<'_, T>,
+    bias: Option<ArrayView1<'_, T>>,
+    terms: &[LoraTerm<'_, T>],
+    mut out: ArrayViewMut2<'_, T>,
+    scratch: Option<&mut LoraScratch<T>>,
+) where
+    T: GemmScalar + DecodeElement + num_traits::Float,
+{
+    let (mut scratch, mut owned) = (scratch, Vec::new());
+    let buffer = buffer_of(&mut scratch, &mut owned);
+    if skinny_forward(x, w, bias, terms, out.view_mut(), buffer) {
+        return;
+    }
+    // X feeds every product: a layout BLAS cannot read is copied once, not per product.
+    let x = blas_operand(x);
+    // With a bias, out is pre-filled with b and the gemm accumulates onto it (β = 1): the
+    // bias costs one pass of writes and no temporary.
+    let beta = match bias {
+        Some(b) => {
+            out.assign(&b);
+            T::one()
+        }
+        None => T::zero(),
+    };
+    gemm(T::one(), x.view(), w.t(), beta, out.view_mut());
+    add_terms_same(x.view(), terms, out, scratch);
+}
+
+/// out += Σ s·(X Aᵀ) Bᵀ for f32/f64: two thin gemms per term through an n×r temporary, taken
+/// from `scratch` when given (no allocation once it is large enough), else allocated.
+pub(crate) fn add_terms_same<T>(
+    x: ArrayView2<'_, T>,
+    terms: &[LoraTerm<'_, T>],
+    mut out: ArrayViewMut2<'_, T>,
+    mut scratch: Option<&mut LoraScratch<T>>,
+) where
+    T: GemmScalar + num_traits::Float,
+{
+    if terms.is_empty() {
+        return;
+    }
+    let x = blas_operand(x);
+    for term in terms {
+        let (n, r) = (x.nrows(), term.a.nrows());
+        let mut owned;
+        let mut h = match scratch.as_deref_mut() {
+            Some(scratch) => scratch.view_mut(n, r),
+            None => {
+                owned = ndarray::Array2::zeros((n, r));
+                owned.view_mut()
+            }
+        };
+        gemm(T::one(), x.view(), term.a.t(), T::zero(), h.view_mut());
+        gemm(term.scale, h.view(), term.b.t(), T::one(), out.view_mut());
+    }
 }
 
 /// `v` itself when BLAS can read it in place, else one standard-layout copy (counted), so a

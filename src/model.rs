@@ -5,17 +5,17 @@ use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
 use crate::check::{check_finite, check_input_width, check_weight_dims, max_abs};
 use crate::config::LoraConfig;
 use crate::error::{shape_str, LoraError, Result};
-use crate::factors::{buffer_of, Factors};
+use crate::factors::Factors;
 use crate::float::LoraFloat;
 use crate::layer::LoraLayer;
-use crate::matmul::{blas_operand, gemm, skinny_forward};
+use crate::matmul::blas_operand;
 use crate::merge::{magnitude_limit, update_magnitude_bound, update_weight};
 
 /// One named adapter: its factors A (r×k), B (d×r), config and scaling s.
 #[derive(Debug, Clone, PartialEq)]
-struct Adapter<A> {
+struct Adapter<A: LoraFloat> {
     name: String,
-    factors: Factors<A>,
+    factors: Factors<A::Factor>,
 }
 
 /// Several named LoRA adapters sharing one frozen weight W (d×k).
@@ -152,14 +152,14 @@ impl<A: LoraFloat> LoraModel<A> {
     pub fn add_adapter_from_parts(
         &mut self,
         name: &str,
-        weight_a: Array2<A>,
-        weight_b: Array2<A>,
+        weight_a: Array2<A::Factor>,
+        weight_b: Array2<A::Factor>,
         config: LoraConfig,
     ) -> Result<usize> {
         self.require_new_name(name)?;
         let scaling = config.scaling();
         let dims = self.base_weight.dim();
-        let factors = Factors::from_parts(dims, weight_a, weight_b, config, scaling, None)?;
+        let factors = Factors::from_parts(dims, weight_a, weight_b, config, scaling, || Ok(()))?;
         Ok(self.push(name, factors))
     }
 
@@ -255,27 +255,8 @@ impl<A: LoraFloat> LoraModel<A> {
                 .filter(|id| !self.merged.contains(id))
                 .map(|&id| &self.adapter(id).factors)
         };
-        // A few rows: one pass over W with every branch folded in, when it applies.
         let terms: Vec<_> = unmerged().map(|f| f.term()).collect();
-        let (mut no_scratch, mut owned) = (None, Vec::new());
-        let buffer = buffer_of(&mut no_scratch, &mut owned);
-        if skinny_forward(
-            x,
-            self.base_weight.view(),
-            None,
-            &terms,
-            y.view_mut(),
-            buffer,
-        ) {
-            return Ok(y);
-        }
-        // X feeds every product: a layout BLAS cannot read is copied once, not per product.
-        let x = blas_operand(x);
-        let x = x.view();
-        gemm(A::one(), x, self.base_weight.t(), A::zero(), y.view_mut());
-        for factors in unmerged() {
-            factors.add_branch(x, y.view_mut(), None);
-        }
+        A::forward(x, self.base_weight.view(), None, &terms, y.view_mut(), None);
         Ok(y)
     }
 
@@ -333,28 +314,24 @@ impl<A: LoraFloat> LoraModel<A> {
                 rows_of[id].push(i);
             }
         }
-        let x = blas_operand(x);
-        let x = x.view();
         let mut y = Array2::zeros((n, self.out_features()));
-        // The base product of a few rows: one pass over W, when it applies (no branch, so
-        // no working memory).
-        if !skinny_forward(x, self.base_weight.view(), None, &[], y.view_mut(), |_| {
-            &mut []
-        }) {
-            gemm(A::one(), x, self.base_weight.t(), A::zero(), y.view_mut());
-        }
+        A::forward(x, self.base_weight.view(), None, &[], y.view_mut(), None);
+        // The branches read X in the factor type (a copy only for the half types).
+        let x = A::widen(x);
+        let x = blas_operand(x.view());
+        let x = x.view();
         for (id, rows) in rows_of.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-            let factors = &self.adapter(id).factors;
+            let term = [self.adapter(id).factors.term()];
             if let Some(step) = even_step(rows) {
                 let (first, last) = (rows[0], rows[rows.len() - 1]);
                 let sl = s![first..last + 1;step as isize, ..];
-                factors.add_branch(x.slice(sl), y.slice_mut(sl), None);
+                A::add_terms(x.slice(sl), &term, y.slice_mut(sl), None);
             } else {
                 let xj = x.select(Axis(0), rows);
-                let mut update = Array2::zeros((rows.len(), self.out_features()));
-                factors.add_branch(xj.view(), update.view_mut(), None);
-                for (u, &i) in update.rows().into_iter().zip(rows) {
-                    y.row_mut(i).zip_mut_with(&u, |yv, &uv| *yv = *yv + uv);
+                let mut yj = y.select(Axis(0), rows);
+                A::add_terms(xj.view(), &term, yj.view_mut(), None);
+                for (u, &i) in yj.rows().into_iter().zip(rows) {
+                    y.row_mut(i).assign(&u);
                 }
             }
         }
@@ -430,24 +407,24 @@ impl<A: LoraFloat> LoraModel<A> {
     }
 
     /// The adapter's factor A (r×k). Errors: unknown name.
-    pub fn weight_a(&self, name: &str) -> Result<ArrayView2<'_, A>> {
+    pub fn weight_a(&self, name: &str) -> Result<ArrayView2<'_, A::Factor>> {
         Ok(self.adapter(self.id_of(name)?).factors.a())
     }
 
     /// The adapter's factor B (d×r). Errors: unknown name.
-    pub fn weight_b(&self, name: &str) -> Result<ArrayView2<'_, A>> {
+    pub fn weight_b(&self, name: &str) -> Result<ArrayView2<'_, A::Factor>> {
         Ok(self.adapter(self.id_of(name)?).factors.b())
     }
 
     /// A mutable view of the adapter's A, to train it. Errors: unknown name; merged.
-    pub fn weight_a_mut(&mut self, name: &str) -> Result<ArrayViewMut2<'_, A>> {
+    pub fn weight_a_mut(&mut self, name: &str) -> Result<ArrayViewMut2<'_, A::Factor>> {
         let id = self.id_of(name)?;
         self.require_unmerged(id, "weight_a_mut")?;
         Ok(self.adapter_mut(id).factors.a_mut())
     }
 
     /// A mutable view of the adapter's B, to train it. Errors: unknown name; merged.
-    pub fn weight_b_mut(&mut self, name: &str) -> Result<ArrayViewMut2<'_, A>> {
+    pub fn weight_b_mut(&mut self, name: &str) -> Result<ArrayViewMut2<'_, A::Factor>> {
         let id = self.id_of(name)?;
         self.require_unmerged(id, "weight_b_mut")?;
         Ok(self.adapter_mut(id).factors.b_mut())
@@ -534,7 +511,7 @@ impl<A: LoraFloat> LoraModel<A> {
         Ok(())
     }
 
-    fn push(&mut self, name: &str, factors: Factors<A>) -> usize {
+    fn push(&mut self, name: &str, factors: Factors<A::Factor>) -> usize {
         self.slots.push(Some(Adapter {
             name: name.to_owned(),
             factors,

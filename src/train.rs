@@ -1,6 +1,7 @@
 //! Training: the backward pass of [`LoraLayer`] and a plain SGD step.
 
 use ndarray::{Array2, ArrayView2};
+use num_traits::{One, Zero};
 
 use crate::check::{check_finite, check_input_width, check_learning_rate, check_shape};
 #[cfg(doc)]
@@ -65,30 +66,37 @@ impl<A: LoraFloat> LoraLayer<A> {
         &self,
         x: ArrayView2<'_, A>,
         grad_output: ArrayView2<'_, A>,
-    ) -> Result<LoraGrads<A>> {
+    ) -> Result<LoraGrads<A::Factor>> {
         let (d, k, r) = (self.out_features(), self.in_features(), self.rank());
         check_input_width(x, k)?;
         let n = x.nrows();
         check_shape("grad_output", grad_output.shape(), &[n, d])?;
+        // Everything runs in the factor type (X, G and W widened first for the half types).
         // X and G each feed several products: a layout BLAS cannot read is copied once.
-        let (x, grad_output) = (blas_operand(x), blas_operand(grad_output));
+        let (x, grad_output, w) = (
+            A::widen(x),
+            A::widen(grad_output),
+            A::widen(self.base_weight()),
+        );
+        let (x, grad_output) = (blas_operand(x.view()), blas_operand(grad_output.view()));
         let (x, grad_output) = (x.view(), grad_output.view());
-        let (a, b, w) = (self.weight_a(), self.weight_b(), self.base_weight());
-        let s = A::from_f64_lossy(self.scaling());
+        let (a, b) = (self.weight_a(), self.weight_b());
+        let s = <A::Factor as LoraFloat>::from_f64_lossy(self.scaling());
+        let (zero, one) = (A::Factor::zero(), A::Factor::one());
 
         let mut h = Array2::zeros((n, r)); // X Aᵀ
-        gemm(A::one(), x, a.t(), A::zero(), h.view_mut());
+        gemm(one, x, a.t(), zero, h.view_mut());
         let mut gb = Array2::zeros((n, r)); // G B
-        gemm(A::one(), grad_output, b, A::zero(), gb.view_mut());
+        gemm(one, grad_output, b, zero, gb.view_mut());
 
         let mut grad_b = Array2::zeros((d, r));
-        gemm(s, grad_output.t(), h.view(), A::zero(), grad_b.view_mut());
+        gemm(s, grad_output.t(), h.view(), zero, grad_b.view_mut());
         let mut grad_a = Array2::zeros((r, k));
-        gemm(s, gb.t(), x, A::zero(), grad_a.view_mut());
+        gemm(s, gb.t(), x, zero, grad_a.view_mut());
         let mut grad_x = Array2::zeros((n, k));
-        gemm(A::one(), grad_output, w, A::zero(), grad_x.view_mut());
+        gemm(one, grad_output, w.view(), zero, grad_x.view_mut());
         if !self.is_merged() {
-            gemm(s, gb.view(), a, A::one(), grad_x.view_mut());
+            gemm(s, gb.view(), a, one, grad_x.view_mut());
         }
         Ok(LoraGrads {
             grad_a,
@@ -117,7 +125,7 @@ impl<A: LoraFloat> LoraLayer<A> {
     /// assert_eq!(layer.weight_b(), Array2::<f32>::zeros((4, 2)));
     /// # Ok::<(), ndlora::LoraError>(())
     /// ```
-    pub fn sgd_step(&mut self, grads: &LoraGrads<A>, lr: A) -> Result<()> {
+    pub fn sgd_step(&mut self, grads: &LoraGrads<A::Factor>, lr: A::Factor) -> Result<()> {
         self.require_unmerged("sgd_step")?;
         check_learning_rate(lr)?;
         let (d, k, r) = (self.out_features(), self.in_features(), self.rank());
@@ -125,7 +133,7 @@ impl<A: LoraFloat> LoraLayer<A> {
         check_shape("grad_b", grads.grad_b.shape(), &[d, r])?;
         check_finite("grad_a", grads.grad_a.view())?;
         check_finite("grad_b", grads.grad_b.view())?;
-        let step = |p: ArrayView2<'_, A>, g: &Array2<A>| {
+        let step = |p: ArrayView2<'_, A::Factor>, g: &Array2<A::Factor>| {
             let mut new = p.to_owned();
             new.scaled_add(-lr, g);
             new

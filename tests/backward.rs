@@ -107,7 +107,7 @@ fn reference_grads(re: &Ref, x: &Array2<f64>, g: &Array2<f64>) -> [(Array2<f64>,
     [(a, ma), (b, mb), (xg, mx)]
 }
 
-fn layouts_sweep<A: LoraFloat>() {
+fn layouts_sweep<A: LoraFloat<Factor = A>>() {
     let mut cases = 0;
     for (case, &(d, k)) in [(1, 1), (7, 33), (33, 7), (17, 17)].iter().enumerate() {
         for r in [1, 2, 5].into_iter().filter(|&r| r <= d.min(k)) {

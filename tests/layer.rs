@@ -15,7 +15,7 @@ const RANKS: [usize; 3] = [1, 2, 8];
 /// k has error ≤ k·ε·Σ|terms| in the worst case; BLAS blocking keeps it far below that.
 const TOL: f64 = 8.0;
 
-fn forward_sweep<A: LoraFloat>() {
+fn forward_sweep<A: LoraFloat<Factor = A>>() {
     let mut cases = 0;
     for (case, (&d, &k)) in DIMS
         .iter()
@@ -58,7 +58,7 @@ fn forward_matches_reference_f64() {
     forward_sweep::<f64>();
 }
 
-fn merge_sweep<A: LoraFloat>() {
+fn merge_sweep<A: LoraFloat<Factor = A>>() {
     for (case, (&d, &k)) in DIMS
         .iter()
         .flat_map(|d| DIMS.iter().map(move |k| (d, k)))
@@ -125,7 +125,7 @@ fn merge_unmerge_match_reference_f64() {
 /// N merge/unmerge cycles drift W by at most 2·N·ε·(|W| + |s·B A|) elementwise (each cycle
 /// rounds twice; the documented bound on `LoraLayer::merge`); in practice the drift is a random
 /// walk far below that. Returns the worst drift in units of ε·(|W| + |s·B A|).
-fn drift<A: LoraFloat>(cycles: usize) -> f64 {
+fn drift<A: LoraFloat<Factor = A>>(cycles: usize) -> f64 {
     let (d, k, r) = (33, 65, 8);
     let mut layer = random_layer::<A>(d, k, r, 5);
     let reference = Ref::new(&layer);
@@ -178,7 +178,7 @@ fn merge_cycles_drift_is_bounded_f64() {
 
 /// `merge_exact` → `unmerge` restores W bit for bit, over 10⁴ cycles, for f32 and f64, with a
 /// bias, and the kept copy is part of clone, `==` and serde.
-fn exact_cycles<A: LoraFloat>() {
+fn exact_cycles<A: LoraFloat<Factor = A>>() {
     let mut layer = random_layer::<A>(33, 65, 8, 6)
         .with_bias(ndarray::Array1::from_elem(33, A::one()))
         .unwrap();

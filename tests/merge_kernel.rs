@@ -26,7 +26,13 @@ fn fused() -> bool {
 }
 
 /// `common::random_layer_with` (α = 1.5·r), with W stored column-major when `f_order`.
-fn layer<A: LoraFloat>(d: usize, k: usize, r: usize, f_order: bool, seed: u64) -> LoraLayer<A> {
+fn layer<A: LoraFloat<Factor = A>>(
+    d: usize,
+    k: usize,
+    r: usize,
+    f_order: bool,
+    seed: u64,
+) -> LoraLayer<A> {
     let cfg = LoraConfig {
         rank: r,
         alpha: 1.5 * r as f64,
@@ -47,7 +53,7 @@ fn layer<A: LoraFloat>(d: usize, k: usize, r: usize, f_order: bool, seed: u64) -
     .unwrap()
 }
 
-fn merged_equals_effective_weight<A: LoraFloat>() {
+fn merged_equals_effective_weight<A: LoraFloat<Factor = A>>() {
     for (d, k) in [(33, 130), (130, 33), (257, 7), (64, 64)] {
         for r in [1, 2, 7, ndlora::MAX_FUSED_RANK.min(d).min(k)] {
             for f_order in [false, true] {
@@ -104,7 +110,7 @@ fn thread_count_does_not_change_a_bit() {
 /// Above `MAX_FUSED_RANK` merge goes through BLAS in bands; the documented round-trip bound
 /// (each element moves by at most 2·ε·(|W| + |s·B A|)) must hold there too, whatever the
 /// BLAS (reference BLAS adds each of the r terms into C separately with β = 1).
-fn gemm_path_round_trip<A: LoraFloat>() {
+fn gemm_path_round_trip<A: LoraFloat<Factor = A>>() {
     let r = ndlora::MAX_FUSED_RANK + 1;
     let (d, k) = (r + 9, r + 4);
     let mut l = layer::<A>(d, k, r, false, 11);

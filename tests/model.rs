@@ -20,7 +20,7 @@ const ADAPTERS: [(&str, usize, f64); 4] = [
     ("r2", 2, -2.0),
 ];
 
-fn model<A: LoraFloat>(seed: u64) -> LoraModel<A> {
+fn model<A: LoraFloat<Factor = A>>(seed: u64) -> LoraModel<A> {
     let mut g = rng(seed);
     let mut m = LoraModel::new(random(&mut g, D, K)).unwrap();
     for (name, rank, alpha) in ADAPTERS {
@@ -70,7 +70,7 @@ fn patterns(n: usize) -> Vec<(&'static str, Vec<Option<usize>>)> {
     ]
 }
 
-fn mixed_sweep<A: LoraFloat>() {
+fn mixed_sweep<A: LoraFloat<Factor = A>>() {
     let m = model::<A>(5);
     let names: Vec<&str> = m.adapter_names();
     let layers: Vec<LoraLayer<A>> = names.iter().map(|n| m.to_layer(n).unwrap()).collect();

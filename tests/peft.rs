@@ -61,7 +61,7 @@ fn read_tensors(path: &Path) -> HashMap<String, Array2<f64>> {
         .collect()
 }
 
-fn cast<A: LoraFloat>(m: &Array2<f64>) -> Array2<A> {
+fn cast<A: LoraFloat<Factor = A>>(m: &Array2<f64>) -> Array2<A> {
     m.mapv(A::from_f64_lossy)
 }
 
@@ -88,7 +88,7 @@ fn check_close(what: &str, got: &Array2<f64>, want: &Array2<f64>, tol: f64) -> f
 
 /// Loads the fixture as `A` and checks every module against PEFT's outputs; returns the worst
 /// error per quantity.
-fn check_fixture<A: LoraFloat>() -> Vec<(&'static str, f64)> {
+fn check_fixture<A: LoraFloat<Factor = A>>() -> Vec<(&'static str, f64)> {
     let dir = fixture_dir();
     let meta: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();

@@ -21,7 +21,7 @@ fn skinny<T>(f: impl FnOnce() -> T) -> (T, bool) {
 
 /// n·d·k above the kernel's threading threshold: W's rows are split over the threads, and
 /// every count gives the bits of one thread (and the reference's value).
-fn thread_counts<A: LoraFloat>() {
+fn thread_counts<A: LoraFloat<Factor = A>>() {
     let simd = ndlora::simd_level() != SimdLevel::Scalar;
     let (d, k) = (1030, 777);
     let layer = random_layer::<A>(d, k, 16, 5)
@@ -53,7 +53,7 @@ fn thread_counts<A: LoraFloat>() {
 }
 
 /// Every active adapter is a branch of the one pass; past `MAX_SKINNY_ADAPTERS` the gemms run.
-fn model_adapters<A: LoraFloat>() {
+fn model_adapters<A: LoraFloat<Factor = A>>() {
     let simd = ndlora::simd_level() != SimdLevel::Scalar;
     let (d, k, n) = (37, 50, 3);
     let mut g = rng(11);

@@ -8,14 +8,18 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// A rows×cols matrix of uniform values in [−1, 1).
-pub fn random<A: LoraFloat>(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<A> {
+pub fn random<A: LoraFloat<Factor = A>>(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    cols: usize,
+) -> Array2<A> {
     Array2::from_shape_simple_fn((rows, cols), || {
         A::from_f64_lossy(rng.random_range(-1.0..1.0))
     })
 }
 
 /// A layer with random W, A and B (B ≠ 0, as after training).
-pub fn trained_layer<A: LoraFloat>(d: usize, k: usize, r: usize) -> LoraLayer<A> {
+pub fn trained_layer<A: LoraFloat<Factor = A>>(d: usize, k: usize, r: usize) -> LoraLayer<A> {
     let mut g = ChaCha8Rng::seed_from_u64(7);
     let config = LoraConfig {
         rank: r,

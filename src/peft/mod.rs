@@ -223,6 +223,9 @@ fn write_temp(dir: &Path, path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTe
         .map_err(|e| LoraError::io(path, &e))?;
     Ok(temp)
 }
+/// The (A, B) views [`PeftAdapter::factors`] returns.
+pub type FactorViews<'a, F> = (ArrayView2<'a, F>, ArrayView2<'a, F>);
+
 /// One adapted module: its factors and the r, α it was configured with.
 #[derive(Debug, Clone, PartialEq)]
 struct Module<A> {
@@ -235,7 +238,7 @@ struct Module<A> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeftAdapter<A: LoraFloat> {
     config: PeftConfig,
-    modules: BTreeMap<String, Module<A>>,
+    modules: BTreeMap<String, Module<A::Factor>>,
 }
 
 /// The most frequent value (ties: the first one seen) — used for the global r and α.
@@ -302,7 +305,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
     }
 
     fn from_config_and_bytes(config: PeftConfig, bytes: &[u8], path: &str) -> Result<Self> {
-        let halves = read_halves::<A>(bytes, path)?;
+        let halves = read_halves::<A::Factor>(bytes, path)?;
         if halves.is_empty() {
             return Err(LoraError::MissingTensor {
                 name: key_of("<module>", Factor::A),
@@ -345,7 +348,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
         &self.config
     }
 
-    fn module(&self, module: &str) -> Result<&Module<A>> {
+    fn module(&self, module: &str) -> Result<&Module<A::Factor>> {
         self.modules
             .get(module)
             .ok_or_else(|| LoraError::UnknownModule {
@@ -372,7 +375,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
 
     /// The factors (A, B) of `module`: A is r×in (`lora_A.weight`), B is out×r
     /// (`lora_B.weight`).
-    pub fn factors(&self, module: &str) -> Result<(ArrayView2<'_, A>, ArrayView2<'_, A>)> {
+    pub fn factors(&self, module: &str) -> Result<FactorViews<'_, A::Factor>> {
         let m = self.module(module)?;
         Ok((m.a.view(), m.b.view()))
     }

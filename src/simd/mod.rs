@@ -38,7 +38,7 @@ mod lanes;
 mod parallel;
 pub(crate) mod rank_update;
 mod scalar;
-mod vector;
+pub(crate) mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -20,7 +20,7 @@ pub trait State: Clone + PartialEq {
     fn state(&self) -> String;
 }
 
-impl<A: LoraFloat> State for LoraLayer<A> {
+impl<A: LoraFloat<Factor = A>> State for LoraLayer<A> {
     /// The serialised document (config, scaling, merge flag, RNG position, kept unmerge
     /// weight) and the raw bits of W, A, B, b.
     fn state(&self) -> String {
@@ -38,7 +38,7 @@ impl<A: LoraFloat> State for LoraLayer<A> {
     }
 }
 
-impl<A: LoraFloat> State for LoraModel<A> {
+impl<A: LoraFloat<Factor = A>> State for LoraModel<A> {
     /// W, the active list, and every adapter's id, factors, config, scaling and merge flag.
     fn state(&self) -> String {
         let mut s = format!("{}|{:?}|", bits(self.base_weight()), self.active_adapters());

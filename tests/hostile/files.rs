@@ -460,7 +460,7 @@ fn lora(rank: usize, alpha: f64) -> LoraConfig {
     }
 }
 
-fn trained<A: LoraFloat>(seed: u64) -> LoraLayer<A> {
+fn trained<A: LoraFloat<Factor = A>>(seed: u64) -> LoraLayer<A> {
     let mut g = rng(seed);
     LoraLayer::from_parts(
         random(&mut g, 5, 7),
@@ -472,7 +472,7 @@ fn trained<A: LoraFloat>(seed: u64) -> LoraLayer<A> {
 }
 
 /// A copy of `layer` with `value` written into A (`factor` 'A') or B at `at`.
-fn poisoned<A: LoraFloat>(
+fn poisoned<A: LoraFloat<Factor = A>>(
     layer: &LoraLayer<A>,
     factor: char,
     at: (usize, usize),
@@ -488,7 +488,7 @@ fn poisoned<A: LoraFloat>(
     l
 }
 
-fn writer_cases<A: LoraFloat>(t: &mut Tally) {
+fn writer_cases<A: LoraFloat<Factor = A>>(t: &mut Tally) {
     let good = trained::<A>(1);
     let nan_b = poisoned(&good, 'B', (4, 1), A::nan());
     t.err(

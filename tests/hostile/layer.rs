@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::{cfg, nonfinite, Tally, LAYER_CONSTRUCT, LAYER_METHODS, LAYER_SERDE};
 use crate::common::{fails_unchanged, random, random_layer, rng, State};
 
-fn layer_construction<A: LoraFloat>() -> usize {
+fn layer_construction<A: LoraFloat<Factor = A>>() -> usize {
     let mut t = Tally::default();
     let w = Array2::<A>::ones((4, 6));
     let is_rank = |got: usize, max: usize| {
@@ -280,7 +280,7 @@ fn param_counts_cannot_overflow() {
 // ---------------------------------------------------------------------------------------------
 // LoraLayer methods on a live layer: every error leaves it bit-for-bit unchanged.
 
-fn layer_methods<A: LoraFloat>() -> usize {
+fn layer_methods<A: LoraFloat<Factor = A>>() -> usize {
     let mut t = Tally::default();
     let l = random_layer::<A>(5, 7, 2, 1)
         .with_bias(Array1::from_elem(5, A::from_f64_lossy(0.25)))
@@ -643,7 +643,7 @@ fn layer_methods_f64() {
 /// different order for a column-major operand (BLIS does), so flavours can differ by an ulp.
 #[test]
 fn nan_input_poisons_only_its_rows() {
-    fn check<A: LoraFloat>() {
+    fn check<A: LoraFloat<Factor = A>>() {
         let mut g = rng(9);
         let l = random_layer::<A>(5, 7, 2, 3)
             .with_bias(Array1::from_elem(5, A::one()))
@@ -716,7 +716,7 @@ fn nan_input_poisons_only_its_rows() {
 
 /// Deserialises `doc` as a layer and asserts a data error whose message contains `needle`.
 #[track_caller]
-fn bad_doc<A: LoraFloat>(t: &mut Tally, name: &str, doc: &Value, needle: &str) {
+fn bad_doc<A: LoraFloat<Factor = A>>(t: &mut Tally, name: &str, doc: &Value, needle: &str) {
     t.cases += 1;
     let text = doc.to_string();
     match serde_json::from_str::<LoraLayer<A>>(&text) {
@@ -731,7 +731,7 @@ fn bad_doc<A: LoraFloat>(t: &mut Tally, name: &str, doc: &Value, needle: &str) {
     }
 }
 
-fn layer_serde<A: LoraFloat>() -> usize {
+fn layer_serde<A: LoraFloat<Factor = A>>() -> usize {
     let mut t = Tally::default();
     let l = random_layer::<A>(5, 7, 2, 4)
         .with_bias(Array1::from_elem(5, A::one()))

@@ -101,7 +101,7 @@ fn cfg(rank: usize) -> LoraConfig {
     }
 }
 
-fn nonfinite<A: LoraFloat>() -> [A; 3] {
+fn nonfinite<A: LoraFloat<Factor = A>>() -> [A; 3] {
     [A::nan(), A::infinity(), A::neg_infinity()]
 }
 

@@ -6,7 +6,7 @@ use ndlora::{LoraConfig, LoraError, LoraFloat, LoraModel};
 use super::{cfg, nonfinite, Tally, MODEL};
 use crate::common::{random, rng};
 
-fn model<A: LoraFloat>() -> LoraModel<A> {
+fn model<A: LoraFloat<Factor = A>>() -> LoraModel<A> {
     let mut g = rng(11);
     let mut m = LoraModel::new(random(&mut g, 5, 7)).unwrap();
     m.add_adapter_from_parts("en", random(&mut g, 2, 7), random(&mut g, 5, 2), cfg(2))
@@ -19,7 +19,7 @@ fn model<A: LoraFloat>() -> LoraModel<A> {
     m
 }
 
-fn model_cases<A: LoraFloat>() -> usize {
+fn model_cases<A: LoraFloat<Factor = A>>() -> usize {
     let mut t = Tally::default();
     let m = model::<A>();
     let mut merged = m.clone();

@@ -9,7 +9,7 @@ use ndlora::{LoraError, LoraFloat, LoraLayer, MicroLora};
 const FINITE_LIMIT: f64 = 1e30;
 
 /// Bitwise equality of two float arrays (`==` is IEEE, and NaN ≠ NaN).
-fn same_bits<A: LoraFloat>(a: ArrayView2<'_, A>, b: ArrayView2<'_, A>) -> bool {
+fn same_bits<A: LoraFloat<Factor = A>>(a: ArrayView2<'_, A>, b: ArrayView2<'_, A>) -> bool {
     a.dim() == b.dim()
         && a.iter()
             .zip(b.iter())
@@ -22,7 +22,7 @@ fn bounded(m: f64) -> bool {
 }
 
 /// A deterministic n×k input in [-4, 4) from `seed` bytes (cycled; zeros when empty).
-fn input_from<A: LoraFloat>(n: usize, k: usize, seed: &[u8]) -> Array2<A> {
+fn input_from<A: LoraFloat<Factor = A>>(n: usize, k: usize, seed: &[u8]) -> Array2<A> {
     let mut i = 0_usize;
     Array2::from_shape_simple_fn((n, k), || {
         let b = if seed.is_empty() {
@@ -35,7 +35,7 @@ fn input_from<A: LoraFloat>(n: usize, k: usize, seed: &[u8]) -> Array2<A> {
     })
 }
 
-fn abs_f64<A: LoraFloat>(m: ArrayView2<'_, A>) -> Array2<f64> {
+fn abs_f64<A: LoraFloat<Factor = A>>(m: ArrayView2<'_, A>) -> Array2<f64> {
     m.map(|v| v.into_f64().abs())
 }
 
@@ -43,7 +43,7 @@ fn abs_f64<A: LoraFloat>(m: ArrayView2<'_, A>) -> Array2<f64> {
 /// f64 from the layer's current state (merged or not; the factor 2 covers W ± s·B A). Any
 /// summation order of the products gives an error below γₙ·M with n the number of terms.
 /// Rows whose intermediate X Aᵀ may overflow get M = ∞ (no claim).
-fn layer_magnitude<A: LoraFloat>(layer: &LoraLayer<A>, x: ArrayView2<'_, A>) -> Array2<f64> {
+fn layer_magnitude<A: LoraFloat<Factor = A>>(layer: &LoraLayer<A>, x: ArrayView2<'_, A>) -> Array2<f64> {
     let s = A::from_f64_lossy(layer.scaling()).into_f64().abs();
     let ba = abs_f64(layer.weight_b()).dot(&abs_f64(layer.weight_a()));
     let w = abs_f64(layer.base_weight()) + ba * (2.0 * s);
@@ -69,7 +69,7 @@ fn layer_magnitude<A: LoraFloat>(layer: &LoraLayer<A>, x: ArrayView2<'_, A>) -> 
 /// longest chain (k products in X Wᵀ, r in the LoRA branch, merge, bias). Skipped where M
 /// is too large for the bound to mean anything (overflow is then legitimate).
 #[track_caller]
-fn assert_close_layer<A: LoraFloat>(
+fn assert_close_layer<A: LoraFloat<Factor = A>>(
     what: &str,
     a: ArrayView2<'_, A>,
     b: ArrayView2<'_, A>,
@@ -95,7 +95,7 @@ fn assert_close_layer<A: LoraFloat>(
 
 /// Forward outputs must be finite wherever the magnitude bound says they cannot overflow.
 #[track_caller]
-fn assert_finite_where_bounded<A: LoraFloat>(what: &str, y: ArrayView2<'_, A>, m: &Array2<f64>) {
+fn assert_finite_where_bounded<A: LoraFloat<Factor = A>>(what: &str, y: ArrayView2<'_, A>, m: &Array2<f64>) {
     for ((idx, v), &mag) in y.indexed_iter().zip(m.iter()) {
         if bounded(mag) {
             assert!(
@@ -108,13 +108,13 @@ fn assert_finite_where_bounded<A: LoraFloat>(what: &str, y: ArrayView2<'_, A>, m
 }
 
 /// The layer's state as JSON (everything the value holds).
-fn layer_state<A: LoraFloat>(layer: &LoraLayer<A>) -> Vec<u8> {
+fn layer_state<A: LoraFloat<Factor = A>>(layer: &LoraLayer<A>) -> Vec<u8> {
     serde_json::to_vec(layer).expect("a layer always serialises")
 }
 
 /// Serialise → deserialise gives an equal layer, and the same bytes again.
 #[track_caller]
-fn assert_layer_round_trip<A: LoraFloat>(layer: &LoraLayer<A>) {
+fn assert_layer_round_trip<A: LoraFloat<Factor = A>>(layer: &LoraLayer<A>) {
     let bytes = layer_state(layer);
     let back: LoraLayer<A> = match serde_json::from_slice(&bytes) {
         Ok(l) => l,
@@ -130,7 +130,7 @@ fn assert_layer_round_trip<A: LoraFloat>(layer: &LoraLayer<A>) {
 /// Forward works on a width-k input; its output is finite where bounded; merged and unmerged
 /// forwards agree within the bound; merge∘unmerge (or unmerge∘merge) restores W within the
 /// bound; a failed merge/unmerge leaves the layer unchanged.
-fn check_layer_consistent<A: LoraFloat>(layer: &LoraLayer<A>, x: &Array2<A>) {
+fn check_layer_consistent<A: LoraFloat<Factor = A>>(layer: &LoraLayer<A>, x: &Array2<A>) {
     let (k, r) = (layer.in_features(), layer.rank());
     let y = layer.forward(x.view()).expect("forward on a width-k input");
     assert_eq!(y.dim(), (x.nrows(), layer.out_features()));

@@ -10,7 +10,7 @@ pub fn check_layer_serde(data: &[u8]) {
     check_layer_doc::<f64>(data);
 }
 
-fn check_layer_doc<A: LoraFloat>(data: &[u8]) {
+fn check_layer_doc<A: LoraFloat<Factor = A>>(data: &[u8]) {
     let Ok(layer) = serde_json::from_slice::<LoraLayer<A>>(data) else {
         return;
     };

@@ -27,7 +27,7 @@ pub fn check_load(data: &[u8]) {
     exercise::<f64>(&config, weights);
 }
 
-fn exercise<A: LoraFloat>(config: &str, weights: &[u8]) {
+fn exercise<A: LoraFloat<Factor = A>>(config: &str, weights: &[u8]) {
     let Ok(adapter) = PeftAdapter::<A>::from_bytes(config, weights) else {
         return;
     };

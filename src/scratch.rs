@@ -1,0 +1,76 @@
+//! [`LoraScratch`]: the reusable working memory of a forward (the n×r temporaries of the
+//! LoRA branches).
+
+use ndarray::ArrayViewMut2;
+
+use num_traits::Zero;
+
+/// The working memory of a skinny forward (`matmul::skinny_forward`'s `buffer`): the first
+/// `len` elements of `scratch` when there is one (no allocation once it is large enough),
+/// else of `owned`, grown to `len`.
+pub(crate) fn buffer_of<'s, 't: 's, A: Copy + Zero>(
+    scratch: &'s mut Option<&'t mut LoraScratch<A>>,
+    owned: &'s mut Vec<A>,
+) -> impl FnOnce(usize) -> &'s mut [A] + use<'s, 't, A> {
+    move |len| match scratch {
+        Some(scratch) => scratch.slice_mut(len),
+        None => {
+            owned.resize(len, A::zero());
+            &mut owned[..]
+        }
+    }
+}
+
+/// Reusable working memory for [`LoraLayer::forward_into_with_scratch`](crate::LoraLayer::forward_into_with_scratch):
+/// holds the n×r temporary X Aᵀ of the LoRA branch, grows to the largest n·r asked of it,
+/// never shrinks. One scratch per thread (it is `&mut` during a forward); it can serve
+/// layers of any shape.
+///
+/// ```
+/// let mut scratch = ndlora::LoraScratch::<f64>::with_capacity(32, 8);
+/// assert!(scratch.capacity() >= 32 * 8);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct LoraScratch<A> {
+    buf: Vec<A>,
+}
+
+impl<A: Copy + Zero> LoraScratch<A> {
+    /// An empty scratch (allocates on first use).
+    pub fn new() -> Self {
+        Self { buf: Vec::new() }
+    }
+
+    /// A scratch that serves batches of up to `n` rows at rank up to `r` without allocating.
+    ///
+    /// # Panics
+    /// If n·r overflows `usize` or the allocation fails (as `Vec::with_capacity`).
+    #[track_caller]
+    pub fn with_capacity(n: usize, r: usize) -> Self {
+        let len = n
+            .checked_mul(r)
+            .expect("LoraScratch::with_capacity: n·r overflows usize");
+        Self {
+            buf: vec![A::zero(); len],
+        }
+    }
+
+    /// How many elements it holds now (n·r it serves without allocating).
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// An n×r standard-layout view of the first n·r elements, growing the buffer if needed.
+    /// (n·r cannot overflow: n ≤ the rows of an existing n×k input and r ≤ k.)
+    pub(crate) fn view_mut(&mut self, n: usize, r: usize) -> ArrayViewMut2<'_, A> {
+        ArrayViewMut2::from_shape((n, r), self.slice_mut(n * r)).expect("n·r elements")
+    }
+
+    /// The first `len` elements, growing the buffer if needed.
+    pub(crate) fn slice_mut(&mut self, len: usize) -> &mut [A] {
+        if self.buf.len() < len {
+            self.buf.resize(len, A::zero());
+        }
+        &mut self.buf[..len]
+    }
+}

@@ -1,0 +1,164 @@
+//! The half-precision paths (`bf16`, `f16` layers): W, X and Y are half, the factors f32, and
+//! every product accumulates in f32. The rounding follows PyTorch + PEFT on CPU:
+//!
+//! * forward: Y = H( f32(H(X Wᵀ + b)) + Σ s·(f32(X) Aᵀ) Bᵀ ) — the base output is rounded to
+//!   the half type H first, the LoRA terms are added in f32, and the sum is rounded again;
+//! * merge update: W ← H( f32(W) + α·(B A) ), ΔW formed in f32, one rounding into H.
+//!
+//! Above the skinny crossover the base product widens W one panel of rows at a time into an
+//! f32 buffer and multiplies it with BLAS `sgemm` (there is no half gemm in the BLAS ndlora
+//! links), so no d×k f32 copy of W is ever made.
+
+use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
+
+use half::{bf16, f16};
+
+use crate::matmul::{add_terms_same, gemm, LoraTerm};
+use crate::scratch::LoraScratch;
+use crate::update::{UPDATE_BAND_ELEMENTS, UPDATE_BAND_MIN_ROWS};
+
+/// f32 elements of W widened per panel of the base product (4 MiB): large enough that each
+/// `sgemm` call amortises its packing of X, small enough to stay in the outer caches.
+const PANEL_ELEMENTS: usize = 1 << 20;
+
+/// `bf16` or `f16`: a half type and its exact widening to f32 and rounding from it.
+pub trait HalfElement: Copy + Send + Sync + 'static {
+    /// Widens to f32 (exact).
+    fn widen(self) -> f32;
+    /// Rounds an f32 to this type (to nearest even; ±∞ when out of range).
+    fn narrow(v: f32) -> Self;
+}
+
+impl HalfElement for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl HalfElement for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// `x` widened to f32, in standard layout.
+pub(crate) fn widen<H: HalfElement>(x: ArrayView2<'_, H>) -> Array2<f32> {
+    let mut wide = Array2::zeros(x.dim());
+    Zip::from(&mut wide)
+        .and(&x)
+        .for_each(|o, &v| *o = v.widen());
+    wide
+}
+
+/// out ← H(`acc`), element by element (out in any layout).
+fn round_into<H: HalfElement>(acc: ArrayView2<'_, f32>, out: ArrayViewMut2<'_, H>) {
+    Zip::from(out).and(&acc).for_each(|o, &v| *o = H::narrow(v));
+}
+
+/// out ← H( f32(H(X Wᵀ + b)) + Σ s·(X Aᵀ) Bᵀ ).
+pub(crate) fn forward<H: HalfElement>(
+    x: ArrayView2<'_, H>,
+    w: ArrayView2<'_, H>,
+    bias: Option<ArrayView1<'_, H>>,
+    terms: &[LoraTerm<'_, f32>],
+    out: ArrayViewMut2<'_, H>,
+    scratch: Option<&mut LoraScratch<f32>>,
+) {
+    let (n, d) = out.dim();
+    if n == 0 || d == 0 {
+        return;
+    }
+    let xf = widen(x);
+    let mut acc = Array2::<f32>::zeros((n, d));
+    base_product(xf.view(), w, bias, acc.view_mut());
+    if !terms.is_empty() {
+        // PEFT rounds the base layer's output to H before it adds the LoRA terms in f32.
+        acc.mapv_inplace(|v| H::narrow(v).widen());
+        add_terms_same(xf.view(), terms, acc.view_mut(), scratch);
+    }
+    round_into(acc.view(), out);
+}
+
+/// out ← H( f32(out) + Σ s·(X Aᵀ) Bᵀ ), X already in f32.
+pub(crate) fn add_terms<H: HalfElement>(
+    x: ArrayView2<'_, f32>,
+    terms: &[LoraTerm<'_, f32>],
+    mut out: ArrayViewMut2<'_, H>,
+    scratch: Option<&mut LoraScratch<f32>>,
+) {
+    if terms.is_empty() || out.is_empty() {
+        return;
+    }
+    let mut acc = widen(out.view());
+    add_terms_same(x, terms, acc.view_mut(), scratch);
+    round_into(acc.view(), out.view_mut());
+}
+
+/// acc ← X f32(W)ᵀ + f32(b) in f32 (acc n×d, X n×k in f32, W d×k in H): W widened one panel
+/// of rows at a time, each panel one `sgemm` into its columns of acc.
+fn base_product<H: HalfElement>(
+    x: ArrayView2<'_, f32>,
+    w: ArrayView2<'_, H>,
+    bias: Option<ArrayView1<'_, H>>,
+    mut acc: ArrayViewMut2<'_, f32>,
+) {
+    let (d, k) = w.dim();
+    let beta = match bias {
+        Some(b) => {
+            Zip::from(acc.rows_mut())
+                .for_each(|mut row| Zip::from(&mut row).and(&b).for_each(|o, &v| *o = v.widen()));
+            1.0
+        }
+        None => 0.0,
+    };
+    let rows = (PANEL_ELEMENTS / k.max(1)).clamp(1, d.max(1));
+    let mut panel = Array2::<f32>::zeros((rows.min(d), k));
+    for (i, w) in w.axis_chunks_iter(Axis(0), rows).enumerate() {
+        let start = i * rows;
+        let mut p = panel.slice_mut(s![..w.nrows(), ..]);
+        Zip::from(&mut p).and(&w).for_each(|o, &v| *o = v.widen());
+        gemm(
+            1.0,
+            x,
+            p.t(),
+            beta,
+            acc.slice_mut(s![.., start..start + w.nrows()]),
+        );
+    }
+}
+
+/// W ← H( f32(W) + α·B A ): α·B A formed in f32 by `sgemm`, one band of rows at a time into
+/// a small temporary, then added to each element of W with one rounding into H.
+pub(crate) fn rank_update<H: HalfElement>(
+    alpha: f32,
+    b: ArrayView2<'_, f32>,
+    a: ArrayView2<'_, f32>,
+    mut w: ArrayViewMut2<'_, H>,
+) {
+    let (d, k) = w.dim();
+    if d == 0 || k == 0 {
+        return;
+    }
+    let band = (UPDATE_BAND_ELEMENTS / k).max(UPDATE_BAND_MIN_ROWS).min(d);
+    let mut t = Array2::<f32>::zeros((band, k));
+    for (w, b) in w
+        .axis_chunks_iter_mut(Axis(0), band)
+        .zip(b.axis_chunks_iter(Axis(0), band))
+    {
+        let mut t = t.slice_mut(s![..w.nrows(), ..]);
+        gemm(alpha, b, a, 0.0, t.view_mut());
+        Zip::from(w)
+            .and(&t)
+            .for_each(|w, &t| *w = H::narrow(w.widen() + t));
+    }
+}
