@@ -1,7 +1,7 @@
 //! # ndlora — low-rank adaptation (LoRA) of linear layers on ndarray + BLAS
 //!
 //! Wrap a frozen weight matrix with a trainable low-rank update, run batched forwards through
-//! BLAS gemm, merge and unmerge, in `f32` and `f64`.
+//! BLAS gemm, merge and unmerge, in `f32`, `f64`, `half::bf16` and `half::f16`.
 //!
 //! ## Shapes and math (PyTorch / PEFT conventions, used everywhere)
 //!
@@ -19,6 +19,37 @@
 //!   b added to every row; merge and unmerge leave b alone
 //! * [`peft`]: Hugging Face PEFT adapter directories (`adapter_config.json` +
 //!   `adapter_model.safetensors`) in and out, with PEFT's numbers
+//!
+//! ## Half precision
+//!
+//! `LoraLayer<bf16>` and `LoraLayer<f16>` (and [`LoraModel`]) hold W, the bias, X and Y in
+//! the half type and the factors A, B in `f32` ([`LoraFloat::Factor`]), as PEFT does on a
+//! bf16/f16 model (`autocast_adapter_dtype=True`). A 4096² bf16 layer holds 32 MiB of W.
+//! Every product accumulates in f32, and the rounding is PyTorch + PEFT's on CPU:
+//!
+//! * forward: Y = H( f32(H(X Wᵀ + b)) + s·(f32(X) Aᵀ) Bᵀ ) — the base output rounded to the
+//!   half type H first, the LoRA term added in f32, rounded again (PEFT's fixtures agree to
+//!   ≤ 1 ulp of H, `tests/half.rs`);
+//! * merge: W ← H( f32(W) + s·(B A) ), ΔW in f32, one rounding (PEFT's `merge_and_unload`
+//!   agrees bit for bit on its fixtures); unmerge the same with −ΔW. A merge → unmerge round
+//!   trip moves each element by at most 2 ulps of H at max(|W|, |W + ΔW|) (two roundings at
+//!   8 or 11 bits), far more than in f32: [`LoraLayer::merge_exact`] keeps its bit-exact
+//!   promise by keeping the copy;
+//! * gradients ([`LoraLayer::backward`]) are f32, of the layer with W and X widened exactly.
+//!
+//! ```
+//! use half::bf16;
+//! use ndarray::Array2;
+//! use ndlora::{LoraConfig, LoraLayer};
+//!
+//! let w = Array2::from_elem((64, 128), bf16::from_f32(0.5));
+//! let mut layer = LoraLayer::new(w, LoraConfig { rank: 4, ..Default::default() })?;
+//! layer.weight_b_mut()?.fill(0.01); // f32 factors
+//! let y = layer.forward(Array2::from_elem((2, 128), bf16::ONE).view())?; // 2×64, bf16
+//! assert_eq!(y.dim(), (2, 64));
+//! layer.merge()?;
+//! # Ok::<(), ndlora::LoraError>(())
+//! ```
 //!
 //! ## Design
 //!
@@ -157,6 +188,8 @@ pub use blas::{gemm_counters, reset_gemm_counters, GemmCounters};
 pub use config::{LoraConfig, LoraInit};
 pub use error::{LoraError, Result};
 pub use float::LoraFloat;
+/// The `half` crate, whose `bf16` and `f16` are element types of [`LoraLayer`].
+pub use half;
 pub use layer::LoraLayer;
 pub use matmul::{MAX_SKINNY_ADAPTERS, N_SKINNY};
 pub use micro::{LearningSignal, MicroLora};

@@ -651,3 +651,71 @@ fn half_model_matches_its_layers() {
     merged.merge().unwrap();
     assert_eq!(model.base_weight(), merged.base_weight());
 }
+
+/// A fresh, empty directory under the system temp dir.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ndlora-half-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn half_layers_save_f32_factors_and_round_trip() {
+    let layer = half_layer::<bf16>(12, 10, 3, 21);
+    let adapter = PeftAdapter::from_layers([("layers.0.q_proj", &layer)]).unwrap();
+    let dir = temp_dir("save");
+    adapter.save(&dir).unwrap();
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    for name in st.names() {
+        assert_eq!(
+            st.tensor(name).unwrap().dtype(),
+            Dtype::F32,
+            "{name}: PEFT writes F32"
+        );
+    }
+    let back = PeftAdapter::<bf16>::load(&dir).unwrap();
+    let bias = layer.bias().map(|b| b.to_owned());
+    let again = back
+        .to_layer("layers.0.q_proj", layer.base_weight().to_owned(), bias)
+        .unwrap();
+    assert_eq!(again.weight_a(), layer.weight_a());
+    assert_eq!(again.weight_b(), layer.weight_b());
+    assert_eq!(again.scaling().to_bits(), layer.scaling().to_bits());
+    let x: Array2<bf16> = random(&mut rng(3), 4, 10);
+    assert_eq!(
+        again.forward(x.view()).unwrap(),
+        layer.forward(x.view()).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn half_adapter_tensors_load_exactly() {
+    // An adapter file with BF16 factors: loaded as PeftAdapter<bf16>, each value is the
+    // exact widening of its bf16 (as PEFT widens them to its f32 LoRA weights).
+    let mut g = rng(4);
+    let a: Array2<bf16> = random(&mut g, 2, 6);
+    let b: Array2<bf16> = random(&mut g, 5, 2);
+    let le = |m: &Array2<bf16>| m.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let (da, db) = (le(&a), le(&b));
+    let views = [
+        (
+            "base_model.model.fc.lora_A.weight",
+            safetensors::tensor::TensorView::new(Dtype::BF16, vec![2, 6], &da).unwrap(),
+        ),
+        (
+            "base_model.model.fc.lora_B.weight",
+            safetensors::tensor::TensorView::new(Dtype::BF16, vec![5, 2], &db).unwrap(),
+        ),
+    ];
+    let bytes = safetensors::serialize(views, None).unwrap();
+    let config = r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["fc"]}"#;
+    let adapter = PeftAdapter::<bf16>::from_bytes(config, &bytes).unwrap();
+    let (fa, fb) = adapter.factors("fc").unwrap();
+    assert_eq!(fa, a.mapv(|v| v.to_f32()));
+    assert_eq!(fb, b.mapv(|v| v.to_f32()));
+    let f16_adapter = PeftAdapter::<f16>::from_bytes(config, &bytes).unwrap();
+    assert_eq!(f16_adapter.factors("fc").unwrap().0, a.mapv(|v| v.to_f32()));
+}

@@ -8,7 +8,8 @@
 //!   `base_model.model.M.lora_A.weight` (r×in) and `base_model.model.M.lora_B.weight` (out×r).
 //!
 //! [`PeftAdapter::load`] reads such a directory (tensors in F32, F64, F16 or BF16, converted to
-//! the float type `A`); [`PeftAdapter::to_layer`] joins one module's factors with the base
+//! the factor type `A::Factor`: f32 for `f32`, `bf16` and `f16` adapters, f64 for `f64`);
+//! [`PeftAdapter::to_layer`] joins one module's factors with the base
 //! weight (and bias) you supply into a [`LoraLayer`] that computes what PEFT computes:
 //!
 //! * scaling s = α/r, or α/√r with `use_rslora`, where r and α are the module's own
@@ -234,7 +235,15 @@ struct Module<A> {
 }
 
 /// A PEFT LoRA adapter: a [`PeftConfig`] and, per adapted module, the factors A (r×in) and
-/// B (out×r) in float type `A`. See the [module docs](self) for the file format and an example.
+/// B (out×r) in the factor type [`A::Factor`](LoraFloat::Factor). See the
+/// [module docs](self) for the file format and an example.
+///
+/// # Half-precision models
+/// `PeftAdapter<bf16>` / `<f16>` holds its factors in f32, as PEFT does on a half model: the
+/// F32 tensors PEFT writes by default load exactly (rounding them to the half type would
+/// change PEFT's numbers), F16/BF16 tensors are widened exactly (an adapter is small:
+/// r·(in + out) values per module). [`to_layer`](Self::to_layer) takes the half base weight;
+/// [`save`](Self::save) writes F32 factors, as PEFT's `save_pretrained` does for such a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeftAdapter<A: LoraFloat> {
     config: PeftConfig,
@@ -258,7 +267,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
     /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
     ///
     /// Every tensor must be a `lora_A` / `lora_B` weight of some module (keys with or without
-    /// the adapter name `default`), 2-D, non-empty, finite after conversion to `A`, in F32,
+    /// the adapter name `default`), 2-D, non-empty, finite after conversion to `A::Factor`, in F32,
     /// F64, F16 or BF16; each module needs both, with A r×in and B out×r where r is the
     /// module's rank from the config. Errors name the file, field, tensor or module at fault;
     /// corrupt, truncated or hostile files are errors, never panics.
@@ -626,7 +635,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
 
     /// Writes `dir/adapter_config.json` (the config's JSON, keys as PEFT writes them) and
     /// `dir/adapter_model.safetensors` (keys `base_model.model.<module>.lora_A.weight` /
-    /// `.lora_B.weight` without adapter name, dtype F32 or F64 as `A`, metadata
+    /// `.lora_B.weight` without adapter name, dtype F32 or F64 as `A::Factor`, metadata
     /// `{"format": "pt"}`), creating `dir` if needed.
     ///
     /// Writes only what [`load`](Self::load) reads back: finite factors whose shapes agree
