@@ -207,6 +207,48 @@ pub enum LoraError {
         #[source]
         source: Box<LoraError>,
     },
+    /// An error about one tensor of a safetensors checkpoint (see [`checkpoint`](crate::checkpoint)):
+    /// says which file and tensor, then what.
+    #[error("{path}: tensor `{tensor}`: {source}")]
+    InTensor {
+        /// The file holding the tensor (a shard of the checkpoint, or the adapter's file).
+        path: String,
+        /// The tensor's name in that file.
+        tensor: String,
+        /// What went wrong.
+        #[source]
+        source: Box<LoraError>,
+    },
+    /// A checkpoint tensor the adapter changes has a dtype or rank ndlora cannot merge into
+    /// (e.g. an `I8` weight, or a 1-D tensor named like a module's weight); always wrapped in
+    /// [`InTensor`](Self::InTensor).
+    #[error("expected {expected}, got {got}")]
+    TensorKind {
+        /// What was required, e.g. `"a 2-D tensor of dtype BF16, F16, F32 or F64"`.
+        expected: &'static str,
+        /// What came, e.g. `"I8 [64, 64]"`.
+        got: String,
+    },
+    /// An adapter module (or a `modules_to_save` tensor) whose tensor is not in the base
+    /// checkpoint: PEFT would not find the module to adapt.
+    #[error("the adapter's `{key}` needs the tensor `{tensor}`, which the base checkpoint {base} does not hold")]
+    NotInBase {
+        /// The adapter's key (module path, or the replacement tensor's key).
+        key: String,
+        /// The base tensor name that was looked for, e.g. `model.layers.0.self_attn.q_proj.weight`.
+        tensor: String,
+        /// The base checkpoint (file or directory).
+        base: String,
+    },
+    /// The output path of a checkpoint merge exists and overwriting was not asked for, or it
+    /// cannot be overwritten (it holds the inputs).
+    #[error("{path} {reason}")]
+    OutputExists {
+        /// The output path.
+        path: String,
+        /// Why it was refused, e.g. `"exists (pass --force / MergeOptions::force to replace it)"`.
+        reason: &'static str,
+    },
 }
 
 impl LoraError {
@@ -216,6 +258,15 @@ impl LoraError {
             path: path.display().to_string(),
             kind: err.kind(),
             message: err.to_string(),
+        }
+    }
+
+    /// Wraps `self` in [`InTensor`](Self::InTensor).
+    pub(crate) fn in_tensor(self, path: &str, tensor: &str) -> Self {
+        Self::InTensor {
+            path: path.to_owned(),
+            tensor: tensor.to_owned(),
+            source: Box::new(self),
         }
     }
 

@@ -150,6 +150,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod checkpoint;
 pub mod peft;
 
 // A BLAS chosen by cargo feature comes through blas-src; naming the crate keeps it (and the

@@ -274,12 +274,14 @@ impl PeftConfig {
             message: e.to_string(),
         })?;
         match value {
-            Value::Object(raw) => Self::from_map(raw),
+            Value::Object(raw) => Self::from_map(raw, &[]),
             other => Err(field_err("(root)", "a JSON object", &other)),
         }
     }
 
-    pub(super) fn from_map(raw: Map<String, Value>) -> Result<Self> {
+    /// Validates a config document; the fields in `allowed` are accepted although they are
+    /// in [`UNSUPPORTED_FIELDS`] (a checkpoint merge implements `modules_to_save`).
+    pub(crate) fn from_map(raw: Map<String, Value>, allowed: &[&str]) -> Result<Self> {
         match raw.get("peft_type") {
             Some(Value::String(t)) if t == "LORA" => {}
             Some(other) => {
@@ -309,6 +311,9 @@ impl PeftConfig {
             }
         }
         for &field in UNSUPPORTED_FIELDS {
+            if allowed.contains(&field) {
+                continue;
+            }
             if let Some(v) = raw.get(field) {
                 let unset = match v {
                     Value::Null | Value::Bool(false) => true,

@@ -81,7 +81,7 @@
 //! ```
 
 mod config;
-mod tensors;
+pub(crate) mod tensors;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, FileType};
@@ -176,9 +176,35 @@ fn file_kind(ft: FileType) -> &'static str {
     }
 }
 
+/// Reads and validates `dir/adapter_config.json` (a regular file of at most
+/// [`MAX_CONFIG_SIZE`] bytes); the fields in `allowed` are accepted although they are in
+/// [`UNSUPPORTED_FIELDS`]. Parse errors name the file.
+pub(crate) fn read_config(dir: &Path, allowed: &[&str]) -> Result<PeftConfig> {
+    let config_path = dir.join(CONFIG_FILE);
+    let shown = config_path.display().to_string();
+    let (file, size) = open_regular(&config_path)?;
+    check_config_size(&shown, size)?;
+    let mut text = String::new();
+    file.take(size)
+        .read_to_string(&mut text)
+        .map_err(|e| LoraError::io(&config_path, &e))?;
+    let raw = match serde_json::from_str(&text) {
+        Ok(Value::Object(raw)) => raw,
+        Ok(_) => return PeftConfig::from_json_str(&text),
+        Err(e) => {
+            return Err(LoraError::Parse {
+                path: shown,
+                format: "JSON",
+                message: e.to_string(),
+            })
+        }
+    };
+    PeftConfig::from_map(raw, allowed)
+}
+
 /// What the reader requires of one module's factors, checked by the writer too: A (r×in) and
 /// B (out×r) finite, with r the module's rank in the config.
-fn check_module<A: LoraFloat>(
+pub(crate) fn check_module<A: LoraFloat>(
     module: &str,
     a: ArrayView2<'_, A>,
     b: ArrayView2<'_, A>,
@@ -187,18 +213,15 @@ fn check_module<A: LoraFloat>(
     check_finite("lora_A", a)
         .and_then(|()| check_finite("lora_B", b))
         .map_err(|e| e.in_module(module))?;
-    let mismatch = match (a.nrows() == r, b.ncols() == r) {
+    check_ranks(module, a.shape(), b.shape(), r)
+}
+
+/// A of shape `a` (r×in) and B of shape `b` (out×r), r the module's rank in the config.
+pub(crate) fn check_ranks(module: &str, a: &[usize], b: &[usize], r: usize) -> Result<()> {
+    let mismatch = match (a.first() == Some(&r), b.get(1) == Some(&r)) {
         (true, true) => return Ok(()),
-        (false, _) => (
-            "lora_A (rank from the config)",
-            a.shape(),
-            format!("[{r}, _]"),
-        ),
-        (_, false) => (
-            "lora_B (rank from the config)",
-            b.shape(),
-            format!("[_, {r}]"),
-        ),
+        (false, _) => ("lora_A (rank from the config)", a, format!("[{r}, _]")),
+        (_, false) => ("lora_B (rank from the config)", b, format!("[_, {r}]")),
     };
     Err(LoraError::ShapeMismatch {
         what: mismatch.0,
@@ -282,25 +305,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
     /// size the file had when opened is read.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let config_path = dir.join(CONFIG_FILE);
-        let shown = config_path.display().to_string();
-        let (file, size) = open_regular(&config_path)?;
-        check_config_size(&shown, size)?;
-        let mut text = String::new();
-        file.take(size)
-            .read_to_string(&mut text)
-            .map_err(|e| LoraError::io(&config_path, &e))?;
-        let config = PeftConfig::from_json_str(&text).map_err(|e| match e {
-            LoraError::Parse {
-                format, message, ..
-            } => LoraError::Parse {
-                path: shown,
-                format,
-                message,
-            },
-            other => other,
-        })?;
-
+        let config = read_config(dir, &[])?;
         let weights_path = dir.join(WEIGHTS_FILE);
         let bytes = read_file(&weights_path)?;
         Self::from_config_and_bytes(config, &bytes, &weights_path.display().to_string())
@@ -575,15 +580,18 @@ impl<A: LoraFloat> PeftAdapter<A> {
                 .map(|(_, l)| l.config().dropout)
                 .fold(0.0, f64::max);
             let targets: Vec<Value> = entries.iter().map(|(n, _)| Value::from(*n)).collect();
-            PeftConfig::from_map(peft_config_json(
-                r,
-                lora_alpha,
-                use_rslora,
-                dropout,
-                rank_pattern,
-                alpha_pattern,
-                targets,
-            ))
+            PeftConfig::from_map(
+                peft_config_json(
+                    r,
+                    lora_alpha,
+                    use_rslora,
+                    dropout,
+                    rank_pattern,
+                    alpha_pattern,
+                    targets,
+                ),
+                &[],
+            )
         };
         let mut config;
         loop {

@@ -23,7 +23,7 @@ use crate::float::LoraFloat;
 pub const MAX_HEADER_SIZE: u64 = 100_000_000;
 
 /// A [`LoraError::Parse`] about the safetensors file `path`.
-fn parse_error(path: &str, message: String) -> LoraError {
+pub(crate) fn parse_error(path: &str, message: String) -> LoraError {
     LoraError::Parse {
         path: path.to_owned(),
         format: "safetensors",
@@ -64,6 +64,17 @@ pub(crate) fn header_len(first: [u8; 8], file_len: u64, path: &str) -> Result<us
 /// Once this passes, `safetensors::SafeTensors::deserialize` accepts the file without reaching
 /// its own unchecked arithmetic.
 pub(crate) fn check_header(header: &[u8], file_len: u64, path: &str) -> Result<()> {
+    parse_header(header, file_len, path).map(drop)
+}
+
+/// [`check_header`], returning the header's tensors sorted by their data offsets (the order
+/// of their data in the file), each as (name, dtype, shape, data_offsets). The offsets are
+/// relative to the end of the header, as in the file.
+pub(crate) fn parse_header(
+    header: &[u8],
+    file_len: u64,
+    path: &str,
+) -> Result<Vec<(String, TensorInfo)>> {
     let err = |message: String| parse_error(path, message);
     let text = std::str::from_utf8(header).map_err(|e| err(format!("header is not UTF-8: {e}")))?;
     let mut json = serde_json::Deserializer::from_str(text);
@@ -100,11 +111,11 @@ pub(crate) fn check_header(header: &[u8], file_len: u64, path: &str) -> Result<(
                 info.dtype
             )));
         }
-        spans.push((begin, end, name));
+        spans.push((begin, end, name, info));
     }
-    spans.sort_unstable();
+    spans.sort_unstable_by(|x, y| (x.0, x.1, &x.2).cmp(&(y.0, y.1, &y.2)));
     let mut covered = 0usize;
-    for (begin, end, name) in &spans {
+    for (begin, end, name, _) in &spans {
         if *begin != covered {
             return Err(err(format!(
                 "tensor `{name}`: data starts at byte {begin}, expected {covered} (a gap or an \
@@ -122,7 +133,10 @@ pub(crate) fn check_header(header: &[u8], file_len: u64, path: &str) -> Result<(
             "the header describes {data_start} + {covered} bytes, the file has {file_len}"
         )));
     }
-    Ok(())
+    Ok(spans
+        .into_iter()
+        .map(|(_, _, name, info)| (name, info))
+        .collect())
 }
 
 /// [`header_len`] and [`check_header`] on a whole file in memory.
@@ -174,7 +188,7 @@ impl<'de> Visitor<'de> for EntriesVisitor {
 /// size ([`header_len`], [`check_header`]) before the data is allocated, and then exactly the
 /// bytes the header accounts for are read. Allocation failure is an error
 /// ([`LoraError::Io`] with kind `OutOfMemory`), not an abort.
-pub(super) fn read_file(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
     let shown = path.display().to_string();
     let (file, size) = open_regular(path)?;
     let io = |e: std::io::Error| LoraError::io(path, &e);
@@ -230,8 +244,8 @@ fn reserve(bytes: &mut Vec<u8>, extra: usize, path: &Path) -> Result<()> {
 pub(super) type Halves<A> = (Option<Array2<A>>, Option<Array2<A>>);
 
 /// Which factor a tensor key holds.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Factor {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Factor {
     A,
     B,
 }
@@ -254,12 +268,52 @@ fn parse_key(name: &str) -> Option<(&str, Factor)> {
     None
 }
 
+/// What one key of an adapter file holds, for a merge into a whole checkpoint
+/// ([`crate::checkpoint`]), which takes more of PEFT's keys than [`PeftAdapter`](super::PeftAdapter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MergeKey<'a> {
+    /// `<module>.lora_{A,B}[.default].weight`: a factor of an `nn.Linear` (or GPT-2 `Conv1D`).
+    Linear(&'a str, Factor),
+    /// `<module>.lora_embedding_{A,B}[.default]`: a factor of an `nn.Embedding`.
+    Embedding(&'a str, Factor),
+    /// Any other key `base_model.model.<name>`: a whole tensor that replaces the base tensor
+    /// `<name>` (`modules_to_save`, or an embedding PEFT saved with the adapter); a
+    /// `base_layer` component (a module wrapped by a LoRA layer) is dropped from the name.
+    Replacement(String),
+}
+
+/// Classifies an adapter key for a checkpoint merge; `None` for keys without PEFT's prefix or
+/// with an empty path component.
+pub(crate) fn parse_merge_key(name: &str) -> Option<MergeKey<'_>> {
+    if let Some((module, factor)) = parse_key(name) {
+        return Some(MergeKey::Linear(module, factor));
+    }
+    let rest = name.strip_prefix(KEY_PREFIX)?;
+    for (suffix, factor) in [
+        (".lora_embedding_A", Factor::A),
+        (".lora_embedding_B", Factor::B),
+        (".lora_embedding_A.default", Factor::A),
+        (".lora_embedding_B.default", Factor::B),
+    ] {
+        if let Some(module) = rest.strip_suffix(suffix) {
+            if valid_module_name(module) {
+                return Some(MergeKey::Embedding(module, factor));
+            }
+        }
+    }
+    if !valid_module_name(rest) {
+        return None;
+    }
+    let base: Vec<&str> = rest.split('.').filter(|&c| c != "base_layer").collect();
+    Some(MergeKey::Replacement(base.join(".")))
+}
+
 /// Non-empty, dot-separated, no empty component.
 pub(super) fn valid_module_name(module: &str) -> bool {
     !module.is_empty() && module.split('.').all(|c| !c.is_empty())
 }
 
-pub(super) fn key_of(module: &str, factor: Factor) -> String {
+pub(crate) fn key_of(module: &str, factor: Factor) -> String {
     let f = match factor {
         Factor::A => "lora_A",
         Factor::B => "lora_B",
@@ -268,7 +322,7 @@ pub(super) fn key_of(module: &str, factor: Factor) -> String {
 }
 
 /// Decodes a 2-D tensor of dtype F32, F64, F16 or BF16 into `A` (rounding to nearest).
-fn decode<A: LoraFloat>(
+pub(crate) fn decode<A: LoraFloat>(
     name: &str,
     dtype: Dtype,
     shape: &[usize],
@@ -288,34 +342,42 @@ fn decode<A: LoraFloat>(
             got: shape_str(shape),
         });
     }
-    fn each<const N: usize, A: LoraFloat>(data: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<A> {
-        data.chunks_exact(N)
-            .map(|c| {
-                let mut buf = [0u8; N];
-                buf.copy_from_slice(c);
-                A::from_f64_lossy(f(buf))
-            })
-            .collect()
+    let mut values: Vec<A> = Vec::with_capacity(rows * cols);
+    if !for_each_float(dtype, data, |v| values.push(A::from_f64_lossy(v))) {
+        return Err(LoraError::PeftTensor {
+            name: name.to_owned(),
+            expected: "dtype F32, F64, F16 or BF16",
+            got: format!("{dtype:?}"),
+        });
     }
-    let values: Vec<A> = match dtype {
-        Dtype::F32 => each(data, |b| f64::from(f32::from_le_bytes(b))),
-        Dtype::F64 => each(data, f64::from_le_bytes),
-        Dtype::F16 => each(data, |b| half::f16::from_le_bytes(b).to_f64()),
-        Dtype::BF16 => each(data, |b| half::bf16::from_le_bytes(b).to_f64()),
-        other => {
-            return Err(LoraError::PeftTensor {
-                name: name.to_owned(),
-                expected: "dtype F32, F64, F16 or BF16",
-                got: format!("{other:?}"),
-            })
-        }
-    };
     // safetensors has checked that the byte length matches shape × dtype size.
     Array2::from_shape_vec((rows, cols), values).map_err(|_| LoraError::PeftTensor {
         name: name.to_owned(),
         expected: "data whose length matches the shape",
         got: format!("{} bytes", data.len()),
     })
+}
+
+/// Calls `f` with each element of the little-endian `data` of dtype F32, F64, F16 or BF16,
+/// widened to f64 (exactly); returns `false` (without a call) for any other dtype.
+pub(crate) fn for_each_float(dtype: Dtype, data: &[u8], f: impl FnMut(f64)) -> bool {
+    fn each<const N: usize>(data: &[u8], to_f64: impl Fn([u8; N]) -> f64, f: impl FnMut(f64)) {
+        data.chunks_exact(N)
+            .map(|c| {
+                let mut buf = [0u8; N];
+                buf.copy_from_slice(c);
+                to_f64(buf)
+            })
+            .for_each(f);
+    }
+    match dtype {
+        Dtype::F32 => each(data, |b| f64::from(f32::from_le_bytes(b)), f),
+        Dtype::F64 => each(data, f64::from_le_bytes, f),
+        Dtype::F16 => each(data, |b| half::f16::from_le_bytes(b).to_f64(), f),
+        Dtype::BF16 => each(data, |b| half::bf16::from_le_bytes(b).to_f64(), f),
+        _ => return false,
+    }
+    true
 }
 
 /// A tensor to write, in the layout safetensors wants.

@@ -1,0 +1,178 @@
+//! The element types of checkpoint tensors ndlora computes on (F32, F64, BF16, F16): reading
+//! a tensor's little-endian bytes into an owned, aligned `Vec`, viewing it back as bytes, the
+//! conversions PyTorch makes when it copies a tensor into another dtype, and the merge of one
+//! weight in its own element type.
+
+use std::fs::File;
+use std::path::Path;
+
+use ndarray::{ArrayView2, ArrayViewMut2};
+use safetensors::Dtype;
+
+use crate::error::{LoraError, Result};
+use crate::float::LoraFloat;
+use crate::merge::update_weight;
+
+/// A plain float type stored little-endian in safetensors files.
+///
+/// # Safety
+/// Implementors must be plain old data: `Copy`, no padding, no invalid bit patterns, and
+/// `size_of::<Self>()` equal to the dtype's size in bytes, so that a `[Self]` may be viewed
+/// and written as bytes.
+pub(crate) unsafe trait Element: Copy + Default + Send + Sync + 'static {
+    /// The safetensors dtype.
+    const DTYPE: Dtype;
+    /// The value with its bytes reversed (for big-endian hosts).
+    fn swap_bytes(self) -> Self;
+    /// The value PyTorch's `copy_` stores for the f64 `v` (exactly representable values of
+    /// the source dtypes F32, F16, BF16 and F64 go through f64 unchanged): round to nearest
+    /// even; to the half types through f32 first, as `c10::BFloat16(float)` and
+    /// `c10::Half(float)` do.
+    fn from_f64_torch(v: f64) -> Self;
+}
+
+// SAFETY: f32 is 4 bytes of plain data; every bit pattern is a value.
+unsafe impl Element for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    fn swap_bytes(self) -> Self {
+        f32::from_bits(self.to_bits().swap_bytes())
+    }
+    fn from_f64_torch(v: f64) -> Self {
+        v as f32
+    }
+}
+
+// SAFETY: f64 is 8 bytes of plain data; every bit pattern is a value.
+unsafe impl Element for f64 {
+    const DTYPE: Dtype = Dtype::F64;
+    fn swap_bytes(self) -> Self {
+        f64::from_bits(self.to_bits().swap_bytes())
+    }
+    fn from_f64_torch(v: f64) -> Self {
+        v
+    }
+}
+
+// SAFETY: bf16 is a `#[repr(transparent)]` u16; every bit pattern is a value.
+unsafe impl Element for half::bf16 {
+    const DTYPE: Dtype = Dtype::BF16;
+    fn swap_bytes(self) -> Self {
+        half::bf16::from_bits(self.to_bits().swap_bytes())
+    }
+    fn from_f64_torch(v: f64) -> Self {
+        half::bf16::from_f32(v as f32)
+    }
+}
+
+// SAFETY: f16 is a `#[repr(transparent)]` u16; every bit pattern is a value.
+unsafe impl Element for half::f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    fn swap_bytes(self) -> Self {
+        half::f16::from_bits(self.to_bits().swap_bytes())
+    }
+    fn from_f64_torch(v: f64) -> Self {
+        half::f16::from_f32(v as f32)
+    }
+}
+
+/// `len` zeroed elements, or [`LoraError::Io`] with kind `OutOfMemory` naming `path` (a
+/// checkpoint's largest tensor may not fit, which must be an error, not an abort).
+pub(crate) fn zeroed<A: Element>(len: usize, path: &Path) -> Result<Vec<A>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|e| LoraError::Io {
+        path: path.display().to_string(),
+        kind: std::io::ErrorKind::OutOfMemory,
+        message: format!("cannot allocate {len} elements: {e}"),
+    })?;
+    v.resize(len, A::default());
+    Ok(v)
+}
+
+/// The elements' memory as bytes.
+pub(crate) fn bytes_of<A: Element>(v: &[A]) -> &[u8] {
+    // SAFETY: `Element` types are plain data without padding (the trait's contract); the
+    // slice covers exactly the `size_of_val(v)` bytes of `v`, borrowed for `v`'s lifetime.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// The elements' memory as writable bytes.
+fn bytes_of_mut<A: Element>(v: &mut [A]) -> &mut [u8] {
+    // SAFETY: as in `bytes_of`; in addition every bit pattern is a valid `A` (the trait's
+    // contract), so any bytes written through the view leave valid elements.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Reads `v.len()` little-endian elements from `file` at byte `offset` into `v` (with
+/// `pread`, so the file's position is not used and the file is never mapped).
+pub(crate) fn read_elements<A: Element>(
+    file: &File,
+    offset: u64,
+    v: &mut [A],
+) -> std::io::Result<()> {
+    super::io::read_exact_at(file, bytes_of_mut(v), offset)?;
+    if cfg!(target_endian = "big") {
+        v.iter_mut().for_each(|x| *x = x.swap_bytes());
+    }
+    Ok(())
+}
+
+/// Fills `out` from little-endian `bytes` of `W`s (as many as both hold).
+pub(crate) fn copy_le_bytes<A: Element>(bytes: &[u8], out: &mut [A]) {
+    let dst = bytes_of_mut(out);
+    let n = dst.len().min(bytes.len());
+    dst[..n].copy_from_slice(&bytes[..n]);
+    if cfg!(target_endian = "big") {
+        out.iter_mut().for_each(|x| *x = x.swap_bytes());
+    }
+}
+
+/// Puts `v` in little-endian byte order (a no-op on little-endian hosts), for writing.
+pub(crate) fn to_little_endian<A: Element>(v: &mut [A]) {
+    if cfg!(target_endian = "big") {
+        v.iter_mut().for_each(|x| *x = x.swap_bytes());
+    }
+}
+
+/// A weight type a LoRA update can be merged into, with the float type PEFT forms ΔW in
+/// (`Factor`: f32 for F32, BF16 and F16 weights, f64 for F64 ones).
+pub(crate) trait Weight: Element + LoraFloat {
+    /// The float type of the factors and of ΔW.
+    type Factor: LoraFloat;
+    /// W ← W + α·B A, checked (see `merge::update_weight`); W unchanged on error.
+    fn update(
+        w: ArrayViewMut2<'_, Self>,
+        a: ArrayView2<'_, Self::Factor>,
+        b: ArrayView2<'_, Self::Factor>,
+        alpha: Self::Factor,
+        operation: &'static str,
+    ) -> Result<()>;
+}
+
+impl Weight for f32 {
+    type Factor = f32;
+    fn update(
+        w: ArrayViewMut2<'_, Self>,
+        a: ArrayView2<'_, f32>,
+        b: ArrayView2<'_, f32>,
+        alpha: f32,
+        operation: &'static str,
+    ) -> Result<()> {
+        // An infinite bound makes the update measure max|W| itself (one read of W).
+        let mut bound = f64::INFINITY;
+        update_weight(w, &mut bound, a, b, alpha, operation)
+    }
+}
+
+impl Weight for f64 {
+    type Factor = f64;
+    fn update(
+        w: ArrayViewMut2<'_, Self>,
+        a: ArrayView2<'_, f64>,
+        b: ArrayView2<'_, f64>,
+        alpha: f64,
+        operation: &'static str,
+    ) -> Result<()> {
+        let mut bound = f64::INFINITY;
+        update_weight(w, &mut bound, a, b, alpha, operation)
+    }
+}

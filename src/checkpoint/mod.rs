@@ -1,0 +1,600 @@
+//! Whole safetensors checkpoints: fold a PEFT LoRA adapter into a base model's weights (or
+//! take it out again), streaming tensor by tensor, with PEFT's numbers.
+//!
+//! [`merge`] reads a base checkpoint — one `.safetensors` file, or a directory with
+//! `model.safetensors.index.json` and its shards (or `model.safetensors`) — and a PEFT adapter
+//! directory, and writes to a new directory what PEFT's
+//! `PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(out)` would
+//! hold, with the base's layout:
+//!
+//! * the same shard files, with the same tensors (names, dtypes, shapes) in the same order of
+//!   data, and the base's index file; safetensors metadata `{"format": "pt"}`;
+//! * every module the adapter's keys name (`base_model.model.<module>.lora_A.weight`, …) merged
+//!   into the base tensor `<module>.weight`, with the module's own r and α (`rank_pattern`,
+//!   `alpha_pattern`) and rsLoRA: W ← W + s·B A for `nn.Linear`, W ← W + s·(B A)ᵀ for
+//!   embeddings (`lora_embedding_A/B`) and with `fan_in_fan_out` (GPT-2's `Conv1D`, weights
+//!   stored in×out) — both as a rank-r update with the factors' roles swapped, no d×k
+//!   temporary ([`ModuleKind`]);
+//! * whole tensors in the adapter (`modules_to_save`) in place of the base's, converted to the
+//!   base dtype as PyTorch's `copy_` does;
+//! * every other tensor copied byte for byte, and the directory's other files (config,
+//!   tokenizer, …) copied; files in subdirectories and weight files that are not part of the
+//!   checkpoint (`*.bin`, `*.pt`, …, a stray `.safetensors`) are left out and listed in the
+//!   [`MergeSummary`].
+//!
+//! Before a byte is written, [`plan`] checks the whole job: every module's base tensor exists
+//! with the right shape and a float dtype, every factor is finite in the float type it is used
+//! in, and the adapter asks for nothing ndlora does not implement (DoRA, LoRA biases, other
+//! `peft_type`s, … are refused as by [`PeftAdapter::load`](crate::peft::PeftAdapter::load)).
+//!
+//! ## Numbers
+//!
+//! As PEFT on a CPU: ΔW is formed in f32 (the factors are f32 in PEFT, also for BF16 and F16
+//! weights; f64 for F64 weights) and added to the weight with one rounding into its dtype.
+//! ndlora's update is `merge::update_weight`, the one [`LoraLayer::merge`](crate::LoraLayer::merge)
+//! runs: it refuses an update that would overflow a weight to ±∞ (naming the tensor) rather
+//! than write it. [`Operation::Unmerge`] subtracts the same ΔW (W ← W − s·B A); in half
+//! precision that does not give back the base bit for bit, since W + ΔW was rounded to 8 (BF16)
+//! or 11 (F16) significant bits: expect differences of an ulp of |W + ΔW| where ΔW is not
+//! small against W. An adapter with `modules_to_save` tensors cannot be unmerged (the base's
+//! tensors they replaced are gone) and is refused.
+//!
+//! ## Streaming and memory
+//!
+//! Tensors are processed one at a time, in each shard's order: a tensor the adapter does not
+//! touch is copied from file to file (by the kernel, `copy_file_range`, on Linux); a merged one
+//! is read into memory, updated in place and handed to a writer thread, which writes each output
+//! file sequentially through a buffered writer while the next tensor is read and merged. Peak
+//! memory is the adapter's file plus about twice the largest merged tensor, whatever the
+//! checkpoint's size. The matrix work uses [`set_blas_threads`](crate::set_blas_threads)
+//! threads.
+//!
+//! ## Files from elsewhere
+//!
+//! Inputs are untrusted, as for adapter files ([`peft`](crate::peft)'s *Hostile files*): regular
+//! files only, each safetensors header checked against its file's size with overflow-checked
+//! arithmetic before any tensor data is read or any memory sized by it is allocated, index files
+//! bounded ([`MAX_INDEX_SIZE`]) and their shard names plain file names. Every failure is a
+//! [`LoraError`] naming the file and, where there is one, the tensor
+//! ([`LoraError::InTensor`]); no input makes it panic.
+//!
+//! Inputs are read with `pread`, never memory-mapped: a file that another process truncates
+//! while it is read gives an I/O error naming it (a mapped file would raise `SIGBUS` and kill
+//! the process). A file that is rewritten in place (not truncated) while it is read may give
+//! a mix of old and new bytes, as with any reader.
+//!
+//! ## Output
+//!
+//! Everything is written into a new temporary directory beside `out` (`.ndlora-*`), synced to
+//! disk ([`MergeOptions::sync`]), and renamed to `out` at the end, so a failure (a bad adapter,
+//! a full disk, an error in the middle) leaves no `out` that looks complete: the temporary
+//! directory is removed on error. (A process killed outright, e.g. by `SIGKILL` or an unhandled
+//! Ctrl-C, leaves the hidden `.ndlora-*` directory, never `out`.) An existing `out` is refused
+//! unless [`MergeOptions::force`]; then it is replaced only once the new one is complete, and
+//! never when it contains the base or the adapter.
+//!
+//! ## Example
+//!
+//! ```
+//! use ndlora::checkpoint::{merge, MergeOptions, Operation};
+//!
+//! let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/checkpoint/llama_bf16_r8");
+//! let out = std::env::temp_dir().join(format!("ndlora-ckpt-doc-{}", std::process::id()));
+//! let options = MergeOptions { sync: false, ..MergeOptions::default() };
+//! let summary = merge(
+//!     format!("{fixture}/base"),
+//!     format!("{fixture}/adapter"),
+//!     &out,
+//!     &options,
+//!     &mut |_progress| {},
+//! )?;
+//! assert_eq!((summary.merged, summary.replaced, summary.copied), (14, 0, 7));
+//! assert!(out.join("model.safetensors.index.json").exists());
+//! # std::fs::remove_dir_all(&out).ok();
+//! # Ok::<(), ndlora::LoraError>(())
+//! ```
+
+mod adapter;
+mod element;
+mod io;
+mod plan;
+mod reader;
+mod writer;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use ndarray::ArrayViewMut2;
+use safetensors::Dtype;
+
+pub use adapter::{AdapterModule, AdapterTensor, CheckpointAdapter, ModuleKind};
+pub use plan::{plan, Plan, PlanEntry};
+pub use reader::{Checkpoint, TensorInfo, INDEX_FILE, MAX_INDEX_SIZE, SINGLE_FILE};
+
+use crate::error::{LoraError, Result};
+use crate::peft::open_regular;
+use element::{read_elements, to_little_endian, zeroed, Element, Weight};
+use plan::TensorAction;
+use reader::{Entry, Shard};
+use writer::{header, Job};
+
+/// Whether [`merge`] adds the adapter's update to the base or subtracts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Operation {
+    /// W ← W + s·B A (PEFT's `merge_and_unload`).
+    #[default]
+    Merge,
+    /// W ← W − s·B A: a merged checkpoint back to (nearly) its base; see the module docs for
+    /// the round-off this leaves in half precision.
+    Unmerge,
+}
+
+impl Operation {
+    /// `"merge"` or `"unmerge"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Merge => "merge",
+            Self::Unmerge => "unmerge",
+        }
+    }
+}
+
+/// How [`merge`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeOptions {
+    /// Add or subtract the update.
+    pub operation: Operation,
+    /// Replace an existing output path (only once the new output is complete, and never one
+    /// that contains the base or the adapter). Default `false`: an existing path is refused.
+    pub force: bool,
+    /// Sync every output file and the directory to disk before the output is renamed into
+    /// place (default `true`), so that a complete-looking output is complete after a power
+    /// failure too.
+    pub sync: bool,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        Self {
+            operation: Operation::Merge,
+            force: false,
+            sync: true,
+        }
+    }
+}
+
+/// How far a [`merge`] has come, reported after each tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Tensors handed to the writer so far.
+    pub tensors_done: usize,
+    /// Tensors in the checkpoint.
+    pub tensors_total: usize,
+    /// Tensor bytes handed to the writer so far.
+    pub bytes_done: u64,
+    /// Tensor bytes in the checkpoint.
+    pub bytes_total: u64,
+    /// The tensor just done.
+    pub tensor: String,
+}
+
+/// What a [`merge`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeSummary {
+    /// Tensors the adapter's update was merged into (or taken out of).
+    pub merged: usize,
+    /// Tensors replaced by the adapter's (`modules_to_save`).
+    pub replaced: usize,
+    /// Tensors copied unchanged.
+    pub copied: usize,
+    /// Bytes written: tensor data and headers of the safetensors files.
+    pub bytes: u64,
+    /// The other files copied (config, tokenizer, index, …).
+    pub files: Vec<String>,
+    /// Entries of the base directory left out: subdirectories, files that are not regular and
+    /// weight files that are not part of the checkpoint.
+    pub skipped: Vec<String>,
+    /// Wall time, in seconds.
+    pub seconds: f64,
+}
+
+/// File extensions of weights in other formats (or of stray safetensors files): not copied,
+/// since the merge does not change them and an unmerged copy beside the merged checkpoint
+/// would be taken for part of it.
+const WEIGHT_EXTENSIONS: &[&str] = &[
+    "safetensors",
+    "bin",
+    "pt",
+    "pth",
+    "ckpt",
+    "gguf",
+    "h5",
+    "msgpack",
+    "onnx",
+    "npz",
+];
+
+/// Merges the PEFT adapter in the directory `adapter` into the checkpoint `base` (a
+/// `.safetensors` file or a checkpoint directory) and writes the result to the new directory
+/// `out` (see the [module docs](self)). `progress` is called after each tensor.
+///
+/// Errors (each naming the file and tensor at fault; `out` is left as it was): anything
+/// [`Checkpoint::open`], [`CheckpointAdapter::open`] or [`Plan::check`] refuses;
+/// [`LoraError::OutputExists`] for an existing `out` without [`MergeOptions::force`], or one
+/// that contains an input; [`LoraError::WouldOverflow`] (in an [`LoraError::InTensor`]) for an
+/// update that would make a weight infinite; [`LoraError::PeftUnsupported`] for an unmerge of
+/// an adapter with `modules_to_save` tensors; [`LoraError::Io`] for a failed read or write
+/// (a full disk, an input truncated meanwhile, …).
+pub fn merge(
+    base: impl AsRef<Path>,
+    adapter: impl AsRef<Path>,
+    out: impl AsRef<Path>,
+    options: &MergeOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MergeSummary> {
+    let start = Instant::now();
+    let (base, adapter, out) = (base.as_ref(), adapter.as_ref(), out.as_ref());
+    check_out(out, &[base, adapter], options.force)?;
+    let checkpoint = Checkpoint::open(base)?;
+    let adapter = CheckpointAdapter::open(adapter)?;
+    let plan = plan(&checkpoint, &adapter);
+    plan.check()?;
+    if options.operation == Operation::Unmerge {
+        if let Some((tensor, t)) = adapter.replacements().iter().next() {
+            return Err(LoraError::PeftUnsupported {
+                field: "modules_to_save".into(),
+                got: format!("`{}` replaces `{tensor}`", t.key),
+                supported: "merge only: an unmerge cannot restore the base tensors the \
+                            adapter replaced",
+            });
+        }
+    }
+
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| LoraError::io(&parent, &e))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".ndlora-");
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o777));
+    let temp = builder
+        .tempdir_in(&parent)
+        .map_err(|e| LoraError::io(&parent, &e))?;
+
+    let mut summary = MergeSummary {
+        merged: 0,
+        replaced: 0,
+        copied: 0,
+        bytes: 0,
+        files: Vec::new(),
+        skipped: Vec::new(),
+        seconds: 0.0,
+    };
+    write_shards(
+        &checkpoint,
+        &adapter,
+        &plan,
+        temp.path(),
+        options,
+        &mut summary,
+        progress,
+    )?;
+    copy_other_files(&checkpoint, temp.path(), options.sync, &mut summary)?;
+    if options.sync {
+        sync_dir(temp.path())?;
+    }
+    replace_out(temp, out, options.force, &parent)?;
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Refuses an existing `out` unless `force`, and always one that contains an input.
+fn check_out(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
+    if std::fs::symlink_metadata(out).is_err() {
+        return Ok(());
+    }
+    if !force {
+        return Err(LoraError::OutputExists {
+            path: out.display().to_string(),
+            reason: "exists (pass --force / MergeOptions::force to replace it)",
+        });
+    }
+    let out_real = std::fs::canonicalize(out).map_err(|e| LoraError::io(out, &e))?;
+    for input in inputs {
+        if let Ok(real) = std::fs::canonicalize(input) {
+            if real.starts_with(&out_real) {
+                return Err(LoraError::OutputExists {
+                    path: out.display().to_string(),
+                    reason: "contains an input of the merge (the base or the adapter) and \
+                             cannot be replaced by its output",
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Renames the finished `temp` to `out`; an existing `out` (with `force`) is first moved into
+/// another temporary directory, removed once the new one is in place.
+fn replace_out(temp: tempfile::TempDir, out: &Path, force: bool, parent: &Path) -> Result<()> {
+    let trash = if force && std::fs::symlink_metadata(out).is_ok() {
+        let trash = tempfile::Builder::new()
+            .prefix(".ndlora-old-")
+            .tempdir_in(parent)
+            .map_err(|e| LoraError::io(parent, &e))?;
+        std::fs::rename(out, trash.path().join("old")).map_err(|e| LoraError::io(out, &e))?;
+        Some(trash)
+    } else {
+        None
+    };
+    let path = temp.keep();
+    if let Err(e) = std::fs::rename(&path, out) {
+        std::fs::remove_dir_all(&path).ok();
+        if let Some(trash) = &trash {
+            // Put the old output back.
+            std::fs::rename(trash.path().join("old"), out).ok();
+        }
+        return Err(LoraError::io(out, &e));
+    }
+    drop(trash);
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LoraError::io(dir, &e))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Writes every shard of `checkpoint` into `dir`, merging as `plan` says.
+fn write_shards(
+    checkpoint: &Checkpoint,
+    adapter: &CheckpointAdapter,
+    plan: &Plan,
+    dir: &Path,
+    options: &MergeOptions,
+    summary: &mut MergeSummary,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<()> {
+    let entries = || checkpoint.shards.iter().flat_map(|s| s.entries.iter());
+    let mut state = Progress {
+        tensors_done: 0,
+        tensors_total: entries().count(),
+        bytes_done: 0,
+        bytes_total: entries().map(|e| e.end - e.begin).sum(),
+        tensor: String::new(),
+    };
+    // A rendezvous channel: the writer writes one tensor while this thread reads and merges
+    // the next, and no more than these two are in memory.
+    let (send, jobs) = sync_channel::<Job<'_>>(0);
+    std::thread::scope(|scope| {
+        let writer = std::thread::Builder::new()
+            .name("ndlora-writer".into())
+            .spawn_scoped(scope, move || writer::run(jobs, options.sync))
+            .map_err(|e| LoraError::io(dir, &e))?;
+        let produced = (|| -> Result<()> {
+            for shard in &checkpoint.shards {
+                let path = dir.join(&shard.name);
+                let header = header(shard, &path)?;
+                summary.bytes += header.len() as u64;
+                if send.send(Job::Create { path, header }).is_err() {
+                    return Ok(()); // the writer failed: its error is returned below
+                }
+                for entry in &shard.entries {
+                    let job = tensor_job(shard, entry, adapter, plan, options.operation, summary)?;
+                    if send.send(job).is_err() {
+                        return Ok(());
+                    }
+                    summary.bytes += entry.end - entry.begin;
+                    state.tensors_done += 1;
+                    state.bytes_done += entry.end - entry.begin;
+                    state.tensor.clone_from(&entry.name);
+                    progress(&state);
+                }
+                if send.send(Job::Finish).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        })();
+        drop(send);
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(LoraError::Io {
+                path: dir.display().to_string(),
+                kind: std::io::ErrorKind::Other,
+                message: "the writer thread panicked".into(),
+            })
+        });
+        // A failure here comes first; else the writer's.
+        produced.and(written)
+    })
+}
+
+/// The writer's job for one tensor: copy it, or its new bytes.
+fn tensor_job<'a>(
+    shard: &'a Shard,
+    entry: &Entry,
+    adapter: &CheckpointAdapter,
+    plan: &Plan,
+    operation: Operation,
+    summary: &mut MergeSummary,
+) -> Result<Job<'a>> {
+    let Some(action) = plan.action(&entry.name) else {
+        summary.copied += 1;
+        return Ok(Job::Copy {
+            src: shard,
+            offset: entry.begin,
+            len: entry.end - entry.begin,
+            tensor: entry.name.clone(),
+        });
+    };
+    let in_tensor = |e: LoraError| e.in_tensor(&shard.shown(), &entry.name);
+    let bytes = match (entry.dtype, action.module) {
+        (Dtype::F32, _) => new_tensor::<f32>(shard, entry, adapter, action, operation),
+        (Dtype::F64, _) => new_tensor::<f64>(shard, entry, adapter, action, operation),
+        (Dtype::BF16, None) => replaced::<half::bf16>(shard, entry, adapter, action),
+        (Dtype::F16, None) => replaced::<half::f16>(shard, entry, adapter, action),
+        // Any other dtype: the plan allows only a replacement of the same dtype.
+        (_, None) => match &action.replacement {
+            Some(t) => Ok(Box::new(adapter.data(t).to_vec()) as Box<_>),
+            None => Err(plan::unsupported_weight(entry.dtype, &entry.shape)),
+        },
+        (other, Some(_)) => Err(plan::unsupported_weight(other, &entry.shape)),
+    }
+    .map_err(in_tensor)?;
+    if action.module.is_some() {
+        summary.merged += 1;
+    }
+    if action.replacement.is_some() {
+        summary.replaced += 1;
+    }
+    Ok(Job::Data {
+        bytes,
+        tensor: entry.name.clone(),
+    })
+}
+
+/// A tensor replaced by the adapter's, converted to `W`.
+fn replaced<'a, W: Element>(
+    shard: &Shard,
+    entry: &Entry,
+    adapter: &CheckpointAdapter,
+    action: &TensorAction,
+) -> Result<Box<dyn writer::TensorBytes + 'a>> {
+    let mut data: Vec<W> = zeroed(entry_len(&entry.shape), &shard.path)?;
+    if let Some(t) = &action.replacement {
+        plan::replacement_into(adapter, t, &mut data);
+    }
+    to_little_endian(&mut data);
+    Ok(Box::new(data))
+}
+
+/// A tensor's new elements: the base's (or the replacement's), with the module's update.
+fn new_tensor<'a, W: Weight>(
+    shard: &Shard,
+    entry: &Entry,
+    adapter: &CheckpointAdapter,
+    action: &TensorAction,
+    operation: Operation,
+) -> Result<Box<dyn writer::TensorBytes + 'a>> {
+    let mut data: Vec<W> = zeroed(entry_len(&entry.shape), &shard.path)?;
+    match &action.replacement {
+        Some(t) => plan::replacement_into(adapter, t, &mut data),
+        None => read_elements(&shard.file, shard.data_start + entry.begin, &mut data)
+            .map_err(|e| LoraError::io(&shard.path, &e))?,
+    }
+    if let Some(m) = action.module {
+        let module = &adapter.modules()[m];
+        let (a, b) = adapter.factors::<W::Factor>(module)?;
+        let sign = match operation {
+            Operation::Merge => 1.0,
+            Operation::Unmerge => -1.0,
+        };
+        let alpha = <W::Factor as crate::LoraFloat>::from_f64_lossy(sign * module.scaling);
+        let &[rows, cols] = &entry.shape[..] else {
+            return Err(plan::unsupported_weight(entry.dtype, &entry.shape));
+        };
+        let w = ArrayViewMut2::from_shape((rows, cols), &mut data[..])
+            .map_err(|_| plan::unsupported_weight(entry.dtype, &entry.shape))?;
+        if module.kind.is_transposed() {
+            // (B A)ᵀ = Aᵀ Bᵀ: the update with B' = Aᵀ (in×r) and A' = Bᵀ (r×out).
+            let a_t = b.t().as_standard_layout().into_owned();
+            let b_t = a.t().as_standard_layout().into_owned();
+            W::update(w, a_t.view(), b_t.view(), alpha, operation.name())?;
+        } else {
+            W::update(w, a.view(), b.view(), alpha, operation.name())?;
+        }
+    }
+    to_little_endian(&mut data);
+    Ok(Box::new(data))
+}
+
+/// A tensor's element count (the header check has proved that it fits).
+fn entry_len(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Copies the base directory's other files into `dir` (the index from the bytes read at
+/// open); records what was copied and what was left out.
+fn copy_other_files(
+    checkpoint: &Checkpoint,
+    dir: &Path,
+    sync: bool,
+    summary: &mut MergeSummary,
+) -> Result<()> {
+    let Some(base_dir) = &checkpoint.dir else {
+        return Ok(());
+    };
+    let write = |name: &str, bytes: &[u8]| -> Result<()> {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(|e| LoraError::io(&path, &e))
+    };
+    if let Some(index) = &checkpoint.index {
+        write(INDEX_FILE, index)?;
+        summary.files.push(INDEX_FILE.to_owned());
+    }
+    let shards: BTreeSet<&str> = checkpoint.files().into_iter().collect();
+    let listing = std::fs::read_dir(base_dir).map_err(|e| LoraError::io(base_dir, &e))?;
+    let mut names = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(|e| LoraError::io(base_dir, &e))?;
+        names.push(entry.file_name());
+    }
+    names.sort();
+    for name in names {
+        let shown = name.to_string_lossy().into_owned();
+        let Some(name) = name.to_str() else {
+            summary.skipped.push(shown);
+            continue;
+        };
+        if shards.contains(name) || name == INDEX_FILE {
+            continue;
+        }
+        let path = base_dir.join(name);
+        let is_file = std::fs::metadata(&path).is_ok_and(|m| m.is_file());
+        let extension = Path::new(name)
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        let weights = extension.is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e.as_str()));
+        if !is_file || weights {
+            summary.skipped.push(shown);
+            continue;
+        }
+        let (mut src, _) = open_regular(&path)?;
+        let target = dir.join(name);
+        let mut dst = std::fs::File::create(&target).map_err(|e| LoraError::io(&target, &e))?;
+        std::io::copy(&mut src, &mut dst).map_err(|e| LoraError::io(&target, &e))?;
+        if sync {
+            dst.sync_all().map_err(|e| LoraError::io(&target, &e))?;
+        }
+        summary.files.push(shown);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::element::Element;
+
+    #[test]
+    fn torch_conversions_round_through_f32_into_half_types() {
+        // 1 + 2⁻⁸ + 2⁻³⁰: to nearest in bf16 directly is 1 + 2⁻⁷; through f32 (ties to even
+        // at 1 + 2⁻⁸) it is 1.0, which is what PyTorch stores.
+        let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-30);
+        assert_eq!(half::bf16::from_f64_torch(v), half::bf16::from_f32(1.0));
+        assert_eq!(
+            half::bf16::from_f64(v),
+            half::bf16::from_f64(1.0 + 2f64.powi(-7))
+        );
+        assert_eq!(f32::from_f64_torch(v), v as f32);
+    }
+}
