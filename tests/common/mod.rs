@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod alloc;
+pub mod checkpoint;
 pub mod fixtures;
 pub mod layout;
 pub mod micro_ref;
