@@ -561,3 +561,82 @@ fn fixture_adapter_and_base_are_read() {
         assert_eq!(json!([t.file, t.dtype, t.shape]), *info, "{name}");
     }
 }
+
+#[test]
+fn fixture_merge_is_bit_exact_with_peft() {
+    let out = temp_dir("fixture").join("out");
+    let summary = merge(
+        fixture().join("base"),
+        fixture().join("adapter"),
+        &out,
+        &options(),
+        &mut no_progress(),
+    )
+    .unwrap();
+    assert_eq!(
+        (summary.merged, summary.replaced, summary.copied),
+        (14, 0, 7)
+    );
+    assert_eq!(
+        summary.files,
+        [
+            "model.safetensors.index.json",
+            "config.json",
+            "generation_config.json"
+        ]
+    );
+    let base = read_checkpoint(&fixture().join("base"));
+    let peft = read_checkpoint(&fixture().join("merged"));
+    let ours = read_checkpoint(&out);
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        peft.keys().collect::<Vec<_>>()
+    );
+    let (mut elements, mut exact) = (0usize, 0usize);
+    for (name, (file, t)) in &ours {
+        // The base's shard layout (PEFT's output has its own).
+        assert_eq!(file, &base[name].0, "{name}");
+        let p = &peft[name].1;
+        assert_eq!((t.dtype, &t.shape), (Dtype::BF16, &p.shape), "{name}");
+        if !name.ends_with("_proj.weight") {
+            assert_eq!(t.data, base[name].1.data, "{name}: untouched");
+            assert_eq!(t.data, p.data, "{name}: as PEFT");
+            continue;
+        }
+        assert_ne!(t.data, base[name].1.data, "{name}: merged");
+        for (x, y) in t.data.chunks_exact(2).zip(p.data.chunks_exact(2)) {
+            let (x, y) = (
+                u16::from_le_bytes([x[0], x[1]]),
+                u16::from_le_bytes([y[0], y[1]]),
+            );
+            elements += 1;
+            exact += usize::from(x == y);
+            // Within one ulp: adjacent bf16 values of one sign differ by 1 in their bits.
+            assert!(
+                x.abs_diff(y) <= 1 && (x ^ y) & 0x8000 == 0,
+                "{name}: {x:#06x} vs {y:#06x}"
+            );
+        }
+    }
+    println!("{exact} of {elements} merged elements bit-exact with PEFT");
+    assert_eq!(elements, 61_440);
+    assert!(
+        exact as f64 >= 0.9999 * elements as f64,
+        "{exact} of {elements}"
+    );
+    for file in [
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(file)).unwrap(),
+            std::fs::read(fixture().join("base").join(file)).unwrap()
+        );
+    }
+    for file in Checkpoint::open(&out).unwrap().files() {
+        let (_, meta) = layout(&out.join(file));
+        assert_eq!(meta, Some(BTreeMap::from([("format".into(), "pt".into())])));
+    }
+    std::fs::remove_dir_all(out.parent().unwrap()).ok();
+}

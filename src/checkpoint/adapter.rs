@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use ndarray::Array2;
 use safetensors::Dtype;
 
+use super::element::is_float;
 use super::reader::dtype_name;
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
@@ -313,10 +314,7 @@ fn missing(module: &str, kind: ModuleKind, factor: Factor) -> LoraError {
 
 /// A factor must be a non-empty 2-D tensor of a float dtype.
 fn check_factor_kind(t: &AdapterTensor) -> Result<()> {
-    if !matches!(
-        t.raw_dtype,
-        Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16
-    ) {
+    if !is_float(t.raw_dtype) {
         return Err(LoraError::PeftTensor {
             name: t.key.clone(),
             expected: "dtype F32, F64, F16 or BF16",

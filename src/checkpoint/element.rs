@@ -75,6 +75,12 @@ unsafe impl Element for half::f16 {
     }
 }
 
+/// Whether `dtype` is one of the [`Element`] types (the dtypes ndlora merges into and
+/// converts between).
+pub(crate) fn is_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16)
+}
+
 /// `len` zeroed elements, or [`LoraError::Io`] with kind `OutOfMemory` naming `path` (a
 /// checkpoint's largest tensor may not fit, which must be an error, not an abort).
 pub(crate) fn zeroed<A: Element>(len: usize, path: &Path) -> Result<Vec<A>> {
@@ -133,46 +139,23 @@ pub(crate) fn to_little_endian<A: Element>(v: &mut [A]) {
     }
 }
 
-/// A weight type a LoRA update can be merged into, with the float type PEFT forms ΔW in
-/// (`Factor`: f32 for F32, BF16 and F16 weights, f64 for F64 ones).
-pub(crate) trait Weight: Element + LoraFloat {
-    /// The float type of the factors and of ΔW.
-    type Factor: LoraFloat;
-    /// W ← W + α·B A, checked (see `merge::update_weight`); W unchanged on error.
-    fn update(
-        w: ArrayViewMut2<'_, Self>,
-        a: ArrayView2<'_, Self::Factor>,
-        b: ArrayView2<'_, Self::Factor>,
-        alpha: Self::Factor,
-        operation: &'static str,
-    ) -> Result<()>;
-}
+/// A weight type a LoRA update can be merged into: a checkpoint element type that is also a
+/// [`LoraFloat`], with the float type PEFT forms ΔW in as its `Factor` (f32 for F32, BF16 and
+/// F16 weights, f64 for F64 ones).
+pub(crate) trait Weight: Element + LoraFloat {}
 
-impl Weight for f32 {
-    type Factor = f32;
-    fn update(
-        w: ArrayViewMut2<'_, Self>,
-        a: ArrayView2<'_, f32>,
-        b: ArrayView2<'_, f32>,
-        alpha: f32,
-        operation: &'static str,
-    ) -> Result<()> {
-        // An infinite bound makes the update measure max|W| itself (one read of W).
-        let mut bound = f64::INFINITY;
-        update_weight(w, &mut bound, a, b, alpha, operation)
-    }
-}
+impl<T: Element + LoraFloat> Weight for T {}
 
-impl Weight for f64 {
-    type Factor = f64;
-    fn update(
-        w: ArrayViewMut2<'_, Self>,
-        a: ArrayView2<'_, f64>,
-        b: ArrayView2<'_, f64>,
-        alpha: f64,
-        operation: &'static str,
-    ) -> Result<()> {
-        let mut bound = f64::INFINITY;
-        update_weight(w, &mut bound, a, b, alpha, operation)
-    }
+/// W ← W + α·B A with PEFT's rounding (ΔW in `W::Factor`, one rounding into `W`), checked
+/// (`merge::update_weight`): an update that would overflow W is refused and W is unchanged.
+pub(crate) fn update<W: Weight>(
+    w: ArrayViewMut2<'_, W>,
+    a: ArrayView2<'_, W::Factor>,
+    b: ArrayView2<'_, W::Factor>,
+    alpha: W::Factor,
+    operation: &'static str,
+) -> Result<()> {
+    // An infinite bound makes the update measure max|W| itself (one read of W).
+    let mut bound = f64::INFINITY;
+    update_weight(w, &mut bound, a, b, alpha, operation)
 }

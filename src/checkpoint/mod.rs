@@ -114,8 +114,9 @@ pub use plan::{plan, Plan, PlanEntry};
 pub use reader::{Checkpoint, TensorInfo, INDEX_FILE, MAX_INDEX_SIZE, SINGLE_FILE};
 
 use crate::error::{LoraError, Result};
+use crate::float::LoraFloat;
 use crate::peft::open_regular;
-use element::{read_elements, to_little_endian, zeroed, Element, Weight};
+use element::{read_elements, to_little_endian, zeroed, Weight};
 use plan::TensorAction;
 use reader::{Entry, Shard};
 use writer::{header, Job};
@@ -440,8 +441,8 @@ fn tensor_job<'a>(
     let bytes = match (entry.dtype, action.module) {
         (Dtype::F32, _) => new_tensor::<f32>(shard, entry, adapter, action, operation),
         (Dtype::F64, _) => new_tensor::<f64>(shard, entry, adapter, action, operation),
-        (Dtype::BF16, None) => replaced::<half::bf16>(shard, entry, adapter, action),
-        (Dtype::F16, None) => replaced::<half::f16>(shard, entry, adapter, action),
+        (Dtype::BF16, _) => new_tensor::<half::bf16>(shard, entry, adapter, action, operation),
+        (Dtype::F16, _) => new_tensor::<half::f16>(shard, entry, adapter, action, operation),
         // Any other dtype: the plan allows only a replacement of the same dtype.
         (_, None) => match &action.replacement {
             Some(t) => Ok(Box::new(adapter.data(t).to_vec()) as Box<_>),
@@ -460,21 +461,6 @@ fn tensor_job<'a>(
         bytes,
         tensor: entry.name.clone(),
     })
-}
-
-/// A tensor replaced by the adapter's, converted to `W`.
-fn replaced<'a, W: Element>(
-    shard: &Shard,
-    entry: &Entry,
-    adapter: &CheckpointAdapter,
-    action: &TensorAction,
-) -> Result<Box<dyn writer::TensorBytes + 'a>> {
-    let mut data: Vec<W> = zeroed(entry_len(&entry.shape), &shard.path)?;
-    if let Some(t) = &action.replacement {
-        plan::replacement_into(adapter, t, &mut data);
-    }
-    to_little_endian(&mut data);
-    Ok(Box::new(data))
 }
 
 /// A tensor's new elements: the base's (or the replacement's), with the module's update.
@@ -498,7 +484,7 @@ fn new_tensor<'a, W: Weight>(
             Operation::Merge => 1.0,
             Operation::Unmerge => -1.0,
         };
-        let alpha = <W::Factor as crate::LoraFloat>::from_f64_lossy(sign * module.scaling);
+        let alpha = <W::Factor as LoraFloat>::from_f64_lossy(sign * module.scaling);
         let &[rows, cols] = &entry.shape[..] else {
             return Err(plan::unsupported_weight(entry.dtype, &entry.shape));
         };
@@ -508,9 +494,9 @@ fn new_tensor<'a, W: Weight>(
             // (B A)ᵀ = Aᵀ Bᵀ: the update with B' = Aᵀ (in×r) and A' = Bᵀ (r×out).
             let a_t = b.t().as_standard_layout().into_owned();
             let b_t = a.t().as_standard_layout().into_owned();
-            W::update(w, a_t.view(), b_t.view(), alpha, operation.name())?;
+            element::update::<W>(w, a_t.view(), b_t.view(), alpha, operation.name())?;
         } else {
-            W::update(w, a.view(), b.view(), alpha, operation.name())?;
+            element::update::<W>(w, a.view(), b.view(), alpha, operation.name())?;
         }
     }
     to_little_endian(&mut data);

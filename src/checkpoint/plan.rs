@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use safetensors::Dtype;
 
 use super::adapter::{AdapterModule, AdapterTensor, CheckpointAdapter, ModuleKind};
-use super::element::{copy_le_bytes, Element};
+use super::element::{copy_le_bytes, is_float, Element};
 use super::reader::Checkpoint;
 use crate::error::{shape_str, LoraError, Result};
 use crate::peft::tensors::for_each_float;
@@ -65,7 +65,7 @@ impl Plan {
 }
 
 /// The dtypes a module's update can be merged into, for errors.
-const WEIGHT_DTYPES: &str = "a 2-D tensor of dtype F32 or F64";
+const WEIGHT_DTYPES: &str = "a 2-D tensor of dtype BF16, F16, F32 or F64";
 
 /// The error for a base tensor a module's update cannot be merged into.
 pub(crate) fn unsupported_weight(dtype: Dtype, shape: &[usize]) -> LoraError {
@@ -152,7 +152,7 @@ fn check_module(
     };
     let in_tensor = |e: LoraError| e.in_tensor(&shard.shown(), tensor);
     let expected = module.base_shape();
-    if entry.shape.len() != 2 || !matches!(entry.dtype, Dtype::F32 | Dtype::F64) {
+    if entry.shape.len() != 2 || !is_float(entry.dtype) {
         return Err(in_tensor(unsupported_weight(entry.dtype, &entry.shape)));
     }
     if entry.shape != expected {
@@ -196,8 +196,7 @@ fn check_replacement(
             got: shape_str(&t.shape),
         }));
     }
-    let float = |d| matches!(d, Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16);
-    if t.raw_dtype != entry.dtype && !(float(t.raw_dtype) && float(entry.dtype)) {
+    if t.raw_dtype != entry.dtype && !(is_float(t.raw_dtype) && is_float(entry.dtype)) {
         return Err(in_tensor(LoraError::TensorKind {
             expected: "the base tensor's dtype (or float dtypes on both sides)",
             got: format!("{} for a {:?} base tensor", t.dtype, entry.dtype),
