@@ -2,7 +2,8 @@
 //! zero sizes, NaN/±∞ in weights, inputs, gradients and learning rates, bad ranks, sizes whose
 //! products overflow `usize`, corrupt serde documents, truncated and bit-flipped safetensors
 //! files and contradictory PEFT configs. One module per subject: `layer`, `model`, `micro`,
-//! `peft`, and `files` (adapter paths that are not regular files, oversized or overflowing
+//! `peft`, `checkpoint` (whole-checkpoint merges: corrupt shards and indexes, mismatched
+//! adapters, output paths), and `files` (adapter paths that are not regular files, oversized or overflowing
 //! headers, unbounded patterns, layers the writer must refuse).
 //!
 //! Each case asserts the specific error variant (with its key fields) and that the value the
@@ -19,6 +20,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod checkpoint;
 mod files;
 mod layer;
 mod micro;
@@ -51,7 +53,8 @@ const TOTAL: usize = LAYER_CONSTRUCT
     + MICRO_SERDE
     + PEFT_CONFIG
     + PEFT_TENSORS_AND_LAYERS
-    + files::CASES;
+    + files::CASES
+    + checkpoint::CASES;
 
 /// A boxed check on an error, for tables of cases.
 type Check = Box<dyn Fn(&LoraError) -> bool>;
@@ -108,5 +111,5 @@ fn nonfinite<A: LoraFloat<Factor = A>>() -> [A; 3] {
 #[test]
 fn catalogue_size() {
     println!("hostile catalogue: {TOTAL} hand-written cases (×2 float types for LoraLayer and LoraModel)");
-    assert_eq!(TOTAL, 351 + 46);
+    assert_eq!(TOTAL, 351 + 46 + 33);
 }
