@@ -14,7 +14,7 @@
 //! ```text
 //! cargo run --release --example merge_checkpoint [-- --dir /path/with/7GB/free]
 //! ```
-//! Nothing is kept: the directory is removed at the end.
+//! Nothing is kept: the directory is removed at the end (unless `--keep`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -165,24 +165,18 @@ fn write_adapter(dir: &Path) -> u64 {
     bytes
 }
 
-#[cfg(not(unix))]
+/// The process's peak resident memory in MB: `VmHWM` of `/proc/self/status` (Linux). Not
+/// `getrusage`'s `ru_maxrss`, which a child keeps from before its `exec` (the parent's
+/// memory at `fork`, here the generator's).
 fn peak_rss_mb() -> f64 {
-    f64::NAN
-}
-
-#[cfg(unix)]
-fn peak_rss_mb() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: `usage` is a valid, writable `rusage`; getrusage fills it or fails.
-    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0;
-    // SAFETY: a zeroed `rusage` (plain integers) is valid, and filled on success.
-    let usage = unsafe { usage.assume_init() };
-    if ok {
-        // KiB on Linux.
-        usage.ru_maxrss as f64 / 1024.0
-    } else {
-        f64::NAN
-    }
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// In the child: one merge, then "seconds peak_rss_mb" on stdout.
@@ -294,5 +288,9 @@ fn main() {
             sync_all();
         }
     }
-    std::fs::remove_dir_all(&root).unwrap();
+    if args.iter().any(|a| a == "--keep") {
+        println!("kept {}", root.display());
+    } else {
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -155,19 +155,12 @@ fn print_summary(s: &MergeSummary, operation: Operation, out: &Path) {
     }
 }
 
-/// The process's peak resident set size in KiB (Linux), if known.
+/// The process's peak resident set size in KiB: `VmHWM` of `/proc/self/status` (Linux; unlike
+/// `getrusage`'s `ru_maxrss` it does not count the parent's memory at `fork`), if known.
 fn peak_rss_kb() -> Option<u64> {
-    #[cfg(target_os = "linux")]
-    {
-        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-        // SAFETY: `usage` is a valid, writable `rusage`; getrusage fills it or fails.
-        let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } == 0;
-        // SAFETY: zero-initialised `rusage` (plain integers) is valid, filled on success.
-        let usage = unsafe { usage.assume_init() };
-        ok.then(|| u64::try_from(usage.ru_maxrss).unwrap_or(0))
-    }
-    #[cfg(not(target_os = "linux"))]
-    None
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    line.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 fn run_inspect(args: InspectArgs) -> Result<ExitCode, LoraError> {
