@@ -14,6 +14,7 @@ mod checks {
     include!("../fuzz/fuzz_targets/checks/layer_serde.rs");
     include!("../fuzz/fuzz_targets/checks/micro_serde.rs");
     include!("../fuzz/fuzz_targets/checks/ops.rs");
+    include!("../fuzz/fuzz_targets/checks/checkpoint.rs");
 }
 
 /// Every file in `fuzz/seeds/<target>/`, sorted so failures reproduce in order.
@@ -43,6 +44,11 @@ fn replay(target: &str, check: fn(&[u8])) {
 #[test]
 fn replay_load() {
     replay("load", checks::check_load);
+}
+
+#[test]
+fn replay_checkpoint() {
+    replay("checkpoint", checks::check_checkpoint);
 }
 
 #[test]

@@ -13,6 +13,14 @@ use ndlora::checkpoint::{
 use ndlora::peft::CONFIG_FILE;
 use ndlora::LoraError;
 
+/// `println!` that ignores a closed stdout (`ndlora inspect … | head`) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "ndlora",
@@ -83,7 +91,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ndlora: error: {e}");
+            eoutln!("ndlora: error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -135,7 +143,7 @@ fn print_summary(s: &MergeSummary, operation: Operation, out: &Path) {
         Operation::Merge => "merged",
         Operation::Unmerge => "unmerged",
     };
-    println!(
+    outln!(
         "{}: {} tensors {verb}, {} replaced, {} copied; {:.1} MB in {:.2} s ({:.0} MB/s); \
          {} other files copied",
         out.display(),
@@ -148,10 +156,10 @@ fn print_summary(s: &MergeSummary, operation: Operation, out: &Path) {
         s.files.len(),
     );
     if !s.skipped.is_empty() {
-        println!("left out of the base directory: {}", s.skipped.join(", "));
+        outln!("left out of the base directory: {}", s.skipped.join(", "));
     }
     if let Some(kb) = peak_rss_kb() {
-        println!("peak resident memory: {:.1} MB", kb as f64 / 1e3);
+        outln!("peak resident memory: {:.1} MB", kb as f64 / 1e3);
     }
 }
 
@@ -179,7 +187,7 @@ fn run_inspect(args: InspectArgs) -> Result<ExitCode, LoraError> {
 
 fn print_adapter(adapter: &CheckpointAdapter) {
     let c = adapter.config();
-    println!(
+    outln!(
         "adapter {}: r {}, lora_alpha {}, use_rslora {}, fan_in_fan_out {}, peft_version {}",
         adapter.dir().display(),
         c.r(),
@@ -195,14 +203,14 @@ fn print_adapter(adapter: &CheckpointAdapter) {
         .values()
         .map(|t| t.shape.iter().product::<usize>())
         .sum();
-    println!(
+    outln!(
         "{} modules, {params} LoRA parameters; {} replacement tensors (modules_to_save), \
          {replaced} parameters",
         modules.len(),
         adapter.replacements().len()
     );
     for m in modules {
-        println!(
+        outln!(
             "  {}  {}  r {}  alpha {}  scaling {}  A {} {:?}  B {} {:?}  {} params",
             m.name,
             m.kind.name(),
@@ -217,9 +225,11 @@ fn print_adapter(adapter: &CheckpointAdapter) {
         );
     }
     for (tensor, t) in adapter.replacements() {
-        println!(
+        outln!(
             "  {tensor}  replaced by {}  {} {:?}",
-            t.key, t.dtype, t.shape
+            t.key,
+            t.dtype,
+            t.shape
         );
     }
 }
@@ -227,7 +237,7 @@ fn print_adapter(adapter: &CheckpointAdapter) {
 fn check_against(adapter: &CheckpointAdapter, base: &Path) -> Result<ExitCode, LoraError> {
     let checkpoint = Checkpoint::open(base)?;
     let plan = plan(&checkpoint, adapter);
-    println!("against {}:", base.display());
+    outln!("against {}:", base.display());
     let mut problems = 0;
     for e in plan.entries() {
         let what = checkpoint
@@ -235,15 +245,15 @@ fn check_against(adapter: &CheckpointAdapter, base: &Path) -> Result<ExitCode, L
             .map(|t| format!("{} {:?} in {}", t.dtype, t.shape, t.file))
             .unwrap_or_else(|| "missing".into());
         match &e.problem {
-            None => println!("  {}  {} → {}  ({what})", e.action, e.source, e.tensor),
+            None => outln!("  {}  {} → {}  ({what})", e.action, e.source, e.tensor),
             Some(p) => {
                 problems += 1;
-                println!("  PROBLEM  {} → {}: {p}", e.source, e.tensor);
+                outln!("  PROBLEM  {} → {}: {p}", e.source, e.tensor);
             }
         }
     }
     let total = checkpoint.tensors().len();
-    println!(
+    outln!(
         "{} of {total} base tensors would change; {problems} problems",
         plan.entries().len() - problems
     );
@@ -263,7 +273,7 @@ fn print_checkpoint(checkpoint: &Checkpoint, list: bool) {
         slot.1 += t.shape.iter().product::<usize>() as u64;
         slot.2 += t.bytes;
     }
-    println!(
+    outln!(
         "checkpoint {}: {} tensors in {} files{}",
         checkpoint.path().display(),
         tensors.len(),
@@ -275,14 +285,14 @@ fn print_checkpoint(checkpoint: &Checkpoint, list: bool) {
         }
     );
     for (dtype, (n, params, bytes)) in &by_dtype {
-        println!(
+        outln!(
             "  {dtype}: {n} tensors, {params} parameters, {:.1} MB",
             *bytes as f64 / 1e6
         );
     }
     if list {
         for t in &tensors {
-            println!("  {}  {} {:?}  {}", t.name, t.dtype, t.shape, t.file);
+            outln!("  {}  {} {:?}  {}", t.name, t.dtype, t.shape, t.file);
         }
     }
 }
