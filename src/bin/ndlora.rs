@@ -91,7 +91,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eoutln!("ndlora: error: {e}");
+            eprintln!("ndlora: error: {e}");
             ExitCode::FAILURE
         }
     }
