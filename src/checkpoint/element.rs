@@ -7,8 +7,10 @@ use std::fs::File;
 use std::path::Path;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
+use num_traits::Float;
 use safetensors::Dtype;
 
+use crate::check::all_finite;
 use crate::error::{LoraError, Result};
 use crate::float::LoraFloat;
 use crate::merge::update_weight;
@@ -158,4 +160,37 @@ pub(crate) fn update<W: Weight>(
     // An infinite bound makes the update measure max|W| itself (one read of W).
     let mut bound = f64::INFINITY;
     update_weight(w, &mut bound, a, b, alpha, operation)
+}
+
+/// W ← W + dtype(α·B A): PEFT's embedding merge (`weight.data += delta_weight.to(orig_dtype)`),
+/// which rounds ΔW to W's type first and the sum again — unlike its `nn.Linear` merge
+/// ([`update`], one rounding). Each ΔWᵢⱼ is the in-order chain of fused multiply-adds over
+/// l = 0…r−1 that PyTorch's product computes on the CPU, times α, so that the first rounding
+/// sees the same value; one row at a time, no d×k temporary. W must be a buffer the caller
+/// discards on error: an update that would leave a non-finite weight is refused after the fact.
+pub(crate) fn update_delta_rounded_first<W: Weight>(
+    mut w: ArrayViewMut2<'_, W>,
+    a: ArrayView2<'_, W::Factor>,
+    b: ArrayView2<'_, W::Factor>,
+    alpha: W::Factor,
+    operation: &'static str,
+) -> Result<()> {
+    let zero = <W::Factor as num_traits::Zero>::zero();
+    let mut acc = vec![zero; w.ncols()];
+    for (mut w_row, b_row) in w.rows_mut().into_iter().zip(b.rows()) {
+        acc.fill(zero);
+        for (&b_il, a_row) in b_row.iter().zip(a.rows()) {
+            for (acc, &a_lj) in acc.iter_mut().zip(a_row.iter()) {
+                *acc = b_il.mul_add(a_lj, *acc);
+            }
+        }
+        for (w, &sum) in w_row.iter_mut().zip(&acc) {
+            let delta = W::from_factor(sum * alpha);
+            *w = W::from_factor(w.to_factor() + delta.to_factor());
+        }
+    }
+    if !all_finite(w.view()) {
+        return Err(LoraError::WouldOverflow { operation });
+    }
+    Ok(())
 }

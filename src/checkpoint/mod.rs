@@ -13,8 +13,8 @@
 //!   into the base tensor `<module>.weight`, with the module's own r and α (`rank_pattern`,
 //!   `alpha_pattern`) and rsLoRA: W ← W + s·B A for `nn.Linear`, W ← W + s·(B A)ᵀ for
 //!   embeddings (`lora_embedding_A/B`) and with `fan_in_fan_out` (GPT-2's `Conv1D`, weights
-//!   stored in×out) — both as a rank-r update with the factors' roles swapped, no d×k
-//!   temporary ([`ModuleKind`]);
+//!   stored in×out) — the transposed ones as the same rank-r update with the factors' roles
+//!   swapped, no d×k temporary ([`ModuleKind`]);
 //! * whole tensors in the adapter (`modules_to_save`) in place of the base's, converted to the
 //!   base dtype as PyTorch's `copy_` does;
 //! * every other tensor copied byte for byte, and the directory's other files (config,
@@ -30,7 +30,9 @@
 //! ## Numbers
 //!
 //! As PEFT on a CPU: ΔW is formed in f32 (the factors are f32 in PEFT, also for BF16 and F16
-//! weights; f64 for F64 weights) and added to the weight with one rounding into its dtype.
+//! weights; f64 for F64 weights) and added to the weight with one rounding into its dtype —
+//! except for embeddings, where PEFT rounds ΔW to the weight's dtype first and the sum again
+//! (`weight.data += delta_weight.to(orig_dtype)`), and so does ndlora.
 //! ndlora's update is `merge::update_weight`, the one [`LoraLayer::merge`](crate::LoraLayer::merge)
 //! runs: it refuses an update that would overflow a weight to ±∞ (naming the tensor) rather
 //! than write it. [`Operation::Unmerge`] subtracts the same ΔW (W ← W − s·B A); in half
@@ -494,7 +496,12 @@ fn new_tensor<'a, W: Weight>(
             // (B A)ᵀ = Aᵀ Bᵀ: the update with B' = Aᵀ (in×r) and A' = Bᵀ (r×out).
             let a_t = b.t().as_standard_layout().into_owned();
             let b_t = a.t().as_standard_layout().into_owned();
-            element::update::<W>(w, a_t.view(), b_t.view(), alpha, operation.name())?;
+            let (a_t, b_t) = (a_t.view(), b_t.view());
+            if module.kind == ModuleKind::Embedding {
+                element::update_delta_rounded_first::<W>(w, a_t, b_t, alpha, operation.name())?;
+            } else {
+                element::update::<W>(w, a_t, b_t, alpha, operation.name())?;
+            }
         } else {
             element::update::<W>(w, a.view(), b.view(), alpha, operation.name())?;
         }
