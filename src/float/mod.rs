@@ -109,6 +109,22 @@ impl LoraFloat for f64 {
     }
 }
 
+/// `v` rounded to f32 toward zero, with the last bit set when that was inexact ("round to
+/// odd"): rounding this f32 to nearest even in a type of ≤ 22 significant bits gives the
+/// correctly rounded value of `v` itself, where rounding through a nearest-even f32 could
+/// round twice the wrong way (and `half`'s own `from_f64` truncates the low bits first).
+fn f32_round_to_odd(v: f64) -> f32 {
+    let mut t = v as f32;
+    if v.is_nan() || f64::from(t) == v {
+        return t;
+    }
+    if f64::from(t).abs() > v.abs() {
+        // Rounded away from zero (possibly to ±∞): one step back toward zero.
+        t = f32::from_bits(t.to_bits() - 1);
+    }
+    f32::from_bits(t.to_bits() | 1)
+}
+
 macro_rules! impl_half_float {
     ($t:ty, $name:literal) => {
         impl LoraFloat for $t {
@@ -116,7 +132,7 @@ macro_rules! impl_half_float {
             const NAME: &'static str = $name;
             #[inline]
             fn from_f64_lossy(v: f64) -> Self {
-                <$t>::from_f64(v)
+                <$t>::from_f32(f32_round_to_odd(v))
             }
             #[inline]
             fn into_f64(self) -> f64 {
@@ -135,3 +151,66 @@ macro_rules! impl_half_float {
 }
 impl_half_float!(bf16, "bf16");
 impl_half_float!(f16, "f16");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The correctly rounded half value of `v`, by brute force over the neighbours of the
+    /// nearest-even f32 rounding.
+    fn nearest<H: LoraFloat + Copy>(
+        v: f64,
+        from_bits: impl Fn(u16) -> H,
+        to_bits: impl Fn(H) -> u16,
+    ) -> H {
+        let guess = to_bits(H::from_f64_lossy(v));
+        let mut best = H::from_f64_lossy(v);
+        for b in [guess.wrapping_sub(1), guess, guess.wrapping_add(1)] {
+            let c = from_bits(b);
+            let (dc, db) = ((c.into_f64() - v).abs(), (best.into_f64() - v).abs());
+            if c.is_finite() && (dc < db || (dc == db && b & 1 == 0)) {
+                best = c;
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn half_from_f64_is_correctly_rounded() {
+        // Values just beside a tie of bf16 / f16 that a nearest-even f32 rounding would turn
+        // into an exact tie (and then round to even, the wrong way).
+        let tie_bf16 = 1.0 + 2f64.powi(-8); // halfway between bf16 1.0 and 1.0 + 2^-7
+        let above = tie_bf16 + 2f64.powi(-40);
+        assert_eq!(bf16::from_f64_lossy(above), bf16::from_bits(0x3f81));
+        assert_eq!(bf16::from_f64_lossy(tie_bf16), bf16::ONE);
+        let below = tie_bf16 - 2f64.powi(-40);
+        assert_eq!(bf16::from_f64_lossy(below), bf16::ONE);
+        let tie_f16 = 1.0 + 2f64.powi(-11);
+        assert_eq!(
+            f16::from_f64_lossy(tie_f16 + 2f64.powi(-40)),
+            f16::from_bits(0x3c01)
+        );
+        assert_eq!(f16::from_f64_lossy(tie_f16), f16::ONE);
+        assert_eq!(bf16::from_f64_lossy(1e300), bf16::INFINITY);
+        assert_eq!(f16::from_f64_lossy(-1e10), f16::NEG_INFINITY);
+        assert!(bf16::from_f64_lossy(f64::NAN).is_nan());
+        // A sweep of random values against the brute-force nearest value.
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = f64::from_bits((x & 0x800f_ffff_ffff_ffff) | (0x3f0u64 + (x >> 60)) << 52);
+            assert_eq!(
+                bf16::from_f64_lossy(v),
+                nearest(v, bf16::from_bits, bf16::to_bits),
+                "{v}"
+            );
+            assert_eq!(
+                f16::from_f64_lossy(v),
+                nearest(v, f16::from_bits, f16::to_bits),
+                "{v}"
+            );
+        }
+    }
+}
