@@ -43,7 +43,7 @@ fn single_blas_thread() {
     ndlora::set_blas_threads(1);
 }
 
-fn layer_forward<A: LoraFloat<Factor = A>>() {
+fn layer_forward<A: LoraFloat>() {
     let (d, k, r) = (65, 130, 8);
     let config = LoraConfig {
         rank: r,
