@@ -4,6 +4,7 @@
 mod common;
 
 use common::{bits, random, random_layer_with, rng};
+use half::{bf16, f16};
 use ndarray::{Array2, Axis};
 use ndlora::peft::PeftAdapter;
 use ndlora::{LoraConfig, LoraFloat, LoraLayer, LoraModel, LoraScratch, MicroLora};
@@ -16,6 +17,12 @@ const _: () = {
     send_sync::<LoraLayer<f64>>();
     send_sync::<LoraModel<f32>>();
     send_sync::<LoraModel<f64>>();
+    send_sync::<LoraLayer<bf16>>();
+    send_sync::<LoraLayer<f16>>();
+    send_sync::<LoraModel<bf16>>();
+    send_sync::<LoraModel<f16>>();
+    send_sync::<PeftAdapter<bf16>>();
+    send_sync::<PeftAdapter<f16>>();
     send_sync::<MicroLora>();
     send_sync::<PeftAdapter<f32>>();
     send_sync::<PeftAdapter<f64>>();
@@ -86,18 +93,33 @@ fn layer_forward<A: LoraFloat>() {
 }
 
 #[test]
-fn layer_forward_is_bit_identical_across_threads() {
+fn layer_forward_is_bit_identical_across_threads_f32() {
     single_blas_thread();
     layer_forward::<f32>();
+}
+
+#[test]
+fn layer_forward_is_bit_identical_across_threads_f64() {
+    single_blas_thread();
     layer_forward::<f64>();
 }
 
 #[test]
-fn model_forward_mixed_is_bit_identical_across_threads() {
+fn layer_forward_is_bit_identical_across_threads_bf16() {
     single_blas_thread();
+    layer_forward::<bf16>();
+}
+
+#[test]
+fn layer_forward_is_bit_identical_across_threads_f16() {
+    single_blas_thread();
+    layer_forward::<f16>();
+}
+
+fn model_forward_mixed<A: LoraFloat>() {
     let mut g = rng(22);
     let (d, k) = (40, 33);
-    let mut model = LoraModel::<f32>::new(random(&mut g, d, k)).unwrap();
+    let mut model = LoraModel::<A>::new(random(&mut g, d, k)).unwrap();
     let cfg = |rank| LoraConfig {
         rank,
         alpha: 3.0,
@@ -116,7 +138,7 @@ fn model_forward_mixed_is_bit_identical_across_threads() {
                 .unwrap()
         })
         .collect();
-    let batches: Vec<(Array2<f32>, Vec<Option<usize>>)> = (0..ROUNDS)
+    let batches: Vec<(Array2<A>, Vec<Option<usize>>)> = (0..ROUNDS)
         .map(|i| {
             let n = 1 + i % 23;
             let rows = (0..n)
@@ -131,12 +153,24 @@ fn model_forward_mixed_is_bit_identical_across_threads() {
             (random(&mut g, n, k), rows)
         })
         .collect();
-    let forward_bits = |(x, rows): &(Array2<f32>, Vec<Option<usize>>)| {
+    let forward_bits = |(x, rows): &(Array2<A>, Vec<Option<usize>>)| {
         bits(model.forward_mixed(x.view(), rows).unwrap().view())
     };
     let expected: Vec<String> = batches.iter().map(forward_bits).collect();
     let got: Vec<String> = pool().install(|| batches.par_iter().map(forward_bits).collect());
-    assert_eq!(got, expected);
+    assert_eq!(got, expected, "{}", A::NAME);
+}
+
+#[test]
+fn model_forward_mixed_is_bit_identical_across_threads_f32() {
+    single_blas_thread();
+    model_forward_mixed::<f32>();
+}
+
+#[test]
+fn model_forward_mixed_is_bit_identical_across_threads_bf16() {
+    single_blas_thread();
+    model_forward_mixed::<bf16>();
 }
 
 #[test]
