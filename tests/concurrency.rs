@@ -61,8 +61,18 @@ fn layer_forward<A: LoraFloat>() {
     let mut g = rng(24);
     let mut merged = layer.clone();
     merged.merge().unwrap();
-    // Inputs of several batch sizes, one per task.
-    let inputs: Vec<Array2<A>> = (0..ROUNDS).map(|i| random(&mut g, 1 + i % 17, k)).collect();
+    // Inputs of several batch sizes, one per task: every fourth above `N_SKINNY`, so the
+    // gemm path (for the half types, W widened panel by panel) is shared too.
+    let inputs: Vec<Array2<A>> = (0..ROUNDS)
+        .map(|i| {
+            let n = if i % 4 == 3 {
+                ndlora::N_SKINNY + 1 + i
+            } else {
+                1 + i % 17
+            };
+            random(&mut g, n, k)
+        })
+        .collect();
     for l in [&layer, &merged] {
         let expected: Vec<String> = inputs
             .iter()
