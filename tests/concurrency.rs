@@ -4,6 +4,7 @@
 mod common;
 
 use common::{bits, random, random_layer_with, rng};
+use half::{bf16, f16};
 use ndarray::{Array2, Axis};
 use ndlora::peft::PeftAdapter;
 use ndlora::{LoraConfig, LoraFloat, LoraLayer, LoraModel, LoraScratch, MicroLora};
@@ -16,6 +17,12 @@ const _: () = {
     send_sync::<LoraLayer<f64>>();
     send_sync::<LoraModel<f32>>();
     send_sync::<LoraModel<f64>>();
+    send_sync::<LoraLayer<bf16>>();
+    send_sync::<LoraLayer<f16>>();
+    send_sync::<LoraModel<bf16>>();
+    send_sync::<LoraModel<f16>>();
+    send_sync::<PeftAdapter<bf16>>();
+    send_sync::<PeftAdapter<f16>>();
     send_sync::<MicroLora>();
     send_sync::<PeftAdapter<f32>>();
     send_sync::<PeftAdapter<f64>>();
@@ -43,7 +50,7 @@ fn single_blas_thread() {
     ndlora::set_blas_threads(1);
 }
 
-fn layer_forward<A: LoraFloat<Factor = A>>() {
+fn layer_forward<A: LoraFloat>() {
     let (d, k, r) = (65, 130, 8);
     let config = LoraConfig {
         rank: r,
@@ -54,8 +61,18 @@ fn layer_forward<A: LoraFloat<Factor = A>>() {
     let mut g = rng(24);
     let mut merged = layer.clone();
     merged.merge().unwrap();
-    // Inputs of several batch sizes, one per task.
-    let inputs: Vec<Array2<A>> = (0..ROUNDS).map(|i| random(&mut g, 1 + i % 17, k)).collect();
+    // Inputs of several batch sizes, one per task: every fourth above `N_SKINNY`, so the
+    // gemm path (for the half types, W widened panel by panel) is shared too.
+    let inputs: Vec<Array2<A>> = (0..ROUNDS)
+        .map(|i| {
+            let n = if i % 4 == 3 {
+                ndlora::N_SKINNY + 1 + i
+            } else {
+                1 + i % 17
+            };
+            random(&mut g, n, k)
+        })
+        .collect();
     for l in [&layer, &merged] {
         let expected: Vec<String> = inputs
             .iter()
@@ -86,18 +103,33 @@ fn layer_forward<A: LoraFloat<Factor = A>>() {
 }
 
 #[test]
-fn layer_forward_is_bit_identical_across_threads() {
+fn layer_forward_is_bit_identical_across_threads_f32() {
     single_blas_thread();
     layer_forward::<f32>();
+}
+
+#[test]
+fn layer_forward_is_bit_identical_across_threads_f64() {
+    single_blas_thread();
     layer_forward::<f64>();
 }
 
 #[test]
-fn model_forward_mixed_is_bit_identical_across_threads() {
+fn layer_forward_is_bit_identical_across_threads_bf16() {
     single_blas_thread();
+    layer_forward::<bf16>();
+}
+
+#[test]
+fn layer_forward_is_bit_identical_across_threads_f16() {
+    single_blas_thread();
+    layer_forward::<f16>();
+}
+
+fn model_forward_mixed<A: LoraFloat>() {
     let mut g = rng(22);
     let (d, k) = (40, 33);
-    let mut model = LoraModel::<f32>::new(random(&mut g, d, k)).unwrap();
+    let mut model = LoraModel::<A>::new(random(&mut g, d, k)).unwrap();
     let cfg = |rank| LoraConfig {
         rank,
         alpha: 3.0,
@@ -116,7 +148,7 @@ fn model_forward_mixed_is_bit_identical_across_threads() {
                 .unwrap()
         })
         .collect();
-    let batches: Vec<(Array2<f32>, Vec<Option<usize>>)> = (0..ROUNDS)
+    let batches: Vec<(Array2<A>, Vec<Option<usize>>)> = (0..ROUNDS)
         .map(|i| {
             let n = 1 + i % 23;
             let rows = (0..n)
@@ -131,12 +163,24 @@ fn model_forward_mixed_is_bit_identical_across_threads() {
             (random(&mut g, n, k), rows)
         })
         .collect();
-    let forward_bits = |(x, rows): &(Array2<f32>, Vec<Option<usize>>)| {
+    let forward_bits = |(x, rows): &(Array2<A>, Vec<Option<usize>>)| {
         bits(model.forward_mixed(x.view(), rows).unwrap().view())
     };
     let expected: Vec<String> = batches.iter().map(forward_bits).collect();
     let got: Vec<String> = pool().install(|| batches.par_iter().map(forward_bits).collect());
-    assert_eq!(got, expected);
+    assert_eq!(got, expected, "{}", A::NAME);
+}
+
+#[test]
+fn model_forward_mixed_is_bit_identical_across_threads_f32() {
+    single_blas_thread();
+    model_forward_mixed::<f32>();
+}
+
+#[test]
+fn model_forward_mixed_is_bit_identical_across_threads_bf16() {
+    single_blas_thread();
+    model_forward_mixed::<bf16>();
 }
 
 #[test]

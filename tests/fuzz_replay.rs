@@ -155,7 +155,7 @@ fn write_starting_seeds() {
         alpha: 1.5,
         dropout: 0.25,
         use_rslora: true,
-        ..cfg
+        ..cfg.clone()
     };
     let mut l64 = LoraLayer::new(w.mapv(f64::from), cfg64).unwrap();
     l64.weight_b_mut().unwrap().fill(-0.75);
@@ -163,6 +163,20 @@ fn write_starting_seeds() {
         "layer_serde",
         "f64-dropout-rslora",
         serde_json::to_string_pretty(&l64).unwrap().into_bytes(),
+    );
+
+    // Half layers: elements are written as their bits, factors as f32.
+    let mut lb = LoraLayer::new(w.mapv(half::bf16::from_f32), cfg.clone()).unwrap();
+    lb.weight_b_mut().unwrap().fill(0.25);
+    let lb = lb.with_bias(Array1::from_elem(3, half::bf16::ONE)).unwrap();
+    write("layer_serde", "bf16-bias", serde_json::to_vec(&lb).unwrap());
+    let mut lh = LoraLayer::new(w.mapv(half::f16::from_f32), cfg).unwrap();
+    lh.weight_b_mut().unwrap().fill(-0.5);
+    lh.merge_exact().unwrap();
+    write(
+        "layer_serde",
+        "f16-merged-exact",
+        serde_json::to_vec(&lh).unwrap(),
     );
 
     let mut micro = MicroLora::new(11, 2);

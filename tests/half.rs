@@ -7,72 +7,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{random, rng, Laid, LAYOUTS};
+use common::{random, rng, ulp_stats, Half, Laid, LAYOUTS};
 use half::{bf16, f16};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use ndlora::peft::PeftAdapter;
-use ndlora::{LoraConfig, LoraError, LoraFloat, LoraLayer, LoraModel};
+use ndlora::{LoraConfig, LoraError, LoraLayer, LoraModel};
 use safetensors::{Dtype, SafeTensors};
-
-/// The half types, with their bits (to count ulps).
-trait Half: LoraFloat<Factor = f32> {
-    const DTYPE: Dtype;
-    fn bits(self) -> u16;
-    fn from_le(b: [u8; 2]) -> Self;
-    fn from_bits(b: u16) -> Self;
-}
-
-impl Half for bf16 {
-    const DTYPE: Dtype = Dtype::BF16;
-    fn bits(self) -> u16 {
-        self.to_bits()
-    }
-    fn from_le(b: [u8; 2]) -> Self {
-        bf16::from_le_bytes(b)
-    }
-    fn from_bits(b: u16) -> Self {
-        bf16::from_bits(b)
-    }
-}
-
-impl Half for f16 {
-    const DTYPE: Dtype = Dtype::F16;
-    fn bits(self) -> u16 {
-        self.to_bits()
-    }
-    fn from_le(b: [u8; 2]) -> Self {
-        f16::from_le_bytes(b)
-    }
-    fn from_bits(b: u16) -> Self {
-        f16::from_bits(b)
-    }
-}
-
-/// How many representable values of `H` lie between `a` and `b` (0 when equal; +0 = −0).
-fn ulps<H: Half>(a: H, b: H) -> u32 {
-    let ordered = |v: H| {
-        let bits = v.bits();
-        if bits & 0x8000 != 0 {
-            -i32::from(bits & 0x7fff)
-        } else {
-            i32::from(bits)
-        }
-    };
-    ordered(a).abs_diff(ordered(b))
-}
-
-/// (largest ulp distance, fraction of elements equal bit for bit).
-fn ulp_stats<H: Half>(got: ArrayView2<'_, H>, want: ArrayView2<'_, H>) -> (u32, f64) {
-    assert_eq!(got.dim(), want.dim());
-    let mut max = 0;
-    let mut equal = 0usize;
-    for (&g, &w) in got.iter().zip(want.iter()) {
-        let u = ulps(g, w);
-        max = max.max(u);
-        equal += usize::from(u == 0);
-    }
-    (max, equal as f64 / got.len().max(1) as f64)
-}
 
 fn fixture_dir(case: &str) -> PathBuf {
     common::fixtures::fixture_path(&format!("peft/{case}"))

@@ -99,13 +99,16 @@ fn main() -> ExitCode {
 
 fn run_merge(args: MergeArgs, operation: Operation) -> Result<ExitCode, LoraError> {
     if let Some(threads) = args.threads {
-        if threads == 0 || !ndlora::set_blas_threads(threads) {
+        if threads == 0 || threads > ndlora::max_threads() {
             return Err(LoraError::InvalidValue {
                 what: "--threads",
                 expected: "between 1 and ndlora::max_threads()",
                 got: threads.to_string(),
             });
         }
+        // `false` here only means no OpenBLAS took the count (another backend, or none):
+        // ndlora's own kernels use it either way.
+        ndlora::set_blas_threads(threads);
     }
     let options = MergeOptions {
         operation,

@@ -9,6 +9,7 @@
 pub mod alloc;
 pub mod checkpoint;
 pub mod fixtures;
+pub mod half;
 pub mod layout;
 pub mod micro_ref;
 pub mod random;
@@ -17,6 +18,7 @@ pub mod state;
 
 #[allow(unused_imports)]
 pub use self::{
+    half::{ulp_stats, ulps, Half},
     layout::{Laid, Layout, LAYOUTS},
     random::{random, random_layer, random_layer_with, rng},
     reference::{assert_close, matmul_t, to_f64, Ref},

@@ -19,12 +19,7 @@ pub fn random<A: LoraFloat>(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> A
 
 /// A layer with random W, A, B (B ≠ 0) and α = 3 ≠ r, so scaling must touch only the LoRA
 /// branch.
-pub fn random_layer<A: LoraFloat<Factor = A>>(
-    d: usize,
-    k: usize,
-    r: usize,
-    seed: u64,
-) -> LoraLayer<A> {
+pub fn random_layer<A: LoraFloat>(d: usize, k: usize, r: usize, seed: u64) -> LoraLayer<A> {
     let config = LoraConfig {
         rank: r,
         alpha: 3.0,
@@ -35,7 +30,7 @@ pub fn random_layer<A: LoraFloat<Factor = A>>(
 
 /// A layer with `config` (r = `config.rank`) and random W (d×k), A (r×k), B (d×r), drawn in
 /// that order from `rng(seed)`.
-pub fn random_layer_with<A: LoraFloat<Factor = A>>(
+pub fn random_layer_with<A: LoraFloat>(
     d: usize,
     k: usize,
     config: LoraConfig,

@@ -32,7 +32,7 @@ pub struct Ref {
 }
 
 impl Ref {
-    pub fn new<A: LoraFloat<Factor = A>>(layer: &LoraLayer<A>) -> Self {
+    pub fn new<A: LoraFloat>(layer: &LoraLayer<A>) -> Self {
         Self {
             w: to_f64(layer.base_weight()),
             a: to_f64(layer.weight_a()),
@@ -67,7 +67,7 @@ impl Ref {
 
 /// Asserts |got − expected| ≤ tol_factor·ε·magnitude + tiny elementwise, naming the first miss.
 #[track_caller]
-pub fn assert_close<A: LoraFloat<Factor = A>>(
+pub fn assert_close<A: LoraFloat>(
     got: ArrayView2<'_, A>,
     expected: &Array2<f64>,
     magnitude: &Array2<f64>,

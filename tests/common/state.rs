@@ -1,17 +1,32 @@
 //! Everything observable about an ndlora value, bit for bit, and the check that a failed
 //! operation returns the expected error and leaves its value exactly as it was.
 
+use std::any::Any;
 use std::fmt::Debug;
+
+use half::{bf16, f16};
 
 use ndarray::{ArrayView2, Axis};
 use ndlora::{LoraError, LoraFloat, LoraLayer, LoraModel, MicroLora};
 
+/// The raw bits of one element in its own type (a half NaN's payload and quiet bit too,
+/// which widening to f64 would not keep).
+pub fn raw_bits<A: LoraFloat>(x: A) -> u64 {
+    let any: &dyn Any = &x;
+    if let Some(h) = any.downcast_ref::<bf16>() {
+        u64::from(h.to_bits())
+    } else if let Some(h) = any.downcast_ref::<f16>() {
+        u64::from(h.to_bits())
+    } else if let Some(v) = any.downcast_ref::<f32>() {
+        u64::from(v.to_bits())
+    } else {
+        x.into_f64().to_bits()
+    }
+}
+
 /// The shape and the raw bits of every element (`==` is IEEE: NaN ≠ NaN and 0 = −0).
 pub fn bits<A: LoraFloat>(m: ArrayView2<'_, A>) -> String {
-    let v: Vec<String> = m
-        .iter()
-        .map(|x| format!("{:x}", x.into_f64().to_bits()))
-        .collect();
+    let v: Vec<String> = m.iter().map(|&x| format!("{:x}", raw_bits(x))).collect();
     format!("{:?}:{}", m.shape(), v.join(","))
 }
 
@@ -20,7 +35,7 @@ pub trait State: Clone + PartialEq {
     fn state(&self) -> String;
 }
 
-impl<A: LoraFloat<Factor = A>> State for LoraLayer<A> {
+impl<A: LoraFloat> State for LoraLayer<A> {
     /// The serialised document (config, scaling, merge flag, RNG position, kept unmerge
     /// weight) and the raw bits of W, A, B, b.
     fn state(&self) -> String {
@@ -38,7 +53,7 @@ impl<A: LoraFloat<Factor = A>> State for LoraLayer<A> {
     }
 }
 
-impl<A: LoraFloat<Factor = A>> State for LoraModel<A> {
+impl<A: LoraFloat> State for LoraModel<A> {
     /// W, the active list, and every adapter's id, factors, config, scaling and merge flag.
     fn state(&self) -> String {
         let mut s = format!("{}|{:?}|", bits(self.base_weight()), self.active_adapters());

@@ -13,12 +13,14 @@ use std::path::{Path, PathBuf};
 
 use crate::common::{random, rng};
 use crate::Tally;
+use half::{bf16, f16};
 use ndarray::Array2;
 use ndlora::peft::{
     PeftAdapter, PeftConfig, TargetModules, CONFIG_FILE, MAX_CONFIG_SIZE, MAX_HEADER_SIZE,
     PATTERN_BUDGET, PATTERN_MAX_LEN, PATTERN_SIZE_LIMIT, WEIGHTS_FILE,
 };
 use ndlora::{LoraConfig, LoraError, LoraFloat, LoraLayer};
+use num_traits::Float;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
@@ -32,7 +34,7 @@ const FILES: usize = 13;
 #[cfg(not(unix))]
 const FILES: usize = 0;
 const PATTERNS: usize = 11;
-const WRITER: usize = 10;
+const WRITER: usize = 16;
 const HEADERS: usize = 12;
 /// This module's cases in the catalogue.
 pub(crate) const CASES: usize = FILES + PATTERNS + WRITER + HEADERS;
@@ -460,7 +462,7 @@ fn lora(rank: usize, alpha: f64) -> LoraConfig {
     }
 }
 
-fn trained<A: LoraFloat<Factor = A>>(seed: u64) -> LoraLayer<A> {
+fn trained<A: LoraFloat>(seed: u64) -> LoraLayer<A> {
     let mut g = rng(seed);
     LoraLayer::from_parts(
         random(&mut g, 5, 7),
@@ -472,11 +474,11 @@ fn trained<A: LoraFloat<Factor = A>>(seed: u64) -> LoraLayer<A> {
 }
 
 /// A copy of `layer` with `value` written into A (`factor` 'A') or B at `at`.
-fn poisoned<A: LoraFloat<Factor = A>>(
+fn poisoned<A: LoraFloat>(
     layer: &LoraLayer<A>,
     factor: char,
     at: (usize, usize),
-    value: A,
+    value: A::Factor,
 ) -> LoraLayer<A> {
     let mut l = layer.clone();
     let mut m = if factor == 'A' {
@@ -488,9 +490,9 @@ fn poisoned<A: LoraFloat<Factor = A>>(
     l
 }
 
-fn writer_cases<A: LoraFloat<Factor = A>>(t: &mut Tally) {
+fn writer_cases<A: LoraFloat>(t: &mut Tally) {
     let good = trained::<A>(1);
-    let nan_b = poisoned(&good, 'B', (4, 1), A::nan());
+    let nan_b = poisoned(&good, 'B', (4, 1), A::Factor::nan());
     t.err(
         "from_layers: NaN in B",
         PeftAdapter::from_layers([("m.ok", &good), ("m.bad", &nan_b)]),
@@ -505,7 +507,7 @@ fn writer_cases<A: LoraFloat<Factor = A>>(t: &mut Tally) {
             )
         }),
     );
-    let inf_a = poisoned(&good, 'A', (1, 6), A::infinity());
+    let inf_a = poisoned(&good, 'A', (1, 6), A::Factor::infinity());
     t.err(
         "from_layers: +∞ in A",
         PeftAdapter::from_layers([("m.bad", &inf_a)]),
@@ -520,7 +522,7 @@ fn writer_cases<A: LoraFloat<Factor = A>>(t: &mut Tally) {
             )
         }),
     );
-    let ninf_b = poisoned(&good, 'B', (0, 0), A::neg_infinity());
+    let ninf_b = poisoned(&good, 'B', (0, 0), A::Factor::neg_infinity());
     t.err(
         "from_layers: −∞ in B",
         PeftAdapter::from_layers([("z", &ninf_b)]),
@@ -542,6 +544,8 @@ fn writer_refuses_what_the_reader_refuses() {
     let mut t = Tally::default();
     writer_cases::<f32>(&mut t);
     writer_cases::<f64>(&mut t);
+    writer_cases::<bf16>(&mut t);
+    writer_cases::<f16>(&mut t);
 
     // A config over MAX_CONFIG_SIZE (here through one very long module path).
     let layer = trained::<f32>(2);
@@ -854,5 +858,5 @@ fn catalogue_size() {
     let total = files + PATTERNS + WRITER + HEADERS;
     println!("hostile PEFT files: {total} cases");
     #[cfg(unix)]
-    assert_eq!(total, 46);
+    assert_eq!(total, 52);
 }

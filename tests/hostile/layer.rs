@@ -1,14 +1,16 @@
 //! LoraLayer: construction and LoraConfig, methods on a live layer, serde documents (the
 //! counted catalogue), then focused tests of the same error paths.
 
+use half::{bf16, f16};
 use ndarray::{Array1, Array2, ShapeBuilder};
 use ndlora::{LoraConfig, LoraError, LoraFloat, LoraGrads, LoraLayer, LoraScratch};
+use num_traits::{Float, One, Zero};
 use serde_json::{json, Value};
 
-use super::{cfg, nonfinite, Tally, LAYER_CONSTRUCT, LAYER_METHODS, LAYER_SERDE};
+use super::{cfg, factor_is_f32, nonfinite, Tally, LAYER_CONSTRUCT, LAYER_METHODS, LAYER_SERDE};
 use crate::common::{fails_unchanged, random, random_layer, rng, State};
 
-fn layer_construction<A: LoraFloat<Factor = A>>() -> usize {
+fn layer_construction<A: LoraFloat>() -> usize {
     let mut t = Tally::default();
     let w = Array2::<A>::ones((4, 6));
     let is_rank = |got: usize, max: usize| {
@@ -76,8 +78,13 @@ fn layer_construction<A: LoraFloat<Factor = A>>() -> usize {
             },
         );
     }
-    // α/r finite in f64 but not in A (only f32 can overflow here: α finite and r ≥ 1).
-    let huge = if A::NAME == "f32" { 1e300 } else { f64::MAX };
+    // α/r finite in f64 but not in the factor type (only f32 can overflow here: α finite
+    // and r ≥ 1; the half types scale in f32).
+    let huge = if factor_is_f32::<A>() {
+        1e300
+    } else {
+        f64::MAX
+    };
     let r = LoraLayer::new(
         w.clone(),
         LoraConfig {
@@ -86,7 +93,7 @@ fn layer_construction<A: LoraFloat<Factor = A>>() -> usize {
             ..cfg(1)
         },
     );
-    if A::NAME == "f32" {
+    if factor_is_f32::<A>() {
         t.err("scaling overflows f32", r, |e| {
             matches!(
                 e,
@@ -100,7 +107,7 @@ fn layer_construction<A: LoraFloat<Factor = A>>() -> usize {
         t.cases += 1; // f64::MAX / 1 is representable: accepted
         assert!(r.is_ok());
     }
-    for v in nonfinite::<A>() {
+    for (v, fv) in nonfinite::<A>().into_iter().zip(nonfinite::<A::Factor>()) {
         let mut bad = w.clone();
         bad[[3, 5]] = v;
         t.err("W non-finite", LoraLayer::new(bad.clone(), cfg(2)), |e| {
@@ -126,8 +133,8 @@ fn layer_construction<A: LoraFloat<Factor = A>>() -> usize {
                 )
             },
         );
-        let mut a = Array2::<A>::zeros((2, 6));
-        a[[1, 0]] = v;
+        let mut a = Array2::<A::Factor>::zeros((2, 6));
+        a[[1, 0]] = fv;
         t.err(
             "from_parts A non-finite",
             LoraLayer::from_parts(w.clone(), a, Array2::zeros((4, 2)), cfg(2)),
@@ -142,8 +149,8 @@ fn layer_construction<A: LoraFloat<Factor = A>>() -> usize {
                 )
             },
         );
-        let mut b = Array2::<A>::zeros((4, 2));
-        b[[0, 1]] = v;
+        let mut b = Array2::<A::Factor>::zeros((4, 2));
+        b[[0, 1]] = fv;
         t.err(
             "from_parts B non-finite",
             LoraLayer::from_parts(w.clone(), Array2::zeros((2, 6)), b, cfg(2)),
@@ -190,8 +197,8 @@ fn layer_construction<A: LoraFloat<Factor = A>>() -> usize {
             "from_parts factor shape",
             LoraLayer::from_parts(
                 w.clone(),
-                Array2::<A>::zeros(a),
-                Array2::<A>::zeros(b),
+                Array2::<A::Factor>::zeros(a),
+                Array2::<A::Factor>::zeros(b),
                 cfg(2),
             ),
             shape(what),
@@ -211,7 +218,7 @@ fn layer_construction<A: LoraFloat<Factor = A>>() -> usize {
         "from_parts rank 0 with empty factors",
         LoraLayer::from_parts(
             w.clone(),
-            Array2::<A>::zeros((0, 6)),
+            Array2::<A::Factor>::zeros((0, 6)),
             Array2::zeros((4, 0)),
             cfg(0),
         ),
@@ -262,6 +269,16 @@ fn layer_construction_f64() {
     assert_eq!(layer_construction::<f64>(), LAYER_CONSTRUCT);
 }
 
+#[test]
+fn layer_construction_bf16() {
+    assert_eq!(layer_construction::<bf16>(), LAYER_CONSTRUCT);
+}
+
+#[test]
+fn layer_construction_f16() {
+    assert_eq!(layer_construction::<f16>(), LAYER_CONSTRUCT);
+}
+
 /// Parameter counts cannot overflow: a layer holds W (d·k elements of at least 4 bytes, so
 /// d·k ≤ isize::MAX / 4), and 1 ≤ r ≤ min(d, k) gives r·(d + k) ≤ 2·d·k, so
 /// d·k + r·(d + k) ≤ 3·d·k < usize::MAX. The largest layer we can build here shows the
@@ -280,7 +297,7 @@ fn param_counts_cannot_overflow() {
 // ---------------------------------------------------------------------------------------------
 // LoraLayer methods on a live layer: every error leaves it bit-for-bit unchanged.
 
-fn layer_methods<A: LoraFloat<Factor = A>>() -> usize {
+fn layer_methods<A: LoraFloat>() -> usize {
     let mut t = Tally::default();
     let l = random_layer::<A>(5, 7, 2, 1)
         .with_bias(Array1::from_elem(5, A::from_f64_lossy(0.25)))
@@ -356,7 +373,7 @@ fn layer_methods<A: LoraFloat<Factor = A>>() -> usize {
             |l| l.forward_into(x.view(), out.view_mut()),
             shape("out"),
         );
-        let mut scratch = LoraScratch::<A>::with_capacity(1, 1);
+        let mut scratch = LoraScratch::<A::Factor>::with_capacity(1, 1);
         t.unchanged(
             "forward_into_with_scratch out shape",
             &l,
@@ -388,7 +405,7 @@ fn layer_methods<A: LoraFloat<Factor = A>>() -> usize {
 
     // sgd_step: learning rates, gradient shapes, non-finite gradients, overflow, merged.
     let grads = l.backward(x.view(), Array2::ones((3, 5)).view()).unwrap();
-    for lr in nonfinite::<A>() {
+    for lr in nonfinite::<A::Factor>() {
         t.unchanged(
             "sgd lr non-finite",
             &l,
@@ -411,24 +428,24 @@ fn layer_methods<A: LoraFloat<Factor = A>>() -> usize {
         ((2, 7), (5, 3), "grad_b"),
     ] {
         let bad = LoraGrads {
-            grad_a: Array2::<A>::zeros(ga),
+            grad_a: Array2::<A::Factor>::zeros(ga),
             grad_b: Array2::zeros(gb),
             grad_x: Array2::zeros((0, 0)),
         };
         t.unchanged(
             "sgd grad shape",
             &l,
-            |l| l.sgd_step(&bad, A::one()),
+            |l| l.sgd_step(&bad, A::Factor::one()),
             shape(what),
         );
     }
-    for v in nonfinite::<A>() {
+    for v in nonfinite::<A::Factor>() {
         let mut bad = grads.clone();
         bad.grad_a[[1, 6]] = v;
         t.unchanged(
             "sgd grad_a non-finite",
             &l,
-            |l| l.sgd_step(&bad, A::zero()),
+            |l| l.sgd_step(&bad, A::Factor::zero()),
             |e| {
                 matches!(
                     e,
@@ -445,7 +462,7 @@ fn layer_methods<A: LoraFloat<Factor = A>>() -> usize {
         t.unchanged(
             "sgd grad_b non-finite",
             &l,
-            |l| l.sgd_step(&bad, A::zero()),
+            |l| l.sgd_step(&bad, A::Factor::zero()),
             |e| {
                 matches!(
                     e,
@@ -460,12 +477,12 @@ fn layer_methods<A: LoraFloat<Factor = A>>() -> usize {
     }
     // A finite step that overflows: lr = MAX on O(1) gradients (B's overflow only: grad_a = 0).
     let mut big = grads.clone();
-    big.grad_a.fill(A::zero());
-    big.grad_b.fill(A::from_f64_lossy(-4.0));
+    big.grad_a.fill(A::Factor::zero());
+    big.grad_b.fill(A::Factor::from_f64_lossy(-4.0));
     t.unchanged(
         "sgd step overflows",
         &l,
-        |l| l.sgd_step(&big, A::max_value()),
+        |l| l.sgd_step(&big, A::Factor::max_value()),
         |e| {
             matches!(
                 e,
@@ -479,7 +496,7 @@ fn layer_methods<A: LoraFloat<Factor = A>>() -> usize {
     t.unchanged(
         "sgd while merged",
         &merged,
-        |l| l.sgd_step(&grads, A::one()),
+        |l| l.sgd_step(&grads, A::Factor::one()),
         state_of(false, "sgd_step"),
     );
 
@@ -537,8 +554,8 @@ fn layer_methods<A: LoraFloat<Factor = A>>() -> usize {
     let max = A::max_value().into_f64();
     let near = LoraLayer::from_parts(
         Array2::from_elem((5, 7), A::from_f64_lossy(0.45 * max)),
-        Array2::from_elem((2, 7), A::from_f64_lossy(max.sqrt())),
-        Array2::from_elem((5, 2), A::from_f64_lossy(max.sqrt())),
+        Array2::from_elem((2, 7), A::Factor::from_f64_lossy(max.sqrt())),
+        Array2::from_elem((5, 2), A::Factor::from_f64_lossy(max.sqrt())),
         cfg(2),
     )
     .unwrap();
@@ -580,7 +597,7 @@ fn layer_methods<A: LoraFloat<Factor = A>>() -> usize {
             },
         );
     }
-    let s = if A::NAME == "f32" { 1e39 } else { f64::NAN };
+    let s = if factor_is_f32::<A>() { 1e39 } else { f64::NAN };
     t.unchanged(
         "set_scaling not finite in A",
         &l,
@@ -637,13 +654,23 @@ fn layer_methods_f64() {
     assert_eq!(layer_methods::<f64>(), LAYER_METHODS);
 }
 
+#[test]
+fn layer_methods_bf16() {
+    assert_eq!(layer_methods::<bf16>(), LAYER_METHODS);
+}
+
+#[test]
+fn layer_methods_f16() {
+    assert_eq!(layer_methods::<f16>(), LAYER_METHODS);
+}
+
 /// NaN in a forward input is not an error: it propagates to exactly the rows it is in, in
 /// every forward flavour, merged or not, and the layer stays as it was. Each flavour is
 /// compared bit for bit with the same flavour on the clean input: a BLAS may sum in a
 /// different order for a column-major operand (BLIS does), so flavours can differ by an ulp.
 #[test]
 fn nan_input_poisons_only_its_rows() {
-    fn check<A: LoraFloat<Factor = A>>() {
+    fn check<A: LoraFloat>() {
         let mut g = rng(9);
         let l = random_layer::<A>(5, 7, 2, 3)
             .with_bias(Array1::from_elem(5, A::one()))
@@ -698,10 +725,14 @@ fn nan_input_poisons_only_its_rows() {
             let mut gr = Array2::<A>::ones((6, 5));
             gr[[bad_row, 0]] = A::nan();
             let grads = l.backward(clean.view(), gr.view()).unwrap();
-            assert!(grads.grad_x.row(bad_row).iter().all(|v| v.is_nan()));
+            assert!(grads
+                .grad_x
+                .row(bad_row)
+                .iter()
+                .all(|v| v.into_f64().is_nan()));
             let mut l2 = l.clone();
             assert!(matches!(
-                l2.sgd_step(&grads, A::one()),
+                l2.sgd_step(&grads, A::Factor::one()),
                 Err(LoraError::NonFinite { what: "grad_a", .. })
             ));
             assert_eq!(l2.state(), before);
@@ -709,6 +740,8 @@ fn nan_input_poisons_only_its_rows() {
     }
     check::<f32>();
     check::<f64>();
+    check::<bf16>();
+    check::<f16>();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -716,7 +749,7 @@ fn nan_input_poisons_only_its_rows() {
 
 /// Deserialises `doc` as a layer and asserts a data error whose message contains `needle`.
 #[track_caller]
-fn bad_doc<A: LoraFloat<Factor = A>>(t: &mut Tally, name: &str, doc: &Value, needle: &str) {
+fn bad_doc<A: LoraFloat>(t: &mut Tally, name: &str, doc: &Value, needle: &str) {
     t.cases += 1;
     let text = doc.to_string();
     match serde_json::from_str::<LoraLayer<A>>(&text) {
@@ -731,7 +764,7 @@ fn bad_doc<A: LoraFloat<Factor = A>>(t: &mut Tally, name: &str, doc: &Value, nee
     }
 }
 
-fn layer_serde<A: LoraFloat<Factor = A>>() -> usize {
+fn layer_serde<A: LoraFloat>() -> usize {
     let mut t = Tally::default();
     let l = random_layer::<A>(5, 7, 2, 4)
         .with_bias(Array1::from_elem(5, A::one()))
@@ -892,7 +925,8 @@ fn layer_serde<A: LoraFloat<Factor = A>>() -> usize {
             "unmerge_weight wrong shape",
             edit(&|d| {
                 d["merged"] = json!(true);
-                d["unmerge_weight"] = d["weight_a"].clone();
+                d["unmerge_weight"] = d["base_weight"].clone();
+                d["unmerge_weight"]["dim"] = json!([7, 5]);
             }),
             "shape mismatch for unmerge_weight",
         ),
@@ -907,13 +941,21 @@ fn layer_serde<A: LoraFloat<Factor = A>>() -> usize {
         .replacen("\"scaling\":", "\"scaling\":1e999,\"x\":", 1);
     let e = serde_json::from_str::<LoraLayer<A>>(&text).unwrap_err();
     assert!(e.to_string().contains("number out of range"), "{e}");
-    // A value finite in f64 that overflows A (f32 only) is a NonFinite after loading.
+    // A value finite in f64 that overflows A: refused by serde for f32; a half element is
+    // its bit pattern (a u16), so any float there is the wrong type.
     let doc = edit(&|d| d["base_weight"]["data"][5] = json!(1e39));
-    if A::NAME == "f32" {
-        bad_doc::<A>(&mut t, "1e39 in an f32 W", &doc, "number out of range");
-    } else {
-        t.cases += 1;
-        assert!(serde_json::from_value::<LoraLayer<A>>(doc).is_ok());
+    match A::NAME {
+        "f32" => bad_doc::<A>(&mut t, "1e39 in an f32 W", &doc, "number out of range"),
+        "f64" => {
+            t.cases += 1;
+            assert!(serde_json::from_value::<LoraLayer<A>>(doc).is_ok());
+        }
+        _ => bad_doc::<A>(
+            &mut t,
+            "1e39 in a half W",
+            &doc,
+            "invalid type: floating point",
+        ),
     }
     t.cases
 }
@@ -928,6 +970,16 @@ fn layer_serde_f32() {
 #[test]
 fn layer_serde_f64() {
     assert_eq!(layer_serde::<f64>(), LAYER_SERDE);
+}
+
+#[test]
+fn layer_serde_bf16() {
+    assert_eq!(layer_serde::<bf16>(), LAYER_SERDE);
+}
+
+#[test]
+fn layer_serde_f16() {
+    assert_eq!(layer_serde::<f16>(), LAYER_SERDE);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,8 +3,11 @@
 //! products overflow `usize`, corrupt serde documents, truncated and bit-flipped safetensors
 //! files and contradictory PEFT configs. One module per subject: `layer`, `model`, `micro`,
 //! `peft`, `checkpoint` (whole-checkpoint merges: corrupt shards and indexes, mismatched
-//! adapters, output paths), and `files` (adapter paths that are not regular files, oversized or overflowing
-//! headers, unbounded patterns, layers the writer must refuse).
+//! adapters, output paths), `files` (adapter paths that are not regular files, oversized or
+//! overflowing headers, unbounded patterns, layers the writer must refuse) and `half` (what
+//! only bf16 and f16 meet: f16's range, subnormals, NaN/∞ bit patterns in documents, BF16/F16
+//! and F32 PEFT tensors in half adapters). The `layer` and `model` categories run for f32,
+//! f64, bf16 and f16, each type as its own test.
 //!
 //! Each case asserts the specific error variant (with its key fields) and that the value the
 //! method was called on is unchanged bit for bit (`common::State`: serialised state plus the
@@ -22,6 +25,7 @@ mod common;
 
 mod checkpoint;
 mod files;
+mod half;
 mod layer;
 mod micro;
 mod model;
@@ -36,7 +40,7 @@ use ndlora::{LoraConfig, LoraError, LoraFloat};
 // Counting.
 
 /// Expected number of cases per category (asserted by each category's test).
-const LAYER_CONSTRUCT: usize = 48; // × 2 float types, counted once per type
+const LAYER_CONSTRUCT: usize = 48; // × 4 float types, counted once per type
 const LAYER_METHODS: usize = 77;
 const LAYER_SERDE: usize = 27;
 const MODEL: usize = 86;
@@ -44,6 +48,12 @@ const MICRO: usize = 47;
 const MICRO_SERDE: usize = 13;
 const PEFT_CONFIG: usize = 32;
 const PEFT_TENSORS_AND_LAYERS: usize = 21;
+/// f16 only: results beyond its range in merge, unmerge, forward and backward.
+const HALF_F16_RANGE: usize = 13;
+/// Per half type: subnormals, NaN/∞ bit patterns in documents, PEFT files into half adapters.
+const HALF_SUBNORMALS: usize = 7;
+const HALF_SERDE: usize = 20;
+const HALF_PEFT: usize = 32;
 /// Hand-written cases in the catalogue.
 const TOTAL: usize = LAYER_CONSTRUCT
     + LAYER_METHODS
@@ -53,6 +63,10 @@ const TOTAL: usize = LAYER_CONSTRUCT
     + MICRO_SERDE
     + PEFT_CONFIG
     + PEFT_TENSORS_AND_LAYERS
+    + HALF_F16_RANGE
+    + HALF_SUBNORMALS
+    + HALF_SERDE
+    + HALF_PEFT
     + files::CASES
     + checkpoint::CASES;
 
@@ -104,12 +118,18 @@ fn cfg(rank: usize) -> LoraConfig {
     }
 }
 
-fn nonfinite<A: LoraFloat<Factor = A>>() -> [A; 3] {
+fn nonfinite<A: LoraFloat>() -> [A; 3] {
     [A::nan(), A::infinity(), A::neg_infinity()]
+}
+
+/// Whether `A`'s factors (and so its scaling and learning rates) are f32: true for f32 and
+/// the half types.
+fn factor_is_f32<A: LoraFloat>() -> bool {
+    <A::Factor as LoraFloat>::NAME == "f32"
 }
 
 #[test]
 fn catalogue_size() {
-    println!("hostile catalogue: {TOTAL} hand-written cases (×2 float types for LoraLayer and LoraModel)");
-    assert_eq!(TOTAL, 351 + 46 + 33);
+    println!("hostile catalogue: {TOTAL} hand-written cases (×4 float types for LoraLayer and LoraModel)");
+    assert_eq!(TOTAL, 351 + 72 + 52 + 33);
 }

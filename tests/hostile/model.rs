@@ -1,12 +1,13 @@
 //! LoraModel: construction, adapters, name- and id-addressed methods, merge state, overflow.
 
+use half::{bf16, f16};
 use ndarray::Array2;
 use ndlora::{LoraConfig, LoraError, LoraFloat, LoraModel};
 
-use super::{cfg, nonfinite, Tally, MODEL};
+use super::{cfg, factor_is_f32, nonfinite, Tally, MODEL};
 use crate::common::{random, rng};
 
-fn model<A: LoraFloat<Factor = A>>() -> LoraModel<A> {
+fn model<A: LoraFloat>() -> LoraModel<A> {
     let mut g = rng(11);
     let mut m = LoraModel::new(random(&mut g, 5, 7)).unwrap();
     m.add_adapter_from_parts("en", random(&mut g, 2, 7), random(&mut g, 5, 2), cfg(2))
@@ -19,7 +20,7 @@ fn model<A: LoraFloat<Factor = A>>() -> LoraModel<A> {
     m
 }
 
-fn model_cases<A: LoraFloat<Factor = A>>() -> usize {
+fn model_cases<A: LoraFloat>() -> usize {
     let mut t = Tally::default();
     let m = model::<A>();
     let mut merged = m.clone();
@@ -122,7 +123,7 @@ fn model_cases<A: LoraFloat<Factor = A>>() -> usize {
             )
         },
     );
-    if A::NAME == "f32" {
+    if factor_is_f32::<A>() {
         t.unchanged(
             "add scaling overflows f32",
             &m,
@@ -182,12 +183,19 @@ fn model_cases<A: LoraFloat<Factor = A>>() -> usize {
         t.unchanged(
             "add_from_parts shape",
             &m,
-            |m| m.add_adapter_from_parts("x", Array2::<A>::zeros(a), Array2::zeros(b), cfg(1)),
+            |m| {
+                m.add_adapter_from_parts(
+                    "x",
+                    Array2::<A::Factor>::zeros(a),
+                    Array2::zeros(b),
+                    cfg(1),
+                )
+            },
             shape(what),
         );
     }
-    for v in nonfinite::<A>() {
-        let mut a = Array2::<A>::zeros((1, 7));
+    for v in nonfinite::<A::Factor>() {
+        let mut a = Array2::<A::Factor>::zeros((1, 7));
         a[[0, 6]] = v;
         t.unchanged(
             "add_from_parts A non-finite",
@@ -204,7 +212,7 @@ fn model_cases<A: LoraFloat<Factor = A>>() -> usize {
                 )
             },
         );
-        let mut b = Array2::<A>::zeros((5, 1));
+        let mut b = Array2::<A::Factor>::zeros((5, 1));
         b[[4, 0]] = v;
         t.unchanged(
             "add_from_parts B non-finite",
@@ -327,7 +335,7 @@ fn model_cases<A: LoraFloat<Factor = A>>() -> usize {
     // Overflow: one adapter alone, and two that are fine alone but not together.
     let max = A::max_value().into_f64();
     let mut big = LoraModel::new(Array2::from_elem((5, 7), A::from_f64_lossy(0.4 * max))).unwrap();
-    let f = |v: f64| A::from_f64_lossy(v);
+    let f = |v: f64| A::Factor::from_f64_lossy(v);
     let factor = |rows, cols, v: f64| Array2::from_elem((rows, cols), f(v.sqrt()));
     let one = LoraConfig {
         alpha: 1.0,
@@ -377,4 +385,14 @@ fn model_f32() {
 #[test]
 fn model_f64() {
     assert_eq!(model_cases::<f64>(), MODEL);
+}
+
+#[test]
+fn model_bf16() {
+    assert_eq!(model_cases::<bf16>(), MODEL);
+}
+
+#[test]
+fn model_f16() {
+    assert_eq!(model_cases::<f16>(), MODEL);
 }

@@ -1,4 +1,4 @@
-// layer_serde: bytes → `serde_json::from_slice::<LoraLayer<f32 | f64>>`. Loading must never
+// layer_serde: bytes → `serde_json::from_slice::<LoraLayer<f32 | f64 | bf16 | f16>>`. Loading must never
 // panic; whatever loads must be a consistent layer: serialise → deserialise is the identity,
 // forward on a width-k input works and is finite where it cannot overflow, merged and
 // unmerged forwards agree within the rounding bound, merge∘unmerge restores W, and a
@@ -8,9 +8,11 @@
 pub fn check_layer_serde(data: &[u8]) {
     check_layer_doc::<f32>(data);
     check_layer_doc::<f64>(data);
+    check_layer_doc::<half::bf16>(data);
+    check_layer_doc::<half::f16>(data);
 }
 
-fn check_layer_doc<A: LoraFloat<Factor = A>>(data: &[u8]) {
+fn check_layer_doc<A: LoraFloat>(data: &[u8]) {
     let Ok(layer) = serde_json::from_slice::<LoraLayer<A>>(data) else {
         return;
     };
@@ -33,7 +35,7 @@ fn check_layer_doc<A: LoraFloat<Factor = A>>(data: &[u8]) {
         .backward(x.view(), g.view())
         .expect("backward with matching shapes");
     let before = layer_state(&trained);
-    if let Err(e) = trained.sgd_step(&grads, A::from_f64_lossy(1e-3)) {
+    if let Err(e) = trained.sgd_step(&grads, A::Factor::from_f64_lossy(1e-3)) {
         assert!(
             matches!(
                 e,

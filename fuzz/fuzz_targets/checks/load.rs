@@ -25,9 +25,11 @@ pub fn check_load(data: &[u8]) {
     };
     exercise::<f32>(&config, weights);
     exercise::<f64>(&config, weights);
+    exercise::<half::bf16>(&config, weights);
+    exercise::<half::f16>(&config, weights);
 }
 
-fn exercise<A: LoraFloat<Factor = A>>(config: &str, weights: &[u8]) {
+fn exercise<A: LoraFloat>(config: &str, weights: &[u8]) {
     let Ok(adapter) = PeftAdapter::<A>::from_bytes(config, weights) else {
         return;
     };

@@ -1,5 +1,6 @@
-// ops: a structured fuzzer. `arbitrary` decodes the bytes into a small LoraLayer<f32>
-// (d, k in 1..=9, rank ≤ min(d, k)), a MicroLora (H in 0..40, rank 1 or 2) and a sequence of
+// ops: a structured fuzzer. `arbitrary` decodes the bytes into a small LoraLayer (d, k in
+// 1..=9, rank ≤ min(d, k); the same input is run as LoraLayer<f32>, <f64>, <bf16> and <f16>
+// in turn, the raw bit patterns rounded to each type), a MicroLora (H in 0..40, rank 1 or 2) and a sequence of
 // operations on them, some with bounded values (bytes mapped to [-4, 4)) and some with raw
 // f32/f64 bit patterns (NaN, ±∞, huge) to probe the Result APIs. After every operation:
 // * Result APIs returned instead of panicking, and an Err left the value exactly as it was
@@ -126,8 +127,17 @@ fn vec_from(n: usize, v: &[i8]) -> Vec<f32> {
         .collect()
 }
 
-fn mat_from(r: usize, c: usize, v: &[i8]) -> Array2<f32> {
-    Array2::from_shape_vec((r, c), vec_from(r * c, v)).expect("r×c")
+/// `v` (an f32) rounded to `T`.
+fn to<T: LoraFloat>(v: f32) -> T {
+    T::from_f64_lossy(f64::from(v))
+}
+
+fn mat_from<T: LoraFloat>(r: usize, c: usize, v: &[i8]) -> Array2<T> {
+    Array2::from_shape_vec((r, c), vec_from(r * c, v).into_iter().map(to).collect()).expect("r×c")
+}
+
+fn bias_from<T: LoraFloat>(d: usize, v: &[i8]) -> ndarray::Array1<T> {
+    vec_from(d, v).into_iter().map(to).collect()
 }
 
 /// The check run by the fuzz target and by the corpus replay in `tests/fuzz_replay.rs`.
@@ -135,10 +145,15 @@ pub fn check_ops(data: &[u8]) {
     let Ok(input) = OpsInput::arbitrary_take_rest(Unstructured::new(data)) else {
         return;
     };
-    run_ops(input);
+    run_ops::<f32>(input);
+    for run in [run_ops::<f64>, run_ops::<half::bf16>, run_ops::<half::f16>] {
+        if let Ok(input) = OpsInput::arbitrary_take_rest(Unstructured::new(data)) {
+            run(input);
+        }
+    }
 }
 
-fn run_ops(input: OpsInput) {
+fn run_ops<A: LoraFloat>(input: OpsInput) {
     let d = 1 + usize::from(input.d) % 9;
     let k = 1 + usize::from(input.k) % 9;
     let config = LoraConfig {
@@ -149,15 +164,14 @@ fn run_ops(input: OpsInput) {
         seed: u64::from(input.seed),
         ..Default::default()
     };
-    let mut layer = LoraLayer::new(mat_from(d, k, &input.w), config.clone()).expect("valid config");
+    let mut layer =
+        LoraLayer::<A>::new(mat_from(d, k, &input.w), config.clone()).expect("valid config");
     if let Some(b) = &input.bias {
-        layer = layer
-            .with_bias(ndarray::Array1::from(vec_from(d, b)))
-            .expect("finite bias");
+        layer = layer.with_bias(bias_from(d, b)).expect("finite bias");
     }
     let h = usize::from(input.micro_h) % 40;
     let mut micro = MicroLora::try_new(h, 1 + usize::from(input.micro_rank2)).expect("rank 1 or 2");
-    let probe = mat_from(2, k, &input.probe);
+    let probe = mat_from::<A>(2, k, &input.probe);
     let probe_h = vec_from(h, &input.probe);
 
     for op in input.ops.iter().take(64) {
@@ -167,11 +181,11 @@ fn run_ops(input: OpsInput) {
         // Ok(true): the op may have changed the layer or adapter; Err: it failed and must not have.
         let result: std::result::Result<(), LoraError> = match op {
             Op::Forward { rows, x } => {
-                let x = mat_from(usize::from(*rows % 5), k, x);
+                let x = mat_from::<A>(usize::from(*rows % 5), k, x);
                 let y = layer.forward(x.view()).expect("width-k forward");
                 let m = layer_magnitude(&layer, x.view());
                 assert_finite_where_bounded("forward", y.view(), &m);
-                let mut out = Array2::from_elem(y.dim(), f32::NAN);
+                let mut out = Array2::from_elem(y.dim(), A::nan());
                 layer
                     .forward_into(x.view(), out.view_mut())
                     .expect("forward_into");
@@ -182,7 +196,7 @@ fn run_ops(input: OpsInput) {
                 Ok(())
             }
             Op::ForwardTrain { rows, x } => {
-                let x = mat_from(usize::from(*rows % 5), k, x);
+                let x = mat_from::<A>(usize::from(*rows % 5), k, x);
                 let y = layer
                     .forward_train(x.view())
                     .expect("width-k forward_train");
@@ -196,7 +210,7 @@ fn run_ops(input: OpsInput) {
                 Ok(())
             }
             Op::ForwardWrongWidth { rows } => {
-                let x = Array2::<f32>::zeros((usize::from(*rows % 3), k + 1));
+                let x = Array2::<A>::zeros((usize::from(*rows % 3), k + 1));
                 let e = layer.forward(x.view()).expect_err("wrong width must fail");
                 assert!(matches!(e, LoraError::ShapeMismatch { .. }));
                 Err(e)
@@ -207,39 +221,37 @@ fn run_ops(input: OpsInput) {
             Op::SetScalingRaw(bits) => layer.set_scaling(f64::from_bits(*bits)),
             Op::WriteB { i, j, v } => layer.weight_b_mut().map(|mut b| {
                 let (r, c) = b.dim();
-                b[[usize::from(*i) % r, usize::from(*j) % c]] = small(*v);
+                b[[usize::from(*i) % r, usize::from(*j) % c]] = to(small(*v));
             }),
             Op::WriteA { i, j, v } => layer.weight_a_mut().map(|mut a| {
                 let (r, c) = a.dim();
-                a[[usize::from(*i) % r, usize::from(*j) % c]] = small(*v);
+                a[[usize::from(*i) % r, usize::from(*j) % c]] = to(small(*v));
             }),
-            Op::SetBias(b) => {
-                layer.set_bias(b.as_ref().map(|b| ndarray::Array1::from(vec_from(d, b))))
-            }
+            Op::SetBias(b) => layer.set_bias(b.as_ref().map(|b| bias_from(d, b))),
             Op::SetBiasRaw(bits) => {
-                let mut b = ndarray::Array1::zeros(d);
-                b[0] = f32::from_bits(*bits);
+                let mut b = ndarray::Array1::<A>::zeros(d);
+                b[0] = to(f32::from_bits(*bits));
                 layer.set_bias(Some(b))
             }
             Op::BackwardSgd { rows, x, g, lr } => {
                 let n = usize::from(*rows % 5);
-                let x = mat_from(n, k, x);
+                let x = mat_from::<A>(n, k, x);
                 let grads = layer
-                    .backward(x.view(), mat_from(n, d, g).view())
+                    .backward(x.view(), mat_from::<A>(n, d, g).view())
                     .expect("backward");
-                layer.sgd_step(&grads, f32::from(*lr) / 64.0)
+                layer.sgd_step(&grads, to(f32::from(*lr) / 64.0))
             }
             Op::SgdRaw { lr, grad } => {
-                let x = mat_from(1, k, &[32]);
+                let x = mat_from::<A>(1, k, &[32]);
                 let mut grads = layer
-                    .backward(x.view(), mat_from(1, d, &[32]).view())
+                    .backward(x.view(), mat_from::<A>(1, d, &[32]).view())
                     .expect("backward");
-                grads.grad_b[[0, 0]] = f32::from_bits(*grad);
-                layer.sgd_step(&grads, f32::from_bits(*lr))
+                grads.grad_b[[0, 0]] = to(f32::from_bits(*grad));
+                layer.sgd_step(&grads, to(f32::from_bits(*lr)))
             }
             Op::LayerSerde => {
                 assert_layer_round_trip(&layer);
-                let back: LoraLayer<f32> = serde_json::from_slice(&layer_bytes).expect("loads");
+                let back: LoraLayer<A> = serde_json::from_slice(&layer_bytes).expect("loads");
                 layer = back;
                 Ok(())
             }
@@ -341,7 +353,7 @@ fn run_ops(input: OpsInput) {
 
 /// A LoraModel with the layer's W and factors as one active adapter computes what the layer
 /// computes (without its bias, which models do not have), merged or not.
-fn check_model(layer: &LoraLayer<f32>, x: &Array2<f32>, merge: bool) {
+fn check_model<A: LoraFloat>(layer: &LoraLayer<A>, x: &Array2<A>, merge: bool) {
     if layer.is_merged() || layer.scaling() != layer.config().scaling() {
         return; // the model would start from a different W or s
     }
