@@ -158,7 +158,7 @@ pub use config::{LoraConfig, LoraInit};
 pub use error::{LoraError, Result};
 pub use float::LoraFloat;
 pub use layer::LoraLayer;
-pub use matmul::{MAX_SKINNY_ADAPTERS, N_SKINNY};
+pub use matmul::{MAX_SKINNY_ADAPTERS, N_SKINNY, N_SKINNY_HALF};
 pub use micro::{LearningSignal, MicroLora};
 pub use model::LoraModel;
 pub use scratch::LoraScratch;

@@ -13,8 +13,9 @@ use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
 
 use half::{bf16, f16};
 
-use crate::matmul::{add_terms_same, gemm, LoraTerm};
+use crate::matmul::{add_terms_same, gemm, skinny_add_terms, skinny_base, LoraTerm};
 use crate::scratch::LoraScratch;
+use crate::simd::decode::ProductWeight;
 use crate::update::{UPDATE_BAND_ELEMENTS, UPDATE_BAND_MIN_ROWS};
 
 /// f32 elements of W widened per panel of the base product (4 MiB): large enough that each
@@ -22,18 +23,12 @@ use crate::update::{UPDATE_BAND_ELEMENTS, UPDATE_BAND_MIN_ROWS};
 const PANEL_ELEMENTS: usize = 1 << 20;
 
 /// `bf16` or `f16`: a half type and its exact widening to f32 and rounding from it.
-pub trait HalfElement: Copy + Send + Sync + 'static {
-    /// Widens to f32 (exact).
-    fn widen(self) -> f32;
+pub trait HalfElement: ProductWeight<f32> {
     /// Rounds an f32 to this type (to nearest even; ±∞ when out of range).
     fn narrow(v: f32) -> Self;
 }
 
 impl HalfElement for bf16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
     #[inline(always)]
     fn narrow(v: f32) -> Self {
         bf16::from_f32(v)
@@ -41,10 +36,6 @@ impl HalfElement for bf16 {
 }
 
 impl HalfElement for f16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
     #[inline(always)]
     fn narrow(v: f32) -> Self {
         f16::from_f32(v)
@@ -80,11 +71,15 @@ pub(crate) fn forward<H: HalfElement>(
     }
     let xf = widen(x);
     let mut acc = Array2::<f32>::zeros((n, d));
-    base_product(xf.view(), w, bias, acc.view_mut());
+    if !skinny_base(xf.view(), w, bias, acc.view_mut()) {
+        base_product(xf.view(), w, bias, acc.view_mut());
+    }
     if !terms.is_empty() {
         // PEFT rounds the base layer's output to H before it adds the LoRA terms in f32.
         acc.mapv_inplace(|v| H::narrow(v).widen());
-        add_terms_same(xf.view(), terms, acc.view_mut(), scratch);
+        if !skinny_add_terms(xf.view(), terms, acc.view_mut()) {
+            add_terms_same(xf.view(), terms, acc.view_mut(), scratch);
+        }
     }
     round_into(acc.view(), out);
 }

@@ -3,15 +3,19 @@
 //! uses the portable 2-lane vector, which NEON (baseline on aarch64) holds in one register.
 
 use std::arch::aarch64::{
-    float32x4_t, vaddq_f32, vaddvq_f32, vdupq_n_f32, vfmaq_f32, vld1q_f32, vst1q_f32,
+    float32x4_t, uint32x4_t, vaddq_f32, vaddq_u32, vaddvq_f32, vandq_u32, vbslq_u32, vcgtq_u32,
+    vdupq_n_f32, vdupq_n_u32, vfmaq_f32, vld1_u16, vld1q_f32, vmovn_u32, vmulq_f32, vorrq_u32,
+    vreinterpretq_f32_u32, vreinterpretq_u32_f32, vshll_n_u16, vshrq_n_u32, vst1_u16, vst1q_f32,
 };
+
+use half::{bf16, f16};
 
 use ndarray::ArrayViewMut2;
 
 use super::decode;
 use super::lanes::{self, Lanes};
 use super::rank_update::{self, Operands};
-use super::vector::{Portable, Vector};
+use super::vector::{Portable, Vector, WideLoad};
 use super::Adapter;
 
 /// Four f32 lanes in one `q` register. Methods need NEON (the [`Lanes`] contract).
@@ -46,6 +50,45 @@ impl Vector for Neon {
     unsafe fn mul_add(self, a: Self, b: Self) -> Self {
         // SAFETY: NEON present. vfmaq_f32(acc, a, b) = acc + a·b, fused.
         Self(unsafe { vfmaq_f32(self.0, a.0, b.0) })
+    }
+}
+
+impl WideLoad<f32> for Neon {
+    #[inline(always)]
+    unsafe fn load_wide(p: *const f32) -> Self {
+        // SAFETY: forwarded (the contract of `load`).
+        unsafe { Self::load(p) }
+    }
+    #[inline(always)]
+    unsafe fn add_scaled(p: *mut f32, alpha: Self, acc: Self) {
+        // SAFETY: forwarded: 4 readable and writable floats at `p`.
+        unsafe { Self::load(p).mul_add(alpha, acc).store(p) }
+    }
+}
+
+impl WideLoad<bf16> for Neon {
+    #[inline(always)]
+    unsafe fn load_wide(p: *const bf16) -> Self {
+        // SAFETY: NEON present; 4 readable halves at `p` (2-byte aligned, from a slice).
+        // Widening shift left by 16 (`ushll`): each bf16 becomes the upper half of an f32.
+        Self(unsafe { vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p.cast::<u16>()))) })
+    }
+    #[inline(always)]
+    unsafe fn add_scaled(p: *mut bf16, alpha: Self, acc: Self) {
+        // SAFETY: NEON present; 4 readable and writable halves at `p`. The rounding is
+        // `half::bf16::from_f32`'s: to nearest even, NaN kept quiet.
+        unsafe {
+            let v = vaddq_f32(Self::load_wide(p).0, vmulq_f32(alpha.0, acc.0));
+            let bits = vreinterpretq_u32_f32(v);
+            let high = vshrq_n_u32::<16>(bits);
+            let lsb = vandq_u32(high, vdupq_n_u32(1));
+            let rounded: uint32x4_t =
+                vshrq_n_u32::<16>(vaddq_u32(bits, vaddq_u32(lsb, vdupq_n_u32(0x7fff))));
+            let quiet = vorrq_u32(high, vdupq_n_u32(0x40));
+            let abs = vandq_u32(bits, vdupq_n_u32(0x7fff_ffff));
+            let nan = vcgtq_u32(abs, vdupq_n_u32(0x7f80_0000));
+            vst1_u16(p.cast::<u16>(), vmovn_u32(vbslq_u32(nan, quiet, rounded)));
+        }
     }
 }
 
@@ -105,7 +148,7 @@ pub(super) unsafe fn product_neon_f32(
     y: ArrayViewMut2<'_, f32>,
 ) {
     // SAFETY: NEON enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Neon, 6, 4>(o, i0, y) }
+    unsafe { decode::product::<Neon, f32, 6, 4>(o, i0, y) }
 }
 
 /// Skinny product, f64, NEON (2-lane portable vectors; tiles as [`product_neon_f32`]).
@@ -119,5 +162,25 @@ pub(super) unsafe fn product_neon_f64(
     y: ArrayViewMut2<'_, f64>,
 ) {
     // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
-    unsafe { decode::product::<Portable<f64, 2>, 6, 4>(o, i0, y) }
+    unsafe { decode::product::<Portable<f64, 2>, f64, 6, 4>(o, i0, y) }
 }
+
+/// Skinny product with W stored as bf16 (X, Y and the sums in f32), NEON: each vector of W
+/// widened as it is loaded (`ushll` by 16); tiles as [`product_neon_f32`].
+///
+/// # Safety
+/// As [`product_neon_f32`].
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn product_neon_bf16(
+    o: &decode::Operands<'_, '_, f32, bf16>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f32>,
+) {
+    // SAFETY: NEON enabled here and present by our contract; arguments forwarded.
+    unsafe { decode::product::<Neon, bf16, 6, 4>(o, i0, y) }
+}
+
+/// No NEON skinny product for f16 W: widening f16 needs `fcvtl`, whose intrinsic
+/// (`vcvt_f32_f16`) is not stable Rust; an f16 layer's forward at this level widens W in
+/// panels for BLAS instead.
+pub(super) const PRODUCT_NEON_F16: Option<decode::ProductFn<f32, f16>> = None;

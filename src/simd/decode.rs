@@ -34,7 +34,7 @@ use std::ops::Range;
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 
 use super::parallel::{row_bands, run_parts};
-use super::vector::{Element, Portable, Vector};
+use super::vector::{Element, Portable, Stored, Vector, WideLoad};
 use super::SimdLevel;
 
 /// The widest vector (in lanes) the kernel body takes; sizes its lane-sum buffer.
@@ -53,20 +53,22 @@ pub(super) const CHUNK_BYTES: usize = 2048;
 const X_PREFETCH_AHEAD: usize = 64;
 
 /// One term Xₛ Wₛᵀ of a product: W-like d×kₛ and X-like n×kₛ, each with a unit column
-/// stride (or kₛ ≤ 1).
+/// stride (or kₛ ≤ 1). W is stored as `W`: the compute type `T` itself, or a half type
+/// that the kernel widens in registers as it loads it (a half layer's W, with X widened
+/// to f32 once beforehand).
 #[derive(Clone, Copy)]
-pub struct Segment<'a, T> {
+pub struct Segment<'a, T, W = T> {
     /// d×kₛ.
-    pub w: ArrayView2<'a, T>,
+    pub w: ArrayView2<'a, W>,
     /// n×kₛ.
     pub x: ArrayView2<'a, T>,
 }
 
-/// The inputs of one product: its segments and the optional bias (length d).
+/// The inputs of one product: its segments and the optional bias (length d, stored as W).
 #[derive(Clone, Copy)]
-pub struct Operands<'a, 'b, T> {
-    segments: &'b [Segment<'a, T>],
-    bias: Option<ArrayView1<'a, T>>,
+pub struct Operands<'a, 'b, T, W = T> {
+    segments: &'b [Segment<'a, T, W>],
+    bias: Option<ArrayView1<'a, W>>,
 }
 
 /// Writes the band Y[.., i0..i0 + y.ncols()] of the product `o`, where `y` is that band.
@@ -75,27 +77,33 @@ pub struct Operands<'a, 'b, T> {
 /// Every segment's views have unit column stride (or kₛ ≤ 1); the shapes chain (every
 /// segment's W d×kₛ and X n×kₛ, bias d); `y` is n×c with i0 + c ≤ d; the CPU supports
 /// the kernel's instructions.
-pub type ProductFn<T> = unsafe fn(o: &Operands<'_, '_, T>, i0: usize, y: ArrayViewMut2<'_, T>);
+pub type ProductFn<T, W = T> =
+    unsafe fn(o: &Operands<'_, '_, T, W>, i0: usize, y: ArrayViewMut2<'_, T>);
 
-/// The element types with a skinny-product kernel, and which one runs at each SIMD level.
-/// Sealed (lives in a private module); a supertrait of [`LoraFloat`](crate::LoraFloat).
-pub trait DecodeElement: Element + std::ops::Add<Output = Self> {
-    /// The kernel for `level`, if this build has one (the CPU check is the caller's).
-    fn product_kernel(level: SimdLevel) -> Option<ProductFn<Self>>;
+/// The element types with a skinny-product kernel computing in their own type. Sealed
+/// (lives in a private module); a supertrait of [`LoraFloat`](crate::LoraFloat).
+pub trait DecodeElement: Element + std::ops::Add<Output = Self> + ProductWeight<Self> {}
+
+/// The types W can be stored as in a product computing in `T`, and which kernel runs at
+/// each SIMD level: `T` itself, and for `T = f32` the half types `bf16` and `f16`. Sealed.
+pub trait ProductWeight<T: Element>: Stored<T> {
+    /// The kernel for `level`, if this build has one and (beyond the level's own features,
+    /// which the caller checks) this CPU has what it needs.
+    fn product_kernel(level: SimdLevel) -> Option<ProductFn<T, Self>>;
 }
 
-macro_rules! impl_decode_element {
-    ($t:ty, $avx2:ident, $avx512:ident, $neon:ident) => {
-        impl DecodeElement for $t {
-            fn product_kernel(level: SimdLevel) -> Option<ProductFn<Self>> {
+macro_rules! impl_product_weight {
+    ($t:ty, $w:ty, $avx2:expr, $avx512:ident, $neon:expr) => {
+        impl ProductWeight<$t> for $w {
+            fn product_kernel(level: SimdLevel) -> Option<ProductFn<$t, $w>> {
                 match level {
-                    SimdLevel::Scalar => Some(product_scalar::<$t>),
+                    SimdLevel::Scalar => Some(product_scalar::<$t, $w>),
                     #[cfg(target_arch = "x86_64")]
-                    SimdLevel::Avx2Fma => Some(super::x86::$avx2),
+                    SimdLevel::Avx2Fma => $avx2,
                     #[cfg(target_arch = "x86_64")]
                     SimdLevel::Avx512F => Some(super::x86::$avx512),
                     #[cfg(target_arch = "aarch64")]
-                    SimdLevel::Neon => Some(super::aarch64::$neon),
+                    SimdLevel::Neon => $neon,
                     #[allow(unreachable_patterns)]
                     _ => None,
                 }
@@ -103,21 +111,51 @@ macro_rules! impl_decode_element {
         }
     };
 }
-impl_decode_element!(f32, product_avx2_f32, product_avx512_f32, product_neon_f32);
-impl_decode_element!(f64, product_avx2_f64, product_avx512_f64, product_neon_f64);
+impl_product_weight!(
+    f32,
+    f32,
+    Some(super::x86::product_avx2_f32),
+    product_avx512_f32,
+    Some(super::aarch64::product_neon_f32)
+);
+impl_product_weight!(
+    f64,
+    f64,
+    Some(super::x86::product_avx2_f64),
+    product_avx512_f64,
+    Some(super::aarch64::product_neon_f64)
+);
+impl_product_weight!(
+    f32,
+    half::bf16,
+    Some(super::x86::product_avx2_bf16),
+    product_avx512_bf16,
+    Some(super::aarch64::product_neon_bf16)
+);
+// F16C (`vcvtph2ps`) is not implied by AVX2+FMA: without it the AVX2 level declines f16.
+impl_product_weight!(
+    f32,
+    half::f16,
+    is_x86_feature_detected!("f16c")
+        .then_some(super::x86::product_avx2_f16 as ProductFn<f32, half::f16>),
+    product_avx512_f16,
+    super::aarch64::PRODUCT_NEON_F16
+);
+impl DecodeElement for f32 {}
+impl DecodeElement for f64 {}
 
 /// The portable one-lane kernel: the same formula element by element. Slow without FMA
 /// (`mul_add` is then a libm call), so callers prefer BLAS at this level; the tests use it.
 ///
 /// # Safety
 /// As [`ProductFn`]; `Portable` needs no CPU feature.
-unsafe fn product_scalar<T: DecodeElement>(
-    o: &Operands<'_, '_, T>,
+unsafe fn product_scalar<T: DecodeElement, W: Stored<T>>(
+    o: &Operands<'_, '_, T, W>,
     i0: usize,
     y: ArrayViewMut2<'_, T>,
 ) {
     // SAFETY: forwarded.
-    unsafe { product::<Portable<T, 1>, 4, 4>(o, i0, y) }
+    unsafe { product::<Portable<T, 1>, W, 4, 4>(o, i0, y) }
 }
 
 /// Y = Σₛ Xₛ Wₛᵀ + b with the kernel at `level`, W's rows split into bands over up to
@@ -128,10 +166,10 @@ unsafe fn product_scalar<T: DecodeElement>(
 /// # Panics
 /// If the shapes do not chain (an internal bug: callers validate first).
 #[track_caller]
-pub(crate) fn skinny_product<'a, T: DecodeElement>(
+pub(crate) fn skinny_product<'a, T: DecodeElement, W: ProductWeight<T>>(
     level: SimdLevel,
-    segments: &[Segment<'a, T>],
-    bias: Option<ArrayView1<'a, T>>,
+    segments: &[Segment<'a, T, W>],
+    bias: Option<ArrayView1<'a, W>>,
     y: ArrayViewMut2<'_, T>,
     threads: usize,
 ) -> bool {
@@ -144,11 +182,14 @@ pub(crate) fn skinny_product<'a, T: DecodeElement>(
         "skinny product shapes do not chain into Y {:?}",
         y.dim()
     );
-    let unit = |m: &ArrayView2<'_, T>| m.ncols() <= 1 || m.strides()[1] == 1;
-    if !segments.iter().all(|s| unit(&s.w) && unit(&s.x)) || !level.is_available() {
+    let unit = |cols: usize, strides: &[isize]| cols <= 1 || strides[1] == 1;
+    let units = |s: &Segment<'_, T, W>| {
+        unit(s.w.ncols(), s.w.strides()) && unit(s.x.ncols(), s.x.strides())
+    };
+    if !segments.iter().all(units) || !level.is_available() {
         return false;
     }
-    let Some(kernel) = T::product_kernel(level) else {
+    let Some(kernel) = W::product_kernel(level) else {
         return false;
     };
     if n == 0 || d == 0 {
@@ -187,11 +228,13 @@ const BAND_ROWS: usize = 12;
 /// As [`ProductFn`], with the CPU supporting `V`'s instructions, `V::LANES ≤ MAX_LANES` and
 /// `NX ≤ 8`.
 #[inline(always)]
-pub(super) unsafe fn product<V: Vector, const MR: usize, const NX: usize>(
-    o: &Operands<'_, '_, V::Elem>,
+pub(super) unsafe fn product<V, W, const MR: usize, const NX: usize>(
+    o: &Operands<'_, '_, V::Elem, W>,
     i0: usize,
     mut y: ArrayViewMut2<'_, V::Elem>,
 ) where
+    V: WideLoad<W>,
+    W: Stored<V::Elem>,
     V::Elem: DecodeElement,
 {
     let out = Out {
@@ -208,12 +251,12 @@ pub(super) unsafe fn product<V: Vector, const MR: usize, const NX: usize>(
         let mut i = i0;
         while i + MR <= i0 + c {
             // SAFETY: rows i..i + MR ≤ i0 + c ≤ d, X rows m0..m1 ≤ n; the rest forwarded.
-            unsafe { rows::<V, MR, NX>(o, out, i, m0..m1) };
+            unsafe { rows::<V, W, MR, NX>(o, out, i, m0..m1) };
             i += MR;
         }
         while i < i0 + c {
             // SAFETY: row i < d; the rest forwarded.
-            unsafe { rows::<V, 1, NX>(o, out, i, m0..m1) };
+            unsafe { rows::<V, W, 1, NX>(o, out, i, m0..m1) };
             i += 1;
         }
         m0 = m1;
@@ -237,16 +280,18 @@ struct Out<T> {
 /// i + M ≤ d and i ≥ out.i0 inside the band, `panel` inside 0..n and at most
 /// `PANEL_GROUPS·NX` long; as [`product`].
 #[inline(always)]
-unsafe fn rows<V: Vector, const M: usize, const NX: usize>(
-    o: &Operands<'_, '_, V::Elem>,
+unsafe fn rows<V, W, const M: usize, const NX: usize>(
+    o: &Operands<'_, '_, V::Elem, W>,
     out: Out<V::Elem>,
     i: usize,
     panel: Range<usize>,
 ) where
+    V: WideLoad<W>,
+    W: Stored<V::Elem>,
     V::Elem: DecodeElement,
 {
     let l = V::LANES;
-    let chunk = (CHUNK_BYTES / std::mem::size_of::<V::Elem>()).next_multiple_of(l);
+    let chunk = (CHUNK_BYTES / std::mem::size_of::<W>()).next_multiple_of(l);
     let groups = panel.len().div_ceil(NX);
     let mut acc = [[[MaybeUninit::<V>::uninit(); NX]; M]; PANEL_GROUPS];
     let mut started = false;
@@ -279,14 +324,14 @@ unsafe fn rows<V: Vector, const M: usize, const NX: usize>(
                 // slot's entries are initialised unless `start`. The rest forwarded.
                 unsafe {
                     match (panel.end - m).min(NX) {
-                        c if c == NX => accumulate::<V, M, NX, NX>(&tile, slot),
-                        1 => accumulate::<V, M, 1, NX>(&tile, slot),
-                        2 => accumulate::<V, M, 2, NX>(&tile, slot),
-                        3 => accumulate::<V, M, 3, NX>(&tile, slot),
-                        4 => accumulate::<V, M, 4, NX>(&tile, slot),
-                        5 => accumulate::<V, M, 5, NX>(&tile, slot),
-                        6 => accumulate::<V, M, 6, NX>(&tile, slot),
-                        _ => accumulate::<V, M, 7, NX>(&tile, slot),
+                        c if c == NX => accumulate::<V, W, M, NX, NX>(&tile, slot),
+                        1 => accumulate::<V, W, M, 1, NX>(&tile, slot),
+                        2 => accumulate::<V, W, M, 2, NX>(&tile, slot),
+                        3 => accumulate::<V, W, M, 3, NX>(&tile, slot),
+                        4 => accumulate::<V, W, M, 4, NX>(&tile, slot),
+                        5 => accumulate::<V, W, M, 5, NX>(&tile, slot),
+                        6 => accumulate::<V, W, M, 6, NX>(&tile, slot),
+                        _ => accumulate::<V, W, M, 7, NX>(&tile, slot),
                     }
                 }
             }
@@ -312,11 +357,11 @@ unsafe fn rows<V: Vector, const M: usize, const NX: usize>(
                         let w = seg.w.as_ptr().offset((i + a) as isize * seg.w.strides()[0]);
                         let x = seg.x.as_ptr().offset((m + q) as isize * seg.x.strides()[0]);
                         for j in k - k % l..k {
-                            s = s.fused_add(*w.add(j), *x.add(j));
+                            s = s.fused_add((*w.add(j)).widen(), *x.add(j));
                         }
                     }
                     if let Some(b) = &o.bias {
-                        s = s + *b.uget(i + a);
+                        s = s + b.uget(i + a).widen();
                     }
                     let at = (m + q) as isize * out.row + (i + a - out.i0) as isize * out.col;
                     *out.ptr.offset(at) = s;
@@ -330,8 +375,8 @@ unsafe fn rows<V: Vector, const M: usize, const NX: usize>(
 /// columns `cols` (whole vectors); `start`: begin at 0 rather than the slot's values;
 /// `prefetch`: the rows of the block it prefetches `ahead` elements on from each column
 /// (into the next chunk, or from the last chunk into the next block's rows).
-struct Tile<'s, 'a, T> {
-    seg: &'s Segment<'a, T>,
+struct Tile<'s, 'a, T, W> {
+    seg: &'s Segment<'a, T, W>,
     i: usize,
     m: usize,
     cols: Range<usize>,
@@ -348,10 +393,12 @@ struct Tile<'s, 'a, T> {
 /// vectors, `t.prefetch` within 0..M; `slot`'s first N entries per row are initialised
 /// unless `t.start`; as [`product`].
 #[inline(always)]
-unsafe fn accumulate<V: Vector, const M: usize, const N: usize, const NX: usize>(
-    t: &Tile<'_, '_, V::Elem>,
+unsafe fn accumulate<V, W, const M: usize, const N: usize, const NX: usize>(
+    t: &Tile<'_, '_, V::Elem, W>,
     slot: &mut [[MaybeUninit<V>; NX]; M],
 ) where
+    V: WideLoad<W>,
+    W: Stored<V::Elem>,
     V::Elem: DecodeElement,
 {
     let l = V::LANES;
@@ -361,7 +408,7 @@ unsafe fn accumulate<V: Vector, const M: usize, const N: usize, const NX: usize>
     // every vector load covers j..j + l ≤ t.cols.end ≤ kₛ. Prefetches never fault. The CPU
     // supports `V` (the contract). `slot` is read only where initialised (the contract).
     unsafe {
-        let w: [*const V::Elem; M] =
+        let w: [*const W; M] =
             std::array::from_fn(|a| sw.as_ptr().offset((t.i + a) as isize * sw.strides()[0]));
         let x: [*const V::Elem; N] =
             std::array::from_fn(|q| sx.as_ptr().offset((t.m + q) as isize * sx.strides()[0]));
@@ -373,14 +420,14 @@ unsafe fn accumulate<V: Vector, const M: usize, const N: usize, const NX: usize>
         let mut j = t.cols.start;
         while j < t.cols.end {
             for a in t.prefetch.clone() {
-                V::prefetch(w[a].wrapping_offset(j as isize + t.ahead));
+                V::prefetch(w[a].wrapping_offset(j as isize + t.ahead).cast());
             }
             for x in &x {
                 V::prefetch(x.wrapping_add(j + X_PREFETCH_AHEAD));
             }
             let xv: [V; N] = std::array::from_fn(|q| V::load(x[q].add(j)));
             for (acc, w) in acc.iter_mut().zip(&w) {
-                let wv = V::load(w.add(j));
+                let wv = V::load_wide(w.add(j));
                 for (acc, xv) in acc.iter_mut().zip(&xv) {
                     *acc = acc.mul_add(wv, *xv);
                 }
