@@ -13,9 +13,13 @@ use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
 
 use half::{bf16, f16};
 
+use crate::backend::kernel_threads;
+use crate::blas::count;
 use crate::matmul::{add_terms_same, gemm, skinny_add_terms, skinny_base, LoraTerm};
 use crate::scratch::LoraScratch;
 use crate::simd::decode::ProductWeight;
+use crate::simd::rank_update::{fused_rank_update, UpdateWeight};
+use crate::simd::{simd_level, SimdLevel};
 use crate::update::{UPDATE_BAND_ELEMENTS, UPDATE_BAND_MIN_ROWS};
 
 /// f32 elements of W widened per panel of the base product (4 MiB): large enough that each
@@ -23,7 +27,7 @@ use crate::update::{UPDATE_BAND_ELEMENTS, UPDATE_BAND_MIN_ROWS};
 const PANEL_ELEMENTS: usize = 1 << 20;
 
 /// `bf16` or `f16`: a half type and its exact widening to f32 and rounding from it.
-pub trait HalfElement: ProductWeight<f32> {
+pub trait HalfElement: ProductWeight<f32> + UpdateWeight<f32> {
     /// Rounds an f32 to this type (to nearest even; ±∞ when out of range).
     fn narrow(v: f32) -> Self;
 }
@@ -132,14 +136,24 @@ fn base_product<H: HalfElement>(
     }
 }
 
-/// W ← H( f32(W) + α·B A ): α·B A formed in f32 by `sgemm`, one band of rows at a time into
-/// a small temporary, then added to each element of W with one rounding into H.
+/// W ← H( f32(W) + fl(α·B A) ): the fused kernel (`simd::rank_update`) where it applies,
+/// which widens W in registers and rounds each element once as it stores it (no
+/// temporary); otherwise α·B A formed in f32 by `sgemm`, one band of rows at a time into a
+/// small temporary, then added to each element of W with one rounding into H. Either way
+/// ΔW = fl(α·acc) is rounded to f32 before the sum, as PEFT forms it.
 pub(crate) fn rank_update<H: HalfElement>(
     alpha: f32,
     b: ArrayView2<'_, f32>,
     a: ArrayView2<'_, f32>,
     mut w: ArrayViewMut2<'_, H>,
 ) {
+    let level = simd_level();
+    if level != SimdLevel::Scalar
+        && fused_rank_update(level, alpha, b, a, w.view_mut(), kernel_threads())
+    {
+        count(|c| c.fused_updates += 1);
+        return;
+    }
     let (d, k) = w.dim();
     if d == 0 || k == 0 {
         return;

@@ -123,7 +123,7 @@ pub(super) unsafe fn forward_neon(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn update_neon_f32(o: &Operands<f32>) {
     // SAFETY: NEON enabled here and present by our contract; operands forwarded.
-    unsafe { rank_update::update::<Neon>(o) }
+    unsafe { rank_update::update::<Neon, f32>(o) }
 }
 
 /// Merge update, f64, NEON (2-lane portable vectors).
@@ -133,7 +133,19 @@ pub(super) unsafe fn update_neon_f32(o: &Operands<f32>) {
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn update_neon_f64(o: &Operands<f64>) {
     // SAFETY: `Portable` needs no particular CPU feature; operands forwarded.
-    unsafe { rank_update::update::<Portable<f64, 2>>(o) }
+    unsafe { rank_update::update::<Portable<f64, 2>, f64>(o) }
+}
+
+/// Merge update of a bf16 W (f32 factors), NEON: each vector of W widened as it is loaded,
+/// W ← bf16(f32(W) + fl(α·acc)) rounded to nearest even in integer lanes. (No f16 kernel:
+/// see [`PRODUCT_NEON_F16`]; an f16 merge at this level uses the banded gemm.)
+///
+/// # Safety
+/// As [`update_neon_f32`].
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn update_neon_bf16(o: &Operands<f32, bf16>) {
+    // SAFETY: NEON enabled here and present by our contract; operands forwarded.
+    unsafe { rank_update::update::<Neon, bf16>(o) }
 }
 
 /// Skinny product (see [`decode`]), f32, NEON: 6 rows of W × 4 rows of X per tile (24

@@ -281,7 +281,7 @@ unsafe fn store_bf16_ymm(v: __m256, p: *mut bf16) {
 unsafe fn store_f16_ymm(v: __m256, p: *mut f16) {
     // SAFETY: by this function's contract; `storeu` needs no alignment.
     unsafe {
-        let h = _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
         _mm_storeu_si128(p.cast::<__m128i>(), h);
     }
 }
@@ -374,7 +374,7 @@ pub(super) unsafe fn forward_width16_on_avx2(a: Adapter<'_>, x: &[f32], y: &mut 
 #[inline(never)]
 pub(super) unsafe fn update_avx2_f32(o: &Operands<f32>) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; operands forwarded.
-    unsafe { rank_update::update::<Avx2>(o) }
+    unsafe { rank_update::update::<Avx2, f32>(o) }
 }
 
 /// Merge update, f64, AVX2+FMA.
@@ -385,7 +385,7 @@ pub(super) unsafe fn update_avx2_f32(o: &Operands<f32>) {
 #[inline(never)]
 pub(super) unsafe fn update_avx2_f64(o: &Operands<f64>) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; operands forwarded.
-    unsafe { rank_update::update::<Avx2F64>(o) }
+    unsafe { rank_update::update::<Avx2F64, f64>(o) }
 }
 
 /// Merge update, f32, AVX-512F (16 lanes in `zmm` registers).
@@ -396,7 +396,7 @@ pub(super) unsafe fn update_avx2_f64(o: &Operands<f64>) {
 #[inline(never)]
 pub(super) unsafe fn update_avx512_f32(o: &Operands<f32>) {
     // SAFETY: AVX-512F enabled here and present by our contract; operands forwarded.
-    unsafe { rank_update::update::<Avx512>(o) }
+    unsafe { rank_update::update::<Avx512, f32>(o) }
 }
 
 /// Merge update, f64, AVX-512F (8 lanes in `zmm` registers).
@@ -407,7 +407,55 @@ pub(super) unsafe fn update_avx512_f32(o: &Operands<f32>) {
 #[inline(never)]
 pub(super) unsafe fn update_avx512_f64(o: &Operands<f64>) {
     // SAFETY: AVX-512F enabled here and present by our contract; operands forwarded.
-    unsafe { rank_update::update::<Avx512F64>(o) }
+    unsafe { rank_update::update::<Avx512F64, f64>(o) }
+}
+
+/// Merge update of a bf16 W (f32 factors), AVX2+FMA: each vector of W widened as it is
+/// loaded, W ← bf16(f32(W) + fl(α·acc)) rounded to nearest even in integer lanes.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `o` satisfies the [`rank_update::UpdateFn`] contract.
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+pub(super) unsafe fn update_avx2_bf16(o: &Operands<f32, bf16>) {
+    // SAFETY: AVX2+FMA enabled here and present by our contract; operands forwarded.
+    unsafe { rank_update::update::<Avx2, bf16>(o) }
+}
+
+/// Merge update of an f16 W (f32 factors), AVX2+FMA+F16C: `vcvtph2ps` in, W ←
+/// f16(f32(W) + fl(α·acc)) by `vcvtps2ph` (to nearest even) out.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `o` satisfies the [`rank_update::UpdateFn`]
+/// contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+pub(super) unsafe fn update_avx2_f16(o: &Operands<f32, f16>) {
+    // SAFETY: AVX2, FMA and F16C enabled here and present by our contract; operands
+    // forwarded.
+    unsafe { rank_update::update::<Avx2, f16>(o) }
+}
+
+/// Merge update of a bf16 W (f32 factors), AVX-512F (as [`update_avx2_bf16`], 16 lanes).
+///
+/// # Safety
+/// The CPU supports AVX-512F; `o` satisfies the [`rank_update::UpdateFn`] contract.
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn update_avx512_bf16(o: &Operands<f32, bf16>) {
+    // SAFETY: AVX-512F enabled here and present by our contract; operands forwarded.
+    unsafe { rank_update::update::<Avx512, bf16>(o) }
+}
+
+/// Merge update of an f16 W (f32 factors), AVX-512F (as [`update_avx2_f16`], 16 lanes).
+///
+/// # Safety
+/// The CPU supports AVX-512F; `o` satisfies the [`rank_update::UpdateFn`] contract.
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn update_avx512_f16(o: &Operands<f32, f16>) {
+    // SAFETY: AVX-512F enabled here and present by our contract; operands forwarded.
+    unsafe { rank_update::update::<Avx512, f16>(o) }
 }
 
 /// Test-only: the AVX-512 f32 update's width (16 lanes, portable vectors) compiled for
@@ -419,7 +467,7 @@ pub(super) unsafe fn update_avx512_f64(o: &Operands<f64>) {
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn update_width16_on_avx2_f32(o: &Operands<f32>) {
     // SAFETY: `Portable` needs no particular CPU feature; operands forwarded.
-    unsafe { rank_update::update::<Portable<f32, 16>>(o) }
+    unsafe { rank_update::update::<Portable<f32, 16>, f32>(o) }
 }
 
 /// Test-only: the AVX-512 f64 update's width (8 lanes) compiled for AVX2+FMA.
@@ -430,7 +478,7 @@ pub(super) unsafe fn update_width16_on_avx2_f32(o: &Operands<f32>) {
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn update_width8_on_avx2_f64(o: &Operands<f64>) {
     // SAFETY: `Portable` needs no particular CPU feature; operands forwarded.
-    unsafe { rank_update::update::<Portable<f64, 8>>(o) }
+    unsafe { rank_update::update::<Portable<f64, 8>, f64>(o) }
 }
 
 /// Skinny product (see [`decode`]), f32, AVX2+FMA: 4 rows of W × 3 rows of X per tile (12
