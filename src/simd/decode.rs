@@ -471,20 +471,21 @@ mod tests {
 
     use super::*;
     use crate::simd::parallel::tests::with_spawn_failing;
+    use crate::simd::vector::tests::FromF32;
 
-    fn pattern<T: From<f32>>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
+    fn pattern<T: FromF32>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
         Array2::from_shape_fn((rows, cols), |(i, j)| {
-            T::from((((i * cols + j) as f32 + seed) * 0.754_877_7).fract() - 0.5)
+            T::from_f32((((i * cols + j) as f32 + seed) * 0.754_877_7).fract() - 0.5)
         })
     }
 
     /// One product's operands, owned, in standard layout: (W-like, X-like) per segment.
-    struct Case<T> {
-        segments: Vec<(Array2<T>, Array2<T>)>,
-        bias: Option<Array1<T>>,
+    struct Case<T, W = T> {
+        segments: Vec<(Array2<W>, Array2<T>)>,
+        bias: Option<Array1<W>>,
     }
 
-    impl<T: DecodeElement + From<f32>> Case<T> {
+    impl<T: FromF32, W: FromF32> Case<T, W> {
         /// The segment (W d×k, X n×k), then one (B d×r, C n×r) per rank.
         fn new(d: usize, k: usize, n: usize, bias: bool, ranks: &[usize]) -> Self {
             let mut segments = vec![(pattern(d, k, 2.0), pattern(n, k, 1.0))];
@@ -505,22 +506,22 @@ mod tests {
 
     /// The product in f64 and, per element, the sum of the magnitudes of its terms (which
     /// scales the rounding error bound).
-    fn reference<T: Into<f64> + Copy>(c: &Case<T>) -> (Array2<f64>, Array2<f64>) {
-        let f = |v: &T| -> f64 { (*v).into() };
+    fn reference<T: FromF32, W: FromF32>(c: &Case<T, W>) -> (Array2<f64>, Array2<f64>) {
         let (n, d) = (c.segments[0].1.nrows(), c.segments[0].0.nrows());
         let mut value = Array2::zeros((n, d));
         let mut size = Array2::zeros((n, d));
         for ((m, i), v) in value.indexed_iter_mut() {
             let (mut sum, mut mag) = (0.0, 0.0);
             for (w, x) in &c.segments {
-                for (w, x) in w.row(i).iter().zip(x.row(m)) {
-                    sum += f(w) * f(x);
-                    mag += (f(w) * f(x)).abs();
+                for (&w, &x) in w.row(i).iter().zip(x.row(m)) {
+                    let p = w.into() * x.into();
+                    sum += p;
+                    mag += p.abs();
                 }
             }
             if let Some(b) = &c.bias {
-                sum += f(&b[i]);
-                mag += f(&b[i]).abs();
+                sum += b[i].into();
+                mag += b[i].into().abs();
             }
             *v = sum;
             size[[m, i]] = mag;
@@ -539,12 +540,12 @@ mod tests {
     }
 
     /// The backing array of `a` laid out per `layout`; [`view_of`] finds `a` inside it.
-    fn place<T: Copy + From<f32>>(a: &Array2<T>, layout: usize) -> Array2<T> {
+    fn place<T: FromF32>(a: &Array2<T>, layout: usize) -> Array2<T> {
         let (r, c) = a.dim();
         match layout {
             0 => a.clone(),
             1 => {
-                let mut wide = Array2::from_elem((r, c + 3), T::from(f32::NAN));
+                let mut wide = Array2::from_elem((r, c + 3), T::from_f32(f32::NAN));
                 wide.slice_mut(s![.., 1..c + 1]).assign(a);
                 wide
             }
@@ -562,9 +563,9 @@ mod tests {
 
     /// Runs `kernel` directly on the bands of W's rows that start at `cuts` (and 0), with
     /// the operands laid out per `layout`; returns Y in standard layout.
-    fn run<T: DecodeElement + From<f32> + Into<f64>>(
-        kernel: ProductFn<T>,
-        c: &Case<T>,
+    fn run<T: DecodeElement + FromF32, W: FromF32>(
+        kernel: ProductFn<T, W>,
+        c: &Case<T, W>,
         layout: Layout,
         cuts: &[usize],
     ) -> Array2<T> {
@@ -586,7 +587,7 @@ mod tests {
             segments: &segments,
             bias: c.bias.as_ref().map(|b| b.view()),
         };
-        let nan = T::from(f32::NAN);
+        let nan = T::from_f32(f32::NAN);
         let mut yb = match layout.y {
             1 => Array2::from_elem((n, d).f(), nan),
             2 => Array2::from_elem((2 * n + 1, d + 4), nan),
@@ -623,13 +624,13 @@ mod tests {
     }
 
     /// Every kernel this host runs, by name, and `extra`.
-    fn kernels<T: DecodeElement>(
-        extra: &[(&'static str, ProductFn<T>)],
-    ) -> Vec<(&'static str, ProductFn<T>)> {
+    fn kernels<T: DecodeElement, W: ProductWeight<T>>(
+        extra: &[(&'static str, ProductFn<T, W>)],
+    ) -> Vec<(&'static str, ProductFn<T, W>)> {
         let mut out: Vec<_> = SimdLevel::ALL
             .into_iter()
             .filter(|l| l.is_available())
-            .filter_map(|l| T::product_kernel(l).map(|k| (l.as_str(), k)))
+            .filter_map(|l| W::product_kernel(l).map(|k| (l.as_str(), k)))
             .collect();
         out.extend_from_slice(extra);
         out
@@ -639,13 +640,16 @@ mod tests {
     ///
     /// # Safety
     /// As [`ProductFn`].
-    unsafe fn portable<T: DecodeElement, const L: usize, const MR: usize, const NX: usize>(
-        o: &Operands<'_, '_, T>,
+    unsafe fn portable<T, W, const L: usize, const MR: usize, const NX: usize>(
+        o: &Operands<'_, '_, T, W>,
         i0: usize,
         y: ArrayViewMut2<'_, T>,
-    ) {
+    ) where
+        T: DecodeElement,
+        W: Stored<T>,
+    {
         // SAFETY: forwarded; `Portable` needs no CPU feature.
-        unsafe { product::<Portable<T, L>, MR, NX>(o, i0, y) }
+        unsafe { product::<Portable<T, L>, W, MR, NX>(o, i0, y) }
     }
 
     /// The bits of `v` widened to f64 (exact, so equal bits ⇔ equal bits in `T`).
@@ -653,11 +657,15 @@ mod tests {
         v.into().to_bits()
     }
 
-    fn check_all<T>(extra: &[(&'static str, ProductFn<T>)], same_formula: &[ProductFn<T>], eps: f64)
-    where
-        T: DecodeElement + From<f32> + Into<f64>,
+    fn check_all<T, W>(
+        extra: &[(&'static str, ProductFn<T, W>)],
+        same_formula: &[ProductFn<T, W>],
+        eps: f64,
+    ) where
+        T: DecodeElement + FromF32,
+        W: ProductWeight<T> + FromF32,
     {
-        let all = kernels::<T>(extra);
+        let all = kernels::<T, W>(extra);
         let names: Vec<_> = all.iter().map(|k| k.0).collect();
         println!("kernels tested: {names:?}");
         let mut case_no = 0usize;
@@ -676,7 +684,7 @@ mod tests {
                 1 => &[3],
                 _ => &[1, 16],
             };
-            let c = Case::<T>::new(d, k, n, bias, ranks);
+            let c = Case::<T, W>::new(d, k, n, bias, ranks);
             let (want, size) = reference(&c);
             let plain = Layout { operands: 0, y: 0 };
             let terms: usize = c.segments.iter().map(|s| s.0.ncols()).sum();
@@ -724,7 +732,7 @@ mod tests {
                 super::super::x86::product_width16_on_avx2_f32,
             )]
         } else {
-            vec![("portable 16", portable::<f32, 16, 6, 4>)]
+            vec![("portable 16", portable::<f32, f32, 16, 6, 4>)]
         }
     }
 
@@ -736,31 +744,31 @@ mod tests {
                 super::super::x86::product_width8_on_avx2_f64,
             )]
         } else {
-            vec![("portable 8", portable::<f64, 8, 6, 4>)]
+            vec![("portable 8", portable::<f64, f64, 8, 6, 4>)]
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     fn wide_f32() -> Vec<(&'static str, ProductFn<f32>)> {
-        vec![("portable 16", portable::<f32, 16, 6, 4>)]
+        vec![("portable 16", portable::<f32, f32, 16, 6, 4>)]
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     fn wide_f64() -> Vec<(&'static str, ProductFn<f64>)> {
-        vec![("portable 8", portable::<f64, 8, 6, 4>)]
+        vec![("portable 8", portable::<f64, f64, 8, 6, 4>)]
     }
 
     #[test]
     fn every_kernel_matches_the_f64_reference_and_is_split_invariant_f32() {
         let mut extra = wide_f32();
-        extra.push(("portable 4", portable::<f32, 4, 4, 4>));
-        check_all::<f32>(
+        extra.push(("portable 4", portable::<f32, f32, 4, 4, 4>));
+        check_all::<f32, f32>(
             &extra,
             &[
-                portable::<f32, 4, 4, 4>,
-                portable::<f32, 4, 1, 1>,
-                portable::<f32, 4, 3, 5>,
-                portable::<f32, 4, 6, 8>,
+                portable::<f32, f32, 4, 4, 4>,
+                portable::<f32, f32, 4, 1, 1>,
+                portable::<f32, f32, 4, 3, 5>,
+                portable::<f32, f32, 4, 6, 8>,
             ],
             f32::EPSILON as f64,
         );
@@ -769,16 +777,45 @@ mod tests {
     #[test]
     fn every_kernel_matches_the_f64_reference_and_is_split_invariant_f64() {
         let mut extra = wide_f64();
-        extra.push(("portable 2", portable::<f64, 2, 4, 4>));
-        check_all::<f64>(
+        extra.push(("portable 2", portable::<f64, f64, 2, 4, 4>));
+        check_all::<f64, f64>(
             &extra,
             &[
-                portable::<f64, 2, 4, 4>,
-                portable::<f64, 2, 1, 1>,
-                portable::<f64, 2, 5, 3>,
+                portable::<f64, f64, 2, 4, 4>,
+                portable::<f64, f64, 2, 1, 1>,
+                portable::<f64, f64, 2, 5, 3>,
             ],
             f64::EPSILON,
         );
+    }
+
+    /// A half W (X, Y and the sums in f32): every level's kernel that this CPU runs, and the
+    /// portable body at widths 4 and 16, against the f64 reference of the widened W, and
+    /// bit-identical over layouts, row splits and tile shapes.
+    fn check_half<W: ProductWeight<f32> + FromF32>() {
+        let extra: [(&'static str, ProductFn<f32, W>); 2] = [
+            ("portable 4", portable::<f32, W, 4, 4, 4>),
+            ("portable 16", portable::<f32, W, 16, 6, 4>),
+        ];
+        check_all::<f32, W>(
+            &extra,
+            &[
+                portable::<f32, W, 4, 4, 4>,
+                portable::<f32, W, 4, 1, 1>,
+                portable::<f32, W, 4, 3, 5>,
+            ],
+            f32::EPSILON as f64,
+        );
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f64_reference_and_is_split_invariant_bf16_w() {
+        check_half::<half::bf16>();
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f64_reference_and_is_split_invariant_f16_w() {
+        check_half::<half::f16>();
     }
 
     /// The safe entry: declines layouts it cannot read and levels this CPU lacks (Y

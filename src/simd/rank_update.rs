@@ -518,19 +518,20 @@ mod tests {
 
     use super::*;
     use crate::simd::parallel::tests::with_spawn_failing;
+    use crate::simd::vector::tests::FromF32;
 
-    fn pattern<T: From<f32>>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
+    fn pattern<T: FromF32>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
         Array2::from_shape_fn((rows, cols), |(i, j)| {
-            T::from((((i * cols + j) as f32 + seed) * 0.754_877_7).fract() - 0.5)
+            T::from_f32((((i * cols + j) as f32 + seed) * 0.754_877_7).fract() - 0.5)
         })
     }
 
     /// W + α·B A accumulated in f64.
-    fn reference<T: Into<f64> + Copy>(
+    fn reference<T: Into<f64> + Copy, W: Into<f64> + Copy>(
         alpha: T,
         b: &Array2<T>,
         a: &Array2<T>,
-        w: &Array2<T>,
+        w: &Array2<W>,
     ) -> Array2<f64> {
         Array2::from_shape_fn(w.dim(), |(i, j)| {
             let dot: f64 = (0..a.nrows())
@@ -541,13 +542,13 @@ mod tests {
     }
 
     /// Every kernel this host can run, by name, for one element type.
-    fn kernels<T: UpdateElement>(
-        extra: &[(&'static str, UpdateFn<T>)],
-    ) -> Vec<(&'static str, UpdateFn<T>)> {
+    fn kernels<T: Element, W: UpdateWeight<T>>(
+        extra: &[(&'static str, UpdateFn<T, W>)],
+    ) -> Vec<(&'static str, UpdateFn<T, W>)> {
         let mut out: Vec<_> = SimdLevel::ALL
             .into_iter()
             .filter(|l| l.is_available())
-            .filter_map(|l| T::kernel(l).map(|k| (l.as_str(), k)))
+            .filter_map(|l| W::kernel(l).map(|k| (l.as_str(), k)))
             .collect();
         out.extend_from_slice(extra);
         out
@@ -556,16 +557,16 @@ mod tests {
     /// Runs `kernel` on W laid out as `w_layout` (0 C, 1 F, 2 sub-view of a wider array, 3
     /// rows reversed) with B and A in C or F order; returns W as a standard array.
     #[allow(clippy::too_many_arguments)]
-    fn run_layout<T: Element + From<f32> + Into<f64>>(
-        kernel: UpdateFn<T>,
+    fn run_layout<T: Element + FromF32, W: Stored<T> + FromF32>(
+        kernel: UpdateFn<T, W>,
         alpha: T,
         b: &Array2<T>,
         a: &Array2<T>,
-        w: &Array2<T>,
+        w: &Array2<W>,
         w_layout: usize,
         f_order_factors: bool,
         threads: usize,
-    ) -> Array2<T> {
+    ) -> Array2<W> {
         let (b, a) = if f_order_factors {
             let mut bf = Array2::from_elem(b.dim().f(), T::ZERO);
             bf.assign(b);
@@ -583,7 +584,7 @@ mod tests {
                 let mut wl = if w_layout == 0 {
                     w.clone()
                 } else {
-                    let mut wf = Array2::from_elem((d, k).f(), T::ZERO);
+                    let mut wf = Array2::from_elem((d, k).f(), W::from_f32(0.0));
                     wf.assign(w);
                     wf
                 };
@@ -594,12 +595,12 @@ mod tests {
                 wl.as_standard_layout().into_owned()
             }
             2 => {
-                let mut wide = Array2::from_elem((d, k + 5), T::from(f32::NAN));
+                let mut wide = Array2::from_elem((d, k + 5), W::from_f32(f32::NAN));
                 wide.slice_mut(s![.., 2..k + 2]).assign(w);
                 let view = wide.slice_mut(s![.., 2..k + 2]);
                 // SAFETY: as stated above the match.
                 assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view, threads) });
-                let untouched = |v: &T| Into::<f64>::into(*v).is_nan();
+                let untouched = |v: &W| Into::<f64>::into(*v).is_nan();
                 assert!(
                     wide.slice(s![.., ..2]).iter().all(untouched),
                     "left pad written"
@@ -622,13 +623,17 @@ mod tests {
         }
     }
 
-    fn check_all<T>(extra: &[(&'static str, UpdateFn<T>)], eps: f64)
+    /// Every kernel on W stored as `W` against the f64 reference (error at most `eps_w` of
+    /// the result, W's own rounding, plus `eps`·(r + 2) of its scale, the sums'), and bit for
+    /// bit against the one-lane kernel, over sizes, ranks, layouts and row splits.
+    fn check_all<T, W>(extra: &[(&'static str, UpdateFn<T, W>)], eps: f64, eps_w: f64)
     where
-        T: UpdateElement + From<f32> + Into<f64>,
+        T: Element + FromF32,
+        W: UpdateWeight<T> + FromF32 + PartialEq + std::fmt::Debug,
     {
-        let names: Vec<_> = kernels::<T>(extra).iter().map(|k| k.0).collect();
+        let names: Vec<_> = kernels::<T, W>(extra).iter().map(|k| k.0).collect();
         println!("kernels tested: {names:?}");
-        let alpha = T::from(-0.625);
+        let alpha = T::from_f32(-0.625);
         for (d, k) in [
             (1, 1),
             (2, 3),
@@ -640,13 +645,13 @@ mod tests {
         ] {
             for r in [1, 2, 3, 8, 17, MAX_FUSED_RANK] {
                 let (w, a, b) = (
-                    pattern::<T>(d, k, 1.0),
+                    pattern::<W>(d, k, 1.0),
                     pattern::<T>(r, k, 2.0),
                     pattern::<T>(d, r, 3.0),
                 );
                 let want = reference(alpha, &b, &a, &w);
-                let scalar = run_layout(update_scalar::<T>, alpha, &b, &a, &w, 0, false, 1);
-                for &(name, kernel) in &kernels::<T>(extra) {
+                let scalar = run_layout(update_scalar::<T, W>, alpha, &b, &a, &w, 0, false, 1);
+                for &(name, kernel) in &kernels::<T, W>(extra) {
                     for w_layout in 0..4 {
                         for f_order in [false, true] {
                             // Rows split over threads too (bands of whole tiles); for
@@ -662,7 +667,8 @@ mod tests {
                                 run()
                             };
                             for ((idx, g), want) in got.indexed_iter().zip(&want) {
-                                let bound = eps * (r as f64 + 2.0) * (want.abs() + 1.0);
+                                let bound = eps_w * want.abs()
+                                    + eps * (r as f64 + 2.0) * (want.abs() + 1.0);
                                 let g: f64 = (*g).into();
                                 assert!(
                                     (g - want).abs() <= bound,
@@ -683,10 +689,10 @@ mod tests {
     /// The bodies the host's own levels do not cover: a narrow portable width, and the
     /// AVX-512 body (16 f32 / 8 f64 lanes), compiled for AVX2 on x86-64 (when the CPU has it)
     /// or portable elsewhere.
-    fn extra<T: Element>(
-        narrow: (&'static str, UpdateFn<T>),
-        wide: (&'static str, UpdateFn<T>, bool),
-    ) -> Vec<(&'static str, UpdateFn<T>)> {
+    fn extra<T: Element, W>(
+        narrow: (&'static str, UpdateFn<T, W>),
+        wide: (&'static str, UpdateFn<T, W>, bool),
+    ) -> Vec<(&'static str, UpdateFn<T, W>)> {
         let mut v = vec![narrow];
         if wide.2 {
             v.push((wide.0, wide.1));
@@ -728,25 +734,69 @@ mod tests {
     ///
     /// # Safety
     /// As [`UpdateFn`].
-    unsafe fn update_portable<T: Element, const L: usize>(o: &Operands<T>) {
+    unsafe fn update_portable<T: Element, W: Stored<T>, const L: usize>(o: &Operands<T, W>) {
         // SAFETY: forwarded; `Portable` needs no CPU feature.
-        unsafe { update::<Portable<T, L>>(o) }
+        unsafe { update::<Portable<T, L>, W>(o) }
     }
 
     #[test]
     fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_f32() {
-        check_all::<f32>(
-            &extra(("portable 4", update_portable::<f32, 4>), wide_f32()),
+        check_all::<f32, f32>(
+            &extra(("portable 4", update_portable::<f32, f32, 4>), wide_f32()),
             f32::EPSILON as f64,
+            0.0,
         );
     }
 
     #[test]
     fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_f64() {
-        check_all::<f64>(
-            &extra(("portable 2", update_portable::<f64, 2>), wide_f64()),
+        check_all::<f64, f64>(
+            &extra(("portable 2", update_portable::<f64, f64, 2>), wide_f64()),
             f64::EPSILON,
+            0.0,
         );
+    }
+
+    /// A half W with f32 factors: the kernels (and the portable body at widths 4 and 16)
+    /// within one rounding of W's type of the f64 reference, bit for bit equal to the
+    /// one-lane kernel, and equal to the formula H(f32(w) + fl(α·acc)) with acc the f32 FMA
+    /// chain over p = 0..r, evaluated here element by element.
+    fn check_half<W: UpdateWeight<f32> + FromF32 + PartialEq + std::fmt::Debug>(eps_w: f64) {
+        let extra: Vec<(&'static str, UpdateFn<f32, W>)> = vec![
+            ("portable 4", update_portable::<f32, W, 4>),
+            ("portable 16", update_portable::<f32, W, 16>),
+        ];
+        check_all::<f32, W>(&extra, f32::EPSILON as f64, eps_w);
+        let alpha = 0.375_f32;
+        for (d, k, r) in [(7, 37, 3), (13, 130, 16)] {
+            let (w, a, b) = (
+                pattern::<W>(d, k, 1.0),
+                pattern::<f32>(r, k, 2.0),
+                pattern::<f32>(d, r, 3.0),
+            );
+            let want = Array2::from_shape_fn((d, k), |(i, j)| {
+                let acc = (0..r).fold(0.0_f32, |acc, p| b[[i, p]].mul_add(a[[p, j]], acc));
+                let wf = Into::<f64>::into(w[[i, j]]) as f32; // exact
+                W::from_f32(wf + alpha * acc)
+            });
+            for (name, kernel) in kernels::<f32, W>(&extra) {
+                let got = run_layout(kernel, alpha, &b, &a, &w, 0, false, 1);
+                assert!(
+                    got == want,
+                    "{name} d{d} k{k} r{r}: not PEFT's rounding order"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_bf16_w() {
+        check_half::<half::bf16>(f64::from(half::bf16::EPSILON.to_f32()));
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_f16_w() {
+        check_half::<half::f16>(f64::from(half::f16::EPSILON.to_f32()));
     }
 
     #[test]

@@ -237,3 +237,32 @@ impl<T: Element, S: Stored<T>, const L: usize> WideLoad<S> for Portable<T, L> {
         }
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    /// The element types of the kernel tests' operands, made from f32 (rounded for the half
+    /// types) and widened exactly to f64 for the references.
+    pub(in crate::simd) trait FromF32: Copy + Into<f64> {
+        fn from_f32(v: f32) -> Self;
+    }
+    impl FromF32 for f32 {
+        fn from_f32(v: f32) -> Self {
+            v
+        }
+    }
+    impl FromF32 for f64 {
+        fn from_f32(v: f32) -> Self {
+            v.into()
+        }
+    }
+    impl FromF32 for half::bf16 {
+        fn from_f32(v: f32) -> Self {
+            half::bf16::from_f32(v)
+        }
+    }
+    impl FromF32 for half::f16 {
+        fn from_f32(v: f32) -> Self {
+            half::f16::from_f32(v)
+        }
+    }
+}
