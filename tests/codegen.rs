@@ -31,6 +31,9 @@ enum Isa {
     Avx2,
     /// `#[target_feature(enable = "avx512f")]`: FMAs on `zmm` registers.
     Avx512,
+    /// A conversion kernel (half ↔ f32 over a row), AVX2 or AVX-512F: no arithmetic, so no
+    /// FMA expected; the widening instruction is (see [`Storage`]).
+    Convert,
 }
 
 /// How a kernel reads W: in its compute type, or as a half type it must widen in registers.
@@ -67,6 +70,14 @@ const KERNELS: &[(&str, Isa, Storage)] = &[
     ("ndlora::simd::x86::product_avx2_f16", Isa::Avx2, F16),
     ("ndlora::simd::x86::product_avx512_bf16", Isa::Avx512, Bf16),
     ("ndlora::simd::x86::product_avx512_f16", Isa::Avx512, F16),
+    ("ndlora::simd::x86::widen_avx2_bf16", Isa::Convert, Bf16),
+    ("ndlora::simd::x86::widen_avx2_f16", Isa::Convert, F16),
+    ("ndlora::simd::x86::widen_avx512_bf16", Isa::Convert, Bf16),
+    ("ndlora::simd::x86::widen_avx512_f16", Isa::Convert, F16),
+    ("ndlora::simd::x86::round_avx2_bf16", Isa::Convert, Same),
+    ("ndlora::simd::x86::round_avx2_f16", Isa::Convert, Same),
+    ("ndlora::simd::x86::round_avx512_bf16", Isa::Convert, Same),
+    ("ndlora::simd::x86::round_avx512_f16", Isa::Convert, Same),
 ];
 
 /// Functions under this path must all be in [`KERNELS`].

@@ -12,6 +12,7 @@ use half::{bf16, f16};
 
 use ndarray::ArrayViewMut2;
 
+use super::convert;
 use super::decode;
 use super::lanes::{self, Lanes};
 use super::rank_update::{self, Operands};
@@ -60,6 +61,11 @@ impl WideLoad<f32> for Neon {
         unsafe { Self::load(p) }
     }
     #[inline(always)]
+    unsafe fn store_narrow(self, p: *mut f32) {
+        // SAFETY: forwarded (the contract of `store`).
+        unsafe { self.store(p) }
+    }
+    #[inline(always)]
     unsafe fn add_scaled(p: *mut f32, alpha: Self, acc: Self) {
         // SAFETY: forwarded: 4 readable and writable floats at `p`.
         unsafe { Self::load(p).mul_add(alpha, acc).store(p) }
@@ -75,11 +81,18 @@ impl WideLoad<bf16> for Neon {
     }
     #[inline(always)]
     unsafe fn add_scaled(p: *mut bf16, alpha: Self, acc: Self) {
-        // SAFETY: NEON present; 4 readable and writable halves at `p`. The rounding is
-        // `half::bf16::from_f32`'s: to nearest even, NaN kept quiet.
+        // SAFETY: NEON present; 4 readable and writable halves at `p`.
         unsafe {
             let v = vaddq_f32(Self::load_wide(p).0, vmulq_f32(alpha.0, acc.0));
-            let bits = vreinterpretq_u32_f32(v);
+            Self(v).store_narrow(p)
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_narrow(self, p: *mut bf16) {
+        // SAFETY: NEON present; 4 writable halves at `p`. The rounding is
+        // `half::bf16::from_f32`'s: to nearest even, NaN kept quiet.
+        unsafe {
+            let bits = vreinterpretq_u32_f32(self.0);
             let high = vshrq_n_u32::<16>(bits);
             let lsb = vandq_u32(high, vdupq_n_u32(1));
             let rounded: uint32x4_t =
@@ -196,3 +209,23 @@ pub(super) unsafe fn product_neon_bf16(
 /// (`vcvt_f32_f16`) is not stable Rust; an f16 layer's forward at this level widens W in
 /// panels for BLAS instead.
 pub(super) const PRODUCT_NEON_F16: Option<decode::ProductFn<f32, f16>> = None;
+
+/// Widens bf16 to f32 over a row (see [`convert`]), NEON.
+///
+/// # Safety
+/// The CPU supports NEON; the arguments satisfy [`convert::WidenFn`].
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn widen_neon_bf16(src: &[bf16], dst: &mut [f32]) {
+    // SAFETY: NEON enabled here and present by our contract; forwarded.
+    unsafe { convert::widen::<Neon, bf16>(src, dst) }
+}
+
+/// Rounds f32 to bf16 over a row (see [`convert`]), NEON.
+///
+/// # Safety
+/// As [`widen_neon_bf16`], with [`convert::RoundFn`].
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn round_neon_bf16(src: &[f32], dst: &mut [bf16]) {
+    // SAFETY: NEON enabled here and present by our contract; forwarded.
+    unsafe { convert::round::<Neon, bf16>(src, dst) }
+}

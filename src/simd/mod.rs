@@ -29,6 +29,7 @@ use std::sync::OnceLock;
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
+pub(crate) mod convert;
 pub(crate) mod decode;
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64", test)),

@@ -150,6 +150,8 @@ impl<T: Element, const L: usize> Vector for Portable<T, L> {
 pub trait Stored<T: Element>: Copy + Send + Sync + 'static {
     /// Widens to `T` (exact).
     fn widen(self) -> T;
+    /// Rounds a `T` to this type (to nearest even; ±∞ when out of range).
+    fn narrow(v: T) -> Self;
     /// self + α·acc stored back in this type: for `T` itself one FMA (one rounding), for a
     /// half type H(f32(self) + fl(α·acc)) — the product rounded to f32 first, then the sum
     /// rounded once into H, as PyTorch adds an f32 ΔW = s·(B A) to a half W.
@@ -162,6 +164,10 @@ impl Stored<f32> for f32 {
         self
     }
     #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
     fn add_scaled(self, alpha: f32, acc: f32) -> Self {
         self.fused_add(alpha, acc)
     }
@@ -171,6 +177,10 @@ impl Stored<f64> for f64 {
     #[inline(always)]
     fn widen(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn narrow(v: f64) -> Self {
+        v
     }
     #[inline(always)]
     fn add_scaled(self, alpha: f64, acc: f64) -> Self {
@@ -185,6 +195,10 @@ impl Stored<f32> for half::bf16 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
     }
     #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    #[inline(always)]
     fn add_scaled(self, alpha: f32, acc: f32) -> Self {
         half::bf16::from_f32(self.widen() + alpha * acc)
     }
@@ -194,6 +208,10 @@ impl Stored<f32> for half::f16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        half::f16::from_f32(v)
     }
     #[inline(always)]
     fn add_scaled(self, alpha: f32, acc: f32) -> Self {
@@ -211,6 +229,11 @@ pub(super) trait WideLoad<S: Stored<Self::Elem>>: Vector {
     /// The CPU supports the implementing type's instructions for `S` (for some pairs more
     /// than the type's own: see the impl), and `p..p + LANES` is readable.
     unsafe fn load_wide(p: *const S) -> Self;
+    /// Unaligned store of the lanes rounded to `S` ([`Stored::narrow`]).
+    ///
+    /// # Safety
+    /// As [`load_wide`](WideLoad::load_wide), and `p..p + LANES` is writable.
+    unsafe fn store_narrow(self, p: *mut S);
     /// `p[l] ← p[l].add_scaled(alpha[l], acc[l])` for every lane l, with the same roundings.
     ///
     /// # Safety
@@ -224,6 +247,11 @@ impl<T: Element, S: Stored<T>, const L: usize> WideLoad<S> for Portable<T, L> {
         // SAFETY: readable by this method's contract; `read_unaligned` needs no alignment.
         let s = unsafe { p.cast::<[S; L]>().read_unaligned() };
         Self(s.map(S::widen))
+    }
+    #[inline(always)]
+    unsafe fn store_narrow(self, p: *mut S) {
+        // SAFETY: writable by this method's contract; `write_unaligned` needs no alignment.
+        unsafe { p.cast::<[S; L]>().write_unaligned(self.0.map(S::narrow)) }
     }
     #[inline(always)]
     unsafe fn add_scaled(p: *mut S, alpha: Self, acc: Self) {

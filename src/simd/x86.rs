@@ -28,6 +28,7 @@ use std::arch::x86_64::{
 
 use ndarray::ArrayViewMut2;
 
+use super::convert;
 use super::decode;
 use super::lanes::{self, Lanes};
 use super::rank_update::{self, Operands};
@@ -90,6 +91,11 @@ macro_rules! register_vector {
                 unsafe { Self::load(p) }
             }
             #[inline(always)]
+            unsafe fn store_narrow(self, p: *mut $elem) {
+                // SAFETY: forwarded (the same contract as `store`).
+                unsafe { self.store(p) }
+            }
+            #[inline(always)]
             unsafe fn add_scaled(p: *mut $elem, alpha: Self, acc: Self) {
                 // SAFETY: forwarded: `LANES` readable and writable elements at `p`.
                 unsafe { Self::load(p).mul_add(alpha, acc).store(p) }
@@ -135,6 +141,11 @@ macro_rules! half_vector {
                 // SAFETY: the CPU has the ISA this pair needs (`needs` above, the trait
                 // contract); `LANES` readable halves at `p`.
                 Self(unsafe { $load(p) })
+            }
+            #[inline(always)]
+            unsafe fn store_narrow(self, p: *mut $half) {
+                // SAFETY: as `load_wide`; `LANES` writable halves at `p` (the contract).
+                unsafe { $narrow(self.0, p) }
             }
             #[inline(always)]
             unsafe fn add_scaled(p: *mut $half, alpha: Self, acc: Self) {
@@ -644,4 +655,92 @@ pub(super) unsafe fn product_avx512_f16(
 ) {
     // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
     unsafe { decode::product::<Avx512, f16, 6, 4>(o, i0, y) }
+}
+
+/// Widens bf16 to f32 over a row (see [`convert`]), AVX2+FMA.
+///
+/// # Safety
+/// The CPU supports AVX2+FMA; the arguments satisfy [`convert::WidenFn`].
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+pub(super) unsafe fn widen_avx2_bf16(src: &[bf16], dst: &mut [f32]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::widen::<Avx2, bf16>(src, dst) }
+}
+
+/// Rounds f32 to bf16 over a row (see [`convert`]), AVX2+FMA.
+///
+/// # Safety
+/// As [`widen_avx2_bf16`], with [`convert::RoundFn`].
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+pub(super) unsafe fn round_avx2_bf16(src: &[f32], dst: &mut [bf16]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::round::<Avx2, bf16>(src, dst) }
+}
+
+/// Widens f16 to f32 over a row (see [`convert`]), AVX2, FMA and F16C.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; the arguments satisfy [`convert::WidenFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+pub(super) unsafe fn widen_avx2_f16(src: &[f16], dst: &mut [f32]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::widen::<Avx2, f16>(src, dst) }
+}
+
+/// Rounds f32 to f16 over a row (see [`convert`]), AVX2, FMA and F16C.
+///
+/// # Safety
+/// As [`widen_avx2_f16`], with [`convert::RoundFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+pub(super) unsafe fn round_avx2_f16(src: &[f32], dst: &mut [f16]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::round::<Avx2, f16>(src, dst) }
+}
+
+/// Widens bf16 to f32 over a row (see [`convert`]), AVX-512F.
+///
+/// # Safety
+/// The CPU supports AVX-512F; the arguments satisfy [`convert::WidenFn`].
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn widen_avx512_bf16(src: &[bf16], dst: &mut [f32]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::widen::<Avx512, bf16>(src, dst) }
+}
+
+/// Rounds f32 to bf16 over a row (see [`convert`]), AVX-512F.
+///
+/// # Safety
+/// As [`widen_avx512_bf16`], with [`convert::RoundFn`].
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn round_avx512_bf16(src: &[f32], dst: &mut [bf16]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::round::<Avx512, bf16>(src, dst) }
+}
+
+/// Widens f16 to f32 over a row (see [`convert`]), AVX-512F.
+///
+/// # Safety
+/// The CPU supports AVX-512F; the arguments satisfy [`convert::WidenFn`].
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn widen_avx512_f16(src: &[f16], dst: &mut [f32]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::widen::<Avx512, f16>(src, dst) }
+}
+
+/// Rounds f32 to f16 over a row (see [`convert`]), AVX-512F.
+///
+/// # Safety
+/// As [`widen_avx512_f16`], with [`convert::RoundFn`].
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn round_avx512_f16(src: &[f32], dst: &mut [f16]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::round::<Avx512, f16>(src, dst) }
 }
