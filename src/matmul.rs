@@ -51,12 +51,29 @@ pub const N_SKINNY: usize = 32;
 /// skinny kernel that widens W in registers; larger batches widen W one panel at a time
 /// into f32 and multiply it with BLAS `sgemm`.
 ///
-/// The same as [`N_SKINNY`]: measured on a 4096² bf16 layer, one thread, AVX-512 (README,
-/// *Performance*), the kernel is ahead of the panel-widening gemm up to n = 32 and behind at
-/// n = 64 — the widening is O(d·k) per call either way, so the crossover barely moves.
-/// On a CPU without a kernel for the type (f16 needs F16C on AVX2; no f16 kernel on NEON)
-/// every half forward takes the gemm path.
-pub const N_SKINNY_HALF: usize = N_SKINNY;
+/// Higher than [`N_SKINNY`] because the gemm path of a half layer pays for widening W (and
+/// X) on every call. Measured on a 4096² layer, r = 16, one thread, Intel Xeon (AVX-512,
+/// shared and noisy), criterion `decode` bench: at n = 48 the bf16 kernel took 20.9 ms and
+/// the panel-widening gemm 37.0 ms (the f32 gemm 22.9–29.3 ms); at n = 64 the kernel
+/// 45.1 ms, the widening gemm 41.6 ms. On a CPU without a kernel for the type (f16 needs
+/// F16C on AVX2; no f16 kernel on NEON) every half forward takes the gemm path.
+///
+/// ```
+/// use half::bf16;
+/// use ndarray::Array2;
+/// use ndlora::{LoraConfig, LoraLayer, SimdLevel};
+///
+/// let w = Array2::<bf16>::from_elem((64, 96), bf16::from_f32(0.5));
+/// let layer = LoraLayer::new(w, LoraConfig { rank: 4, ..Default::default() })?;
+/// for n in [1, ndlora::N_SKINNY_HALF, ndlora::N_SKINNY_HALF + 1] {
+///     ndlora::reset_gemm_counters();
+///     layer.forward(Array2::<bf16>::from_elem((n, 96), bf16::ONE).view())?;
+///     let own = ndlora::gemm_counters().skinny_products == 1;
+///     assert_eq!(own, n <= ndlora::N_SKINNY_HALF && ndlora::simd_level() != SimdLevel::Scalar);
+/// }
+/// # Ok::<(), ndlora::LoraError>(())
+/// ```
+pub const N_SKINNY_HALF: usize = 48;
 
 /// The most LoRA branches one skinny forward folds in (active, unmerged adapters of a
 /// [`LoraModel`](crate::LoraModel)); with more, the forward uses the gemm.
