@@ -5,9 +5,12 @@
 //!   the half type H first, the LoRA terms are added in f32, and the sum is rounded again;
 //! * merge update: W ← H( f32(W) + α·(B A) ), ΔW formed in f32, one rounding into H.
 //!
-//! Above the skinny crossover the base product widens W one panel of rows at a time into an
-//! f32 buffer and multiplies it with BLAS `sgemm` (there is no half gemm in the BLAS ndlora
-//! links), so no d×k f32 copy of W is ever made.
+//! Up to [`N_SKINNY_HALF`](crate::N_SKINNY_HALF) rows the base product runs ndlora's skinny
+//! kernel, which reads the half W directly and widens it in registers, and the LoRA terms
+//! the f32 skinny kernel. Above it the base product widens W one panel of rows at a time
+//! into an f32 buffer and multiplies it with BLAS `sgemm` (there is no half gemm in the BLAS
+//! ndlora links), so no d×k f32 copy of W is ever made. The merge update runs the fused
+//! kernel on the half W in place (`simd::rank_update`), else a banded gemm.
 
 use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
 

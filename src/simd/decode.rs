@@ -26,7 +26,10 @@
 //!   L elements) in order, then + bᵢ. So bands of W's rows on different threads give
 //!   bit-identical results for any thread count, and the edge rows of W and X run the same
 //!   arithmetic as full tiles;
-//! * writes each element of Y once.
+//! * writes each element of Y once;
+//! * reads W in its stored type: the compute type itself, or (for a half layer, sums in f32)
+//!   `bf16`/`f16`, widened in registers as each vector is loaded — at n = 1 the product is
+//!   memory-bound, so streaming 2-byte W takes about half the time of f32 W.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
