@@ -40,6 +40,9 @@ use super::parallel::{row_bands, run_parts};
 use super::vector::{Element, Portable, Stored, Vector, WideLoad};
 use super::SimdLevel;
 
+/// Bytes per cache line (64 on every x86-64 and most aarch64 cores).
+const CACHE_LINE: usize = 64;
+
 /// The widest vector (in lanes) the kernel body takes; sizes its lane-sum buffer.
 const MAX_LANES: usize = 16;
 
@@ -420,10 +423,16 @@ unsafe fn accumulate<V, W, const M: usize, const N: usize, const NX: usize>(
         } else {
             std::array::from_fn(|a| std::array::from_fn(|q| slot[a][q].assume_init()))
         };
+        // A narrower W (half) fills a cache line in several vector steps: prefetch it on the
+        // first of them only.
+        let narrow = std::mem::size_of::<W>() < std::mem::size_of::<V::Elem>();
+        let w_line = CACHE_LINE / std::mem::size_of::<W>();
         let mut j = t.cols.start;
         while j < t.cols.end {
-            for a in t.prefetch.clone() {
-                V::prefetch(w[a].wrapping_offset(j as isize + t.ahead).cast());
+            if !narrow || j % w_line < l {
+                for a in t.prefetch.clone() {
+                    V::prefetch(w[a].wrapping_offset(j as isize + t.ahead).cast());
+                }
             }
             for x in &x {
                 V::prefetch(x.wrapping_add(j + X_PREFETCH_AHEAD));
