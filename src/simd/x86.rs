@@ -17,13 +17,13 @@ use std::arch::x86_64::{
     _mm256_set1_ps, _mm256_setzero_pd, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_srli_epi32,
     _mm256_storeu_pd, _mm256_storeu_ps, _mm256_storeu_si256, _mm512_add_epi32, _mm512_add_ps,
     _mm512_and_si512, _mm512_castps512_ps256, _mm512_castps_pd, _mm512_castps_si512,
-    _mm512_castsi512_ps, _mm512_cmpgt_epi32_mask, _mm512_cvtepi32_epi16, _mm512_cvtepu16_epi32,
+    _mm512_castsi512_ps, _mm512_cmp_ps_mask, _mm512_cvtepi32_epi16, _mm512_cvtepu16_epi32,
     _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_extractf64x4_pd, _mm512_fmadd_pd, _mm512_fmadd_ps,
-    _mm512_loadu_pd, _mm512_loadu_ps, _mm512_mask_mov_epi32, _mm512_mul_ps, _mm512_or_si512,
-    _mm512_set1_epi32, _mm512_set1_pd, _mm512_set1_ps, _mm512_setzero_pd, _mm512_setzero_ps,
-    _mm512_slli_epi32, _mm512_srli_epi32, _mm512_storeu_pd, _mm512_storeu_ps, _mm_add_ps,
-    _mm_add_ss, _mm_cvtss_f32, _mm_loadu_si128, _mm_movehl_ps, _mm_packus_epi32, _mm_shuffle_ps,
-    _mm_storeu_si128, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT,
+    _mm512_loadu_pd, _mm512_loadu_ps, _mm512_mask_or_epi32, _mm512_mul_ps, _mm512_set1_epi32,
+    _mm512_set1_pd, _mm512_set1_ps, _mm512_setzero_pd, _mm512_setzero_ps, _mm512_slli_epi32,
+    _mm512_srli_epi32, _mm512_storeu_pd, _mm512_storeu_ps, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
+    _mm_loadu_si128, _mm_movehl_ps, _mm_packus_epi32, _mm_shuffle_ps, _mm_storeu_si128,
+    _CMP_UNORD_Q, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT,
 };
 
 use ndarray::ArrayViewMut2;
@@ -225,7 +225,9 @@ macro_rules! bf16_bits {
     }};
 }
 
-/// Rounds 16 f32 lanes to bf16 (as `half::bf16::from_f32`) and stores them at `p`.
+/// Rounds 16 f32 lanes to bf16 (as `half::bf16::from_f32`) and stores them at `p`: to
+/// nearest even (add 0x7fff plus the kept part's lowest bit, keep the upper 16 bits;
+/// overflow carries into ∞), a NaN keeps its upper bits with the quiet bit set.
 ///
 /// # Safety
 /// AVX-512F; 16 writable halves at `p` (any alignment).
@@ -233,17 +235,14 @@ macro_rules! bf16_bits {
 unsafe fn store_bf16_zmm(v: __m512, p: *mut bf16) {
     // SAFETY: by this function's contract; `storeu` needs no alignment.
     unsafe {
-        let (rounded, quiet, (abs, inf)) = bf16_bits!(
-            _mm512_castps_si512(v),
-            _mm512_set1_epi32,
-            _mm512_and_si512,
-            _mm512_or_si512,
-            _mm512_add_epi32,
-            _mm512_srli_epi32
-        );
-        let nan = _mm512_cmpgt_epi32_mask(abs, inf);
-        let h = _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
-        _mm256_storeu_si256(p.cast::<__m256i>(), h);
+        let bits = _mm512_castps_si512(v);
+        let high = _mm512_srli_epi32::<16>(bits);
+        let lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        let h = _mm512_mask_or_epi32(rounded, nan, high, _mm512_set1_epi32(0x40));
+        _mm256_storeu_si256(p.cast::<__m256i>(), _mm512_cvtepi32_epi16(h));
     }
 }
 
