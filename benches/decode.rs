@@ -5,6 +5,9 @@
 //! `blas-gemm` (one bare `cblas_sgemm` of X Wᵀ, no LoRA branch) and `stream-read` (one
 //! streaming read of W: the memory floor). One group per n.
 //!
+//! In the groups for n ∈ {1, 8, 32, 256}, the same forward of the layer with W (and X, Y)
+//! in `bf16` and `f16` (factors f32): `ndlora-bf16`, `ndlora-f16`, beside `ndlora` (f32).
+//!
 //! Then f64, d = k = 512, r = 8, n ∈ {8, 32, 64}: the forward against a bare `cblas_dgemm`.
 //!
 //! One thread (`ndlora::set_blas_threads(1)`). Throughput: bytes of W for the f32 groups
@@ -12,6 +15,7 @@
 //! (2·n·d·k) for the f64 groups. `python3 benches/report.py decode` prints the ratios.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::{bf16, f16};
 use ndarray::Array2;
 use ndlora::LoraScratch;
 use rand::SeedableRng;
@@ -23,7 +27,7 @@ mod baselines;
 #[path = "common/inputs.rs"]
 mod inputs;
 use baselines::{bare_gemm, bare_gemv, stream_read};
-use inputs::{random, trained_layer};
+use inputs::{half_layer, random, to_half, trained_layer};
 
 fn setup() {
     ndlora::set_blas_threads(1);
@@ -45,6 +49,7 @@ fn decode_f32(c: &mut Criterion) {
     let layer = trained_layer::<f32>(dk, dk, r);
     let w = layer.base_weight().to_owned();
     let w_slice = w.as_slice().expect("standard layout");
+    let (layer_bf16, layer_f16) = (half_layer::<bf16>(&layer), half_layer::<f16>(&layer));
     let mut scratch = LoraScratch::with_capacity(256, r);
     for n in [1, 2, 4, 8, 16, 32, 48, 64, 256] {
         let x = random::<f32>(&mut ChaCha8Rng::seed_from_u64(n as u64), n, dk);
@@ -59,6 +64,25 @@ fn decode_f32(c: &mut Criterion) {
                     .expect("shapes match")
             })
         });
+        if [1, 8, 32, 48, 64, 256].contains(&n) {
+            let (x_bf16, x_f16) = (to_half::<bf16>(&x), to_half::<f16>(&x));
+            let mut y_bf16 = Array2::<bf16>::zeros((n, dk));
+            let mut y_f16 = Array2::<f16>::zeros((n, dk));
+            group.bench_function(BenchmarkId::new("ndlora-bf16", n), |bch| {
+                bch.iter(|| {
+                    layer_bf16
+                        .forward_into(black_box(x_bf16.view()), y_bf16.view_mut())
+                        .expect("shapes match")
+                })
+            });
+            group.bench_function(BenchmarkId::new("ndlora-f16", n), |bch| {
+                bch.iter(|| {
+                    layer_f16
+                        .forward_into(black_box(x_f16.view()), y_f16.view_mut())
+                        .expect("shapes match")
+                })
+            });
+        }
         if n <= 8 {
             group.bench_function(BenchmarkId::new("blas-gemv", n), |bch| {
                 bch.iter(|| {

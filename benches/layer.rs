@@ -9,8 +9,9 @@
 //! rates compare directly within a group. `python3 benches/report.py` prints the ratios.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::{bf16, f16};
 use ndarray::{Array2, Axis};
-use ndlora::LoraLayer;
+use ndlora::{LoraFloat, LoraLayer};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::hint::black_box;
@@ -21,7 +22,7 @@ mod baselines;
 #[path = "common/inputs.rs"]
 mod inputs;
 use baselines::bare_gemm;
-use inputs::{random, trained_layer};
+use inputs::{half_layer, random, trained_layer};
 
 fn forward(c: &mut Criterion) {
     ndlora::set_blas_threads(1);
@@ -97,11 +98,11 @@ fn bare_update(alpha: f32, b: &Array2<f32>, a: &Array2<f32>, w: &mut Array2<f32>
 /// Times `timed` only, running `restore` after it outside the clock, so every iteration
 /// starts from the same state without cloning W (a 64 MB clone right before a merge would
 /// leave dirty cache lines for the merge to write back).
-fn time_only(
-    layer: &mut LoraLayer<f32>,
+fn time_only<A: LoraFloat>(
+    layer: &mut LoraLayer<A>,
     iters: u64,
-    timed: fn(&mut LoraLayer<f32>) -> ndlora::Result<()>,
-    restore: fn(&mut LoraLayer<f32>) -> ndlora::Result<()>,
+    timed: fn(&mut LoraLayer<A>) -> ndlora::Result<()>,
+    restore: fn(&mut LoraLayer<A>) -> ndlora::Result<()>,
 ) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
@@ -171,5 +172,27 @@ fn merge(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, forward, merge);
+/// Merge of a 4096² layer, r = 16, one thread, with W in f32, bf16 and f16 (f32 factors):
+/// what the half types' fused update costs against the f32 one.
+fn merge_half(c: &mut Criterion) {
+    ndlora::set_blas_threads(1);
+    let (dk, r) = (4096, 16);
+    let mut layer = trained_layer::<f32>(dk, dk, r);
+    let mut group = c.benchmark_group(format!("merge_half_d{dk}_k{dk}_r{r}"));
+    group.sample_size(10);
+    group.throughput(Throughput::Elements((dk * dk) as u64));
+    let (mut lb, mut lf) = (half_layer::<bf16>(&layer), half_layer::<f16>(&layer));
+    group.bench_function("f32", |bch| {
+        bch.iter_custom(|iters| time_only(&mut layer, iters, LoraLayer::merge, LoraLayer::unmerge))
+    });
+    group.bench_function("bf16", |bch| {
+        bch.iter_custom(|iters| time_only(&mut lb, iters, LoraLayer::merge, LoraLayer::unmerge))
+    });
+    group.bench_function("f16", |bch| {
+        bch.iter_custom(|iters| time_only(&mut lf, iters, LoraLayer::merge, LoraLayer::unmerge))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, forward, merge, merge_half);
 criterion_main!(benches);

@@ -192,7 +192,7 @@ pub use float::LoraFloat;
 /// The `half` crate, whose `bf16` and `f16` are element types of [`LoraLayer`].
 pub use half;
 pub use layer::LoraLayer;
-pub use matmul::{MAX_SKINNY_ADAPTERS, N_SKINNY};
+pub use matmul::{MAX_SKINNY_ADAPTERS, N_SKINNY, N_SKINNY_HALF};
 pub use micro::{LearningSignal, MicroLora};
 pub use model::LoraModel;
 pub use scratch::LoraScratch;

@@ -16,7 +16,7 @@ use crate::backend::kernel_threads;
 use crate::blas::{blas_layout, BlasLayout};
 use crate::blas::{count, fallback, GemmScalar};
 use crate::scratch::{buffer_of, LoraScratch};
-use crate::simd::decode::{skinny_product, DecodeElement, Segment};
+use crate::simd::decode::{skinny_product, DecodeElement, ProductWeight, Segment};
 use crate::simd::{simd_level, SimdLevel};
 
 /// The largest batch (rows n of X) whose forward runs ndlora's own skinny kernel instead of
@@ -46,6 +46,34 @@ use crate::simd::{simd_level, SimdLevel};
 /// # Ok::<(), ndlora::LoraError>(())
 /// ```
 pub const N_SKINNY: usize = 32;
+
+/// The largest batch whose forward of a half-precision layer (`bf16`, `f16` W) runs the
+/// skinny kernel that widens W in registers; larger batches widen W one panel at a time
+/// into f32 and multiply it with BLAS `sgemm`.
+///
+/// Higher than [`N_SKINNY`] because the gemm path of a half layer pays for widening W (and
+/// X) on every call. Measured on a 4096² layer, r = 16, one thread, Intel Xeon (AVX-512,
+/// shared and noisy), criterion `decode` bench: at n = 48 the bf16 kernel took 20.9 ms and
+/// the panel-widening gemm 37.0 ms (the f32 gemm 22.9–29.3 ms); at n = 64 the kernel
+/// 45.1 ms, the widening gemm 41.6 ms. On a CPU without a kernel for the type (f16 needs
+/// F16C on AVX2; no f16 kernel on NEON) every half forward takes the gemm path.
+///
+/// ```
+/// use half::bf16;
+/// use ndarray::Array2;
+/// use ndlora::{LoraConfig, LoraLayer, SimdLevel};
+///
+/// let w = Array2::<bf16>::from_elem((64, 96), bf16::from_f32(0.5));
+/// let layer = LoraLayer::new(w, LoraConfig { rank: 4, ..Default::default() })?;
+/// for n in [1, ndlora::N_SKINNY_HALF, ndlora::N_SKINNY_HALF + 1] {
+///     ndlora::reset_gemm_counters();
+///     layer.forward(Array2::<bf16>::from_elem((n, 96), bf16::ONE).view())?;
+///     let own = ndlora::gemm_counters().skinny_products == 1;
+///     assert_eq!(own, n <= ndlora::N_SKINNY_HALF && ndlora::simd_level() != SimdLevel::Scalar);
+/// }
+/// # Ok::<(), ndlora::LoraError>(())
+/// ```
+pub const N_SKINNY_HALF: usize = 48;
 
 /// The most LoRA branches one skinny forward folds in (active, unmerged adapters of a
 /// [`LoraModel`](crate::LoraModel)); with more, the forward uses the gemm.
@@ -93,23 +121,63 @@ where
 {
     let ((n, k), d) = (x.dim(), w.nrows());
     let level = simd_level();
-    let unit = |m: &ArrayView2<'_, T>| m.ncols() <= 1 || m.strides()[1] == 1;
-    if n == 0
-        || n > N_SKINNY
-        || level == SimdLevel::Scalar
-        || terms.len() > MAX_SKINNY_ADAPTERS
-        || !unit(&x)
-        || !unit(&w)
-        || !terms.iter().all(|t| unit(&t.a) && unit(&t.b))
-    {
+    if !skinny_applies(n, N_SKINNY, &x, &w, terms) {
         return false;
     }
-    let ranks = terms.iter().map(|t| t.a.nrows());
-    let buf = buffer(n * ranks.clone().sum::<usize>());
     let base = Segment { w, x };
     let mut segments = [base; 1 + MAX_SKINNY_ADAPTERS];
-    let mut rest = &mut buf[..];
-    for (term, seg) in terms.iter().zip(&mut segments[1..]) {
+    let buf = buffer(buf_len(n, terms));
+    if !lora_segments(level, x, terms, buf, &mut segments[1..]) {
+        return false;
+    }
+    let segments = &segments[..1 + terms.len()];
+    assert!(skinny_product(
+        level,
+        segments,
+        bias,
+        out,
+        skinny_threads(n, d, k)
+    ));
+    count(|c| c.skinny_products += 1);
+    true
+}
+
+/// Elements of the buffer that holds every Cⱼ = sⱼ·X Aⱼᵀ: n·Σⱼ rⱼ.
+fn buf_len<T>(n: usize, terms: &[LoraTerm<'_, T>]) -> usize {
+    n * terms.iter().map(|t| t.a.nrows()).sum::<usize>()
+}
+
+/// The threads a skinny product of n×k by d×k runs on: [`kernel_threads`] from
+/// `SKINNY_PARALLEL_MIN_WORK` multiply-adds on, else one.
+fn skinny_threads(n: usize, d: usize, k: usize) -> usize {
+    if n.saturating_mul(d).saturating_mul(k) >= SKINNY_PARALLEL_MIN_WORK {
+        kernel_threads()
+    } else {
+        1
+    }
+}
+
+/// The segments (Bⱼ, Cⱼ) of the LoRA branches, Cⱼ = sⱼ·X Aⱼᵀ (n×rⱼ) computed by the skinny
+/// kernel into `buf` (n·Σr elements), written to the first `terms.len()` of `segments`.
+/// Returns `false` when a scaling overflows (s·h = ±∞ from a finite h: a huge s), so that
+/// the caller's gemm applies s to the finished product instead.
+///
+/// # Panics
+/// If the shapes do not chain, `buf` or `segments` is too short or `level` does not run
+/// here (internal bugs: callers check first).
+fn lora_segments<'s, 't: 's, T>(
+    level: SimdLevel,
+    x: ArrayView2<'_, T>,
+    terms: &[LoraTerm<'t, T>],
+    buf: &'s mut [T],
+    segments: &mut [Segment<'s, T>],
+) -> bool
+where
+    T: DecodeElement + num_traits::Float,
+{
+    let n = x.nrows();
+    let mut rest = buf;
+    for (term, seg) in terms.iter().zip(segments) {
         let r = term.a.nrows();
         let (c, tail) = std::mem::take(&mut rest).split_at_mut(n * r);
         rest = tail;
@@ -117,7 +185,10 @@ where
         let h = ArrayViewMut2::from_shape((n, r), &mut *c).expect("n·r elements");
         assert!(skinny_product(
             level,
-            &[Segment { w: term.a, x }],
+            &[Segment {
+                w: term.a,
+                x: x.view()
+            }],
             None,
             h,
             1
@@ -132,18 +203,91 @@ where
         }
         let c: &[T] = c;
         *seg = Segment {
-            w: term.b,
+            w: term.b.reborrow(),
             x: ArrayView2::from_shape((n, r), c).expect("n·r elements"),
         };
     }
-    let threads = if n.saturating_mul(d).saturating_mul(k) >= SKINNY_PARALLEL_MIN_WORK {
-        kernel_threads()
-    } else {
-        1
+    true
+}
+
+/// Whether a forward of n rows takes the skinny kernel at all: 1 ≤ n ≤ `max_n`, a SIMD
+/// level, at most [`MAX_SKINNY_ADAPTERS`] branches, unit column strides.
+fn skinny_applies<T, W>(
+    n: usize,
+    max_n: usize,
+    x: &ArrayView2<'_, T>,
+    w: &ArrayView2<'_, W>,
+    terms: &[LoraTerm<'_, T>],
+) -> bool {
+    let unit = |cols: usize, strides: &[isize]| cols <= 1 || strides[1] == 1;
+    (1..=max_n).contains(&n)
+        && simd_level() != SimdLevel::Scalar
+        && terms.len() <= MAX_SKINNY_ADAPTERS
+        && unit(x.ncols(), x.strides())
+        && unit(w.ncols(), w.strides())
+        && terms
+            .iter()
+            .all(|t| unit(t.a.ncols(), t.a.strides()) && unit(t.b.ncols(), t.b.strides()))
+}
+
+/// acc ← X f32(W)ᵀ + f32(b) for a half W (X n×k already in f32, acc n×d in any layout)
+/// with the skinny kernel, which widens W in registers as it streams it, if it applies
+/// (n ≤ [`N_SKINNY_HALF`], a SIMD level with a kernel for this half type, unit column
+/// strides); returns `false`, `acc` untouched, if not.
+pub(crate) fn skinny_base<W: ProductWeight<f32>>(
+    x: ArrayView2<'_, f32>,
+    w: ArrayView2<'_, W>,
+    bias: Option<ArrayView1<'_, W>>,
+    acc: ArrayViewMut2<'_, f32>,
+) -> bool {
+    let ((n, k), d) = (x.dim(), w.nrows());
+    if !skinny_applies(n, N_SKINNY_HALF, &x, &w, &[]) {
+        return false;
+    }
+    let segment = [Segment { w, x }];
+    let threads = skinny_threads(n, d, k);
+    let done = skinny_product(simd_level(), &segment, bias, acc, threads);
+    if done {
+        count(|c| c.skinny_products += 1);
+    }
+    done
+}
+
+/// acc ← acc + Σⱼ sⱼ·(X Aⱼᵀ) Bⱼᵀ (f32, X n×k, acc n×d) with the skinny kernel if it applies
+/// (n ≤ [`N_SKINNY_HALF`], as [`skinny_base`]): the branches summed in one f32 accumulator
+/// per element, then added to acc. Returns `false`, acc untouched, if not.
+pub(crate) fn skinny_add_terms(
+    x: ArrayView2<'_, f32>,
+    terms: &[LoraTerm<'_, f32>],
+    mut acc: ArrayViewMut2<'_, f32>,
+) -> bool {
+    let (n, d) = (x.nrows(), acc.ncols());
+    let Some(first) = terms.first() else {
+        return true;
     };
-    let segments = &segments[..1 + terms.len()];
-    assert!(skinny_product(level, segments, bias, out, threads));
-    count(|c| c.skinny_products += 1);
+    if !skinny_applies(n, N_SKINNY_HALF, &x, &first.b, terms) {
+        return false;
+    }
+    let level = simd_level();
+    let mut buf = vec![0.0_f32; buf_len(n, terms)];
+    let mut segments = [Segment {
+        w: first.b,
+        x: first.b,
+    }; MAX_SKINNY_ADAPTERS];
+    if !lora_segments(level, x, terms, &mut buf, &mut segments) {
+        return false;
+    }
+    let mut sum = ndarray::Array2::<f32>::zeros((n, d));
+    let segments = &segments[..terms.len()];
+    let r = buf_len(n, terms) / n;
+    assert!(skinny_product(
+        level,
+        segments,
+        None,
+        sum.view_mut(),
+        skinny_threads(n, d, r)
+    ));
+    acc += &sum;
     true
 }
 

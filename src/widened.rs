@@ -5,64 +5,74 @@
 //!   the half type H first, the LoRA terms are added in f32, and the sum is rounded again;
 //! * merge update: W ← H( f32(W) + α·(B A) ), ΔW formed in f32, one rounding into H.
 //!
-//! Above the skinny crossover the base product widens W one panel of rows at a time into an
-//! f32 buffer and multiplies it with BLAS `sgemm` (there is no half gemm in the BLAS ndlora
-//! links), so no d×k f32 copy of W is ever made.
+//! Up to [`N_SKINNY_HALF`](crate::N_SKINNY_HALF) rows the base product runs ndlora's skinny
+//! kernel, which reads the half W directly and widens it in registers, and the LoRA terms
+//! the f32 skinny kernel. Above it the base product widens W one panel of rows at a time
+//! into an f32 buffer and multiplies it with BLAS `sgemm` (there is no half gemm in the BLAS
+//! ndlora links), so no d×k f32 copy of W is ever made. The merge update runs the fused
+//! kernel on the half W in place (`simd::rank_update`), else a banded gemm.
 
 use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
 
 use half::{bf16, f16};
 
-use crate::matmul::{add_terms_same, gemm, LoraTerm};
+use crate::backend::kernel_threads;
+use crate::blas::count;
+use crate::matmul::{add_terms_same, gemm, skinny_add_terms, skinny_base, LoraTerm};
 use crate::scratch::LoraScratch;
+use crate::simd::convert::{round_slice, widen_slice, ConvertWeight};
+use crate::simd::decode::ProductWeight;
+use crate::simd::rank_update::{fused_rank_update, UpdateWeight};
+use crate::simd::{simd_level, SimdLevel};
 use crate::update::{UPDATE_BAND_ELEMENTS, UPDATE_BAND_MIN_ROWS};
 
 /// f32 elements of W widened per panel of the base product (4 MiB): large enough that each
 /// `sgemm` call amortises its packing of X, small enough to stay in the outer caches.
 const PANEL_ELEMENTS: usize = 1 << 20;
 
-/// `bf16` or `f16`: a half type and its exact widening to f32 and rounding from it.
-pub trait HalfElement: Copy + Send + Sync + 'static {
-    /// Widens to f32 (exact).
-    fn widen(self) -> f32;
-    /// Rounds an f32 to this type (to nearest even; ±∞ when out of range).
-    fn narrow(v: f32) -> Self;
-}
+/// `bf16` or `f16`: a half type with its exact widening to f32 and rounding from it
+/// ([`Stored`]) and the kernels that read it (skinny product, merge update, conversions).
+pub trait HalfElement: ProductWeight<f32> + UpdateWeight<f32> + ConvertWeight {}
 
-impl HalfElement for bf16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn narrow(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-
-impl HalfElement for f16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn narrow(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
+impl HalfElement for bf16 {}
+impl HalfElement for f16 {}
 
 /// `x` widened to f32, in standard layout.
 pub(crate) fn widen<H: HalfElement>(x: ArrayView2<'_, H>) -> Array2<f32> {
     let mut wide = Array2::zeros(x.dim());
-    Zip::from(&mut wide)
-        .and(&x)
-        .for_each(|o, &v| *o = v.widen());
+    widen_into(x, wide.view_mut());
     wide
 }
 
-/// out ← H(`acc`), element by element (out in any layout).
-fn round_into<H: HalfElement>(acc: ArrayView2<'_, f32>, out: ArrayViewMut2<'_, H>) {
-    Zip::from(out).and(&acc).for_each(|o, &v| *o = H::narrow(v));
+/// dst ← f32(src), row by row: the conversion kernel on rows with unit stride, else
+/// element by element.
+fn widen_into<H: HalfElement>(src: ArrayView2<'_, H>, mut dst: ArrayViewMut2<'_, f32>) {
+    for (s, mut d) in src.rows().into_iter().zip(dst.rows_mut()) {
+        match (s.as_slice(), d.as_slice_mut()) {
+            (Some(s), Some(d)) => widen_slice(s, d),
+            _ => Zip::from(d).and(s).for_each(|o, &v| *o = v.widen()),
+        }
+    }
+}
+
+/// out ← H(`acc`), row by row as [`widen_into`] (out in any layout).
+fn round_into<H: HalfElement>(acc: ArrayView2<'_, f32>, mut out: ArrayViewMut2<'_, H>) {
+    for (s, mut d) in acc.rows().into_iter().zip(out.rows_mut()) {
+        match (s.as_slice(), d.as_slice_mut()) {
+            (Some(s), Some(d)) => round_slice(s, d),
+            _ => Zip::from(d).and(s).for_each(|o, &v| *o = H::narrow(v)),
+        }
+    }
+}
+
+/// acc ← f32(H(acc)) (acc in standard layout): PEFT's rounding of the base output.
+fn round_in_place<H: HalfElement>(mut acc: ArrayViewMut2<'_, f32>) {
+    let mut row = vec![H::narrow(0.0); acc.ncols()];
+    for mut a in acc.rows_mut() {
+        let a = a.as_slice_mut().expect("standard layout");
+        round_slice(a, &mut row);
+        widen_slice(&row, a);
+    }
 }
 
 /// out ← H( f32(H(X Wᵀ + b)) + Σ s·(X Aᵀ) Bᵀ ).
@@ -80,11 +90,15 @@ pub(crate) fn forward<H: HalfElement>(
     }
     let xf = widen(x);
     let mut acc = Array2::<f32>::zeros((n, d));
-    base_product(xf.view(), w, bias, acc.view_mut());
+    if !skinny_base(xf.view(), w, bias, acc.view_mut()) {
+        base_product(xf.view(), w, bias, acc.view_mut());
+    }
     if !terms.is_empty() {
         // PEFT rounds the base layer's output to H before it adds the LoRA terms in f32.
-        acc.mapv_inplace(|v| H::narrow(v).widen());
-        add_terms_same(xf.view(), terms, acc.view_mut(), scratch);
+        round_in_place::<H>(acc.view_mut());
+        if !skinny_add_terms(xf.view(), terms, acc.view_mut()) {
+            add_terms_same(xf.view(), terms, acc.view_mut(), scratch);
+        }
     }
     round_into(acc.view(), out);
 }
@@ -126,7 +140,7 @@ fn base_product<H: HalfElement>(
     for (i, w) in w.axis_chunks_iter(Axis(0), rows).enumerate() {
         let start = i * rows;
         let mut p = panel.slice_mut(s![..w.nrows(), ..]);
-        Zip::from(&mut p).and(&w).for_each(|o, &v| *o = v.widen());
+        widen_into(w, p.view_mut());
         gemm(
             1.0,
             x,
@@ -137,14 +151,24 @@ fn base_product<H: HalfElement>(
     }
 }
 
-/// W ← H( f32(W) + α·B A ): α·B A formed in f32 by `sgemm`, one band of rows at a time into
-/// a small temporary, then added to each element of W with one rounding into H.
+/// W ← H( f32(W) + fl(α·B A) ): the fused kernel (`simd::rank_update`) where it applies,
+/// which widens W in registers and rounds each element once as it stores it (no
+/// temporary); otherwise α·B A formed in f32 by `sgemm`, one band of rows at a time into a
+/// small temporary, then added to each element of W with one rounding into H. Either way
+/// ΔW = fl(α·acc) is rounded to f32 before the sum, as PEFT forms it.
 pub(crate) fn rank_update<H: HalfElement>(
     alpha: f32,
     b: ArrayView2<'_, f32>,
     a: ArrayView2<'_, f32>,
     mut w: ArrayViewMut2<'_, H>,
 ) {
+    let level = simd_level();
+    if level != SimdLevel::Scalar
+        && fused_rank_update(level, alpha, b, a, w.view_mut(), kernel_threads())
+    {
+        count(|c| c.fused_updates += 1);
+        return;
+    }
     let (d, k) = w.dim();
     if d == 0 || k == 0 {
         return;

@@ -6,7 +6,10 @@
 //! * no kernel holds a gather or scatter (`vgather*`, `vpgather*`, `vscatter*`,
 //!   `vpscatter*`): a kernel that streams contiguous rows has no use for them, and their
 //!   presence means the compiler turned lane-wise code into per-element memory accesses;
-//! * an AVX-512 kernel holds FMAs on `zmm` registers, an AVX2 kernel FMAs on `ymm` registers.
+//! * an AVX-512 kernel holds FMAs on `zmm` registers, an AVX2 kernel FMAs on `ymm` registers;
+//! * a kernel that reads a half-precision W widens it in registers with the instruction its
+//!   type needs: `vcvtph2ps` for f16, `vpmovzxwd` and `vpslld` (zero-extend, shift up 16)
+//!   for bf16.
 //!
 //! It also fails when the executable holds a function of `ndlora::simd::x86` that the table
 //! does not list, so a new kernel cannot go unaudited. Run with `--nocapture` to see the
@@ -17,6 +20,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+use half::{bf16, f16};
 use ndarray::Array2;
 use ndlora::{LoraConfig, LoraLayer, MicroLora, SimdLevel};
 
@@ -27,21 +31,53 @@ enum Isa {
     Avx2,
     /// `#[target_feature(enable = "avx512f")]`: FMAs on `zmm` registers.
     Avx512,
+    /// A conversion kernel (half ↔ f32 over a row), AVX2 or AVX-512F: no arithmetic, so no
+    /// FMA expected; the widening instruction is (see [`Storage`]).
+    Convert,
 }
+
+/// How a kernel reads W: in its compute type, or as a half type it must widen in registers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Storage {
+    /// f32 or f64: plain loads.
+    Same,
+    /// bf16: `vpmovzxwd` then `vpslld` (the 16-bit shift).
+    Bf16,
+    /// f16: `vcvtph2ps`.
+    F16,
+}
+
+use Storage::{Bf16, Same, F16};
 
 /// Every x86-64 kernel, by demangled symbol. A new kernel is one line here (and, if no
 /// public call in [`link_kernels`] reaches it yet, one call there so it is linked in).
-const KERNELS: &[(&str, Isa)] = &[
-    ("ndlora::simd::x86::forward_avx2_fma", Isa::Avx2),
-    ("ndlora::simd::x86::forward_avx512f", Isa::Avx512),
-    ("ndlora::simd::x86::update_avx2_f32", Isa::Avx2),
-    ("ndlora::simd::x86::update_avx2_f64", Isa::Avx2),
-    ("ndlora::simd::x86::update_avx512_f32", Isa::Avx512),
-    ("ndlora::simd::x86::update_avx512_f64", Isa::Avx512),
-    ("ndlora::simd::x86::product_avx2_f32", Isa::Avx2),
-    ("ndlora::simd::x86::product_avx2_f64", Isa::Avx2),
-    ("ndlora::simd::x86::product_avx512_f32", Isa::Avx512),
-    ("ndlora::simd::x86::product_avx512_f64", Isa::Avx512),
+const KERNELS: &[(&str, Isa, Storage)] = &[
+    ("ndlora::simd::x86::forward_avx2_fma", Isa::Avx2, Same),
+    ("ndlora::simd::x86::forward_avx512f", Isa::Avx512, Same),
+    ("ndlora::simd::x86::update_avx2_f32", Isa::Avx2, Same),
+    ("ndlora::simd::x86::update_avx2_f64", Isa::Avx2, Same),
+    ("ndlora::simd::x86::update_avx512_f32", Isa::Avx512, Same),
+    ("ndlora::simd::x86::update_avx512_f64", Isa::Avx512, Same),
+    ("ndlora::simd::x86::update_avx2_bf16", Isa::Avx2, Bf16),
+    ("ndlora::simd::x86::update_avx2_f16", Isa::Avx2, F16),
+    ("ndlora::simd::x86::update_avx512_bf16", Isa::Avx512, Bf16),
+    ("ndlora::simd::x86::update_avx512_f16", Isa::Avx512, F16),
+    ("ndlora::simd::x86::product_avx2_f32", Isa::Avx2, Same),
+    ("ndlora::simd::x86::product_avx2_f64", Isa::Avx2, Same),
+    ("ndlora::simd::x86::product_avx512_f32", Isa::Avx512, Same),
+    ("ndlora::simd::x86::product_avx512_f64", Isa::Avx512, Same),
+    ("ndlora::simd::x86::product_avx2_bf16", Isa::Avx2, Bf16),
+    ("ndlora::simd::x86::product_avx2_f16", Isa::Avx2, F16),
+    ("ndlora::simd::x86::product_avx512_bf16", Isa::Avx512, Bf16),
+    ("ndlora::simd::x86::product_avx512_f16", Isa::Avx512, F16),
+    ("ndlora::simd::x86::widen_avx2_bf16", Isa::Convert, Bf16),
+    ("ndlora::simd::x86::widen_avx2_f16", Isa::Convert, F16),
+    ("ndlora::simd::x86::widen_avx512_bf16", Isa::Convert, Bf16),
+    ("ndlora::simd::x86::widen_avx512_f16", Isa::Convert, F16),
+    ("ndlora::simd::x86::round_avx2_bf16", Isa::Convert, Same),
+    ("ndlora::simd::x86::round_avx2_f16", Isa::Convert, Same),
+    ("ndlora::simd::x86::round_avx512_bf16", Isa::Convert, Same),
+    ("ndlora::simd::x86::round_avx512_f16", Isa::Convert, Same),
 ];
 
 /// Functions under this path must all be in [`KERNELS`].
@@ -64,7 +100,15 @@ fn link_kernels() {
     layer.weight_b_mut().unwrap().fill(0.5);
     layer.forward(Array2::zeros((1, 40)).view()).unwrap();
     layer.merge().unwrap();
-    let mut layer = LoraLayer::new(Array2::<f64>::zeros((8, 40)), config).unwrap();
+    let mut layer = LoraLayer::new(Array2::<f64>::zeros((8, 40)), config.clone()).unwrap();
+    layer.weight_b_mut().unwrap().fill(0.5);
+    layer.forward(Array2::zeros((1, 40)).view()).unwrap();
+    layer.merge().unwrap();
+    let mut layer = LoraLayer::new(Array2::<bf16>::zeros((8, 40)), config.clone()).unwrap();
+    layer.weight_b_mut().unwrap().fill(0.5);
+    layer.forward(Array2::zeros((1, 40)).view()).unwrap();
+    layer.merge().unwrap();
+    let mut layer = LoraLayer::new(Array2::<f16>::zeros((8, 40)), config).unwrap();
     layer.weight_b_mut().unwrap().fill(0.5);
     layer.forward(Array2::zeros((1, 40)).view()).unwrap();
     layer.merge().unwrap();
@@ -96,6 +140,7 @@ fn disassemble() -> BTreeMap<String, Vec<Vec<String>>> {
             )
         });
     let mut functions: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
+    let listed = |name: &str| KERNELS.iter().any(|(k, ..)| *k == name);
     let mut current: Option<String> = None;
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.expect("objdump output is text");
@@ -106,7 +151,7 @@ fn disassemble() -> BTreeMap<String, Vec<Vec<String>>> {
             .filter(|(addr, _)| addr.bytes().all(|b| b.is_ascii_hexdigit()))
             .map(|(_, name)| name.to_owned())
         {
-            let wanted = name.starts_with(KERNEL_MODULE) || KERNELS.iter().any(|(k, _)| *k == name);
+            let wanted = name.starts_with(KERNEL_MODULE) || listed(&name);
             current = wanted.then(|| {
                 functions.entry(name.clone()).or_default().push(Vec::new());
                 name
@@ -131,6 +176,11 @@ struct Finding {
     gathers: usize,
     zmm_fmas: usize,
     ymm_fmas: usize,
+    /// `vcvtph2ps` (f16 → f32).
+    cvtph2ps: usize,
+    /// `vpmovzxwd` and `vpslld` (bf16 → f32 is both).
+    zext_words: usize,
+    shifts_left: usize,
 }
 
 impl Finding {
@@ -151,18 +201,29 @@ impl Finding {
                 .filter(|i| is_fma(&mnemonic(i)) && i.contains(reg))
                 .count()
         };
+        let count = |m: &str| body.iter().filter(|i| mnemonic(i) == m).count();
         Finding {
             instructions: body.len(),
             gathers: body.iter().filter(|i| is_gather(&mnemonic(i))).count(),
             zmm_fmas: fmas_on("%zmm"),
             ymm_fmas: fmas_on("%ymm"),
+            cvtph2ps: count("vcvtph2ps"),
+            zext_words: count("vpmovzxwd"),
+            shifts_left: count("vpslld"),
         }
     }
 
-    /// Why the function fails the audit for `isa`, if it does.
-    fn problem(&self, isa: Isa) -> Option<String> {
+    /// Why the function fails the audit for `isa` reading W as `storage`, if it does.
+    fn problem(&self, isa: Isa, storage: Storage) -> Option<String> {
         if self.gathers > 0 {
             return Some(format!("{} gather/scatter instructions", self.gathers));
+        }
+        match storage {
+            F16 if self.cvtph2ps == 0 => return Some("f16 W but no vcvtph2ps".to_owned()),
+            Bf16 if self.zext_words == 0 || self.shifts_left == 0 => {
+                return Some("bf16 W but no vpmovzxwd + vpslld".to_owned())
+            }
+            _ => {}
         }
         match isa {
             Isa::Avx512 if self.zmm_fmas == 0 => Some("no FMA on zmm registers".to_owned()),
@@ -177,11 +238,11 @@ fn simd_kernels_compile_to_the_intended_instructions() {
     link_kernels();
     let functions = disassemble();
     let mut report = vec![format!(
-        "{:<40} {:>6} {:>6} {:>8} {:>8} {:>8}  verdict",
-        "kernel", "isa", "insns", "gathers", "zmm-fma", "ymm-fma"
+        "{:<40} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6}  verdict",
+        "kernel", "isa", "insns", "gathers", "zmm-fma", "ymm-fma", "widen"
     )];
     let mut failures = Vec::new();
-    for &(name, isa) in KERNELS {
+    for &(name, isa, storage) in KERNELS {
         let Some(bodies) = functions.get(name) else {
             failures.push(format!(
                 "{name}: not in {} (renamed? add a call reaching it to link_kernels)",
@@ -191,14 +252,20 @@ fn simd_kernels_compile_to_the_intended_instructions() {
         };
         for body in bodies {
             let f = Finding::of(body);
-            let problem = f.problem(isa);
+            let problem = f.problem(isa, storage);
+            let widen = match storage {
+                Same => 0,
+                Bf16 => f.zext_words.min(f.shifts_left),
+                F16 => f.cvtph2ps,
+            };
             report.push(format!(
-                "{name:<40} {:>6} {:>6} {:>8} {:>8} {:>8}  {}",
+                "{name:<40} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6}  {}",
                 format!("{isa:?}").to_lowercase(),
                 f.instructions,
                 f.gathers,
                 f.zmm_fmas,
                 f.ymm_fmas,
+                widen,
                 problem.as_deref().unwrap_or("ok")
             ));
             if let Some(problem) = problem {
@@ -207,7 +274,7 @@ fn simd_kernels_compile_to_the_intended_instructions() {
         }
     }
     for name in functions.keys() {
-        if !KERNELS.iter().any(|(k, _)| k == name) {
+        if !KERNELS.iter().any(|(k, ..)| k == name) {
             failures.push(format!(
                 "{name}: a function of {KERNEL_MODULE} not listed in KERNELS"
             ));

@@ -249,7 +249,8 @@ fn half_layer<H: Half>(d: usize, k: usize, r: usize, seed: u64) -> LoraLayer<H> 
         .unwrap()
 }
 
-/// Every batch size around the skinny crossover, odd shapes, every input layout.
+/// Every batch size around the skinny crossovers (f32's and the half types' own), odd
+/// shapes, every input layout.
 fn forward_against_reference<H: Half>() {
     for &(d, k, r) in &[
         (1, 1, 1),
@@ -260,7 +261,8 @@ fn forward_against_reference<H: Half>() {
     ] {
         let layer = half_layer::<H>(d, k, r, (d * 1000 + k) as u64);
         let reference = HalfRef::new(&layer);
-        for n in [0, 1, 2, 7, 32, 33, 70] {
+        let crossover = ndlora::N_SKINNY_HALF;
+        for n in [0, 1, 2, 7, 32, 33, crossover, crossover + 1, 70] {
             let x: Array2<H> = random(&mut rng(n as u64 + 7), n, k);
             let (want, slack) = reference.forward::<H>(&x.mapv(|v| v.into_f64()));
             for layout in LAYOUTS {

@@ -33,3 +33,18 @@ pub fn trained_layer<A: LoraFloat<Factor = A>>(d: usize, k: usize, r: usize) -> 
     );
     LoraLayer::from_parts(w, a, b, config).expect("valid layer")
 }
+
+/// `layer`'s W (and bias) rounded to the half type `H`, with the same f32 factors and
+/// configuration: the half layer a user with an `H` model holds.
+pub fn half_layer<H: LoraFloat<Factor = f32>>(layer: &LoraLayer<f32>) -> LoraLayer<H> {
+    let w = layer
+        .base_weight()
+        .mapv(|v| H::from_f64_lossy(f64::from(v)));
+    let (a, b) = (layer.weight_a().to_owned(), layer.weight_b().to_owned());
+    LoraLayer::from_parts(w, a, b, layer.config().clone()).expect("valid layer")
+}
+
+/// `x` rounded to the half type `H`.
+pub fn to_half<H: LoraFloat>(x: &Array2<f32>) -> Array2<H> {
+    x.mapv(|v| H::from_f64_lossy(f64::from(v)))
+}

@@ -26,7 +26,10 @@
 //!   L elements) in order, then + bᵢ. So bands of W's rows on different threads give
 //!   bit-identical results for any thread count, and the edge rows of W and X run the same
 //!   arithmetic as full tiles;
-//! * writes each element of Y once.
+//! * writes each element of Y once;
+//! * reads W in its stored type: the compute type itself, or (for a half layer, sums in f32)
+//!   `bf16`/`f16`, widened in registers as each vector is loaded — at n = 1 the product is
+//!   memory-bound, so streaming 2-byte W takes about half the time of f32 W.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -34,8 +37,11 @@ use std::ops::Range;
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 
 use super::parallel::{row_bands, run_parts};
-use super::vector::{Element, Portable, Vector};
+use super::vector::{Element, Portable, Stored, Vector, WideLoad};
 use super::SimdLevel;
+
+/// Bytes per cache line (64 on every x86-64 and most aarch64 cores).
+const CACHE_LINE: usize = 64;
 
 /// The widest vector (in lanes) the kernel body takes; sizes its lane-sum buffer.
 const MAX_LANES: usize = 16;
@@ -53,20 +59,22 @@ pub(super) const CHUNK_BYTES: usize = 2048;
 const X_PREFETCH_AHEAD: usize = 64;
 
 /// One term Xₛ Wₛᵀ of a product: W-like d×kₛ and X-like n×kₛ, each with a unit column
-/// stride (or kₛ ≤ 1).
+/// stride (or kₛ ≤ 1). W is stored as `W`: the compute type `T` itself, or a half type
+/// that the kernel widens in registers as it loads it (a half layer's W, with X widened
+/// to f32 once beforehand).
 #[derive(Clone, Copy)]
-pub struct Segment<'a, T> {
+pub struct Segment<'a, T, W = T> {
     /// d×kₛ.
-    pub w: ArrayView2<'a, T>,
+    pub w: ArrayView2<'a, W>,
     /// n×kₛ.
     pub x: ArrayView2<'a, T>,
 }
 
-/// The inputs of one product: its segments and the optional bias (length d).
+/// The inputs of one product: its segments and the optional bias (length d, stored as W).
 #[derive(Clone, Copy)]
-pub struct Operands<'a, 'b, T> {
-    segments: &'b [Segment<'a, T>],
-    bias: Option<ArrayView1<'a, T>>,
+pub struct Operands<'a, 'b, T, W = T> {
+    segments: &'b [Segment<'a, T, W>],
+    bias: Option<ArrayView1<'a, W>>,
 }
 
 /// Writes the band Y[.., i0..i0 + y.ncols()] of the product `o`, where `y` is that band.
@@ -75,27 +83,33 @@ pub struct Operands<'a, 'b, T> {
 /// Every segment's views have unit column stride (or kₛ ≤ 1); the shapes chain (every
 /// segment's W d×kₛ and X n×kₛ, bias d); `y` is n×c with i0 + c ≤ d; the CPU supports
 /// the kernel's instructions.
-pub type ProductFn<T> = unsafe fn(o: &Operands<'_, '_, T>, i0: usize, y: ArrayViewMut2<'_, T>);
+pub type ProductFn<T, W = T> =
+    unsafe fn(o: &Operands<'_, '_, T, W>, i0: usize, y: ArrayViewMut2<'_, T>);
 
-/// The element types with a skinny-product kernel, and which one runs at each SIMD level.
-/// Sealed (lives in a private module); a supertrait of [`LoraFloat`](crate::LoraFloat).
-pub trait DecodeElement: Element + std::ops::Add<Output = Self> {
-    /// The kernel for `level`, if this build has one (the CPU check is the caller's).
-    fn product_kernel(level: SimdLevel) -> Option<ProductFn<Self>>;
+/// The element types with a skinny-product kernel computing in their own type. Sealed
+/// (lives in a private module); a supertrait of [`LoraFloat`](crate::LoraFloat).
+pub trait DecodeElement: Element + std::ops::Add<Output = Self> + ProductWeight<Self> {}
+
+/// The types W can be stored as in a product computing in `T`, and which kernel runs at
+/// each SIMD level: `T` itself, and for `T = f32` the half types `bf16` and `f16`. Sealed.
+pub trait ProductWeight<T: Element>: Stored<T> {
+    /// The kernel for `level`, if this build has one and (beyond the level's own features,
+    /// which the caller checks) this CPU has what it needs.
+    fn product_kernel(level: SimdLevel) -> Option<ProductFn<T, Self>>;
 }
 
-macro_rules! impl_decode_element {
-    ($t:ty, $avx2:ident, $avx512:ident, $neon:ident) => {
-        impl DecodeElement for $t {
-            fn product_kernel(level: SimdLevel) -> Option<ProductFn<Self>> {
+macro_rules! impl_product_weight {
+    ($t:ty, $w:ty, $avx2:expr, $avx512:ident, $neon:expr) => {
+        impl ProductWeight<$t> for $w {
+            fn product_kernel(level: SimdLevel) -> Option<ProductFn<$t, $w>> {
                 match level {
-                    SimdLevel::Scalar => Some(product_scalar::<$t>),
+                    SimdLevel::Scalar => Some(product_scalar::<$t, $w>),
                     #[cfg(target_arch = "x86_64")]
-                    SimdLevel::Avx2Fma => Some(super::x86::$avx2),
+                    SimdLevel::Avx2Fma => $avx2,
                     #[cfg(target_arch = "x86_64")]
                     SimdLevel::Avx512F => Some(super::x86::$avx512),
                     #[cfg(target_arch = "aarch64")]
-                    SimdLevel::Neon => Some(super::aarch64::$neon),
+                    SimdLevel::Neon => $neon,
                     #[allow(unreachable_patterns)]
                     _ => None,
                 }
@@ -103,21 +117,51 @@ macro_rules! impl_decode_element {
         }
     };
 }
-impl_decode_element!(f32, product_avx2_f32, product_avx512_f32, product_neon_f32);
-impl_decode_element!(f64, product_avx2_f64, product_avx512_f64, product_neon_f64);
+impl_product_weight!(
+    f32,
+    f32,
+    Some(super::x86::product_avx2_f32),
+    product_avx512_f32,
+    Some(super::aarch64::product_neon_f32)
+);
+impl_product_weight!(
+    f64,
+    f64,
+    Some(super::x86::product_avx2_f64),
+    product_avx512_f64,
+    Some(super::aarch64::product_neon_f64)
+);
+impl_product_weight!(
+    f32,
+    half::bf16,
+    Some(super::x86::product_avx2_bf16),
+    product_avx512_bf16,
+    Some(super::aarch64::product_neon_bf16)
+);
+// F16C (`vcvtph2ps`) is not implied by AVX2+FMA: without it the AVX2 level declines f16.
+impl_product_weight!(
+    f32,
+    half::f16,
+    is_x86_feature_detected!("f16c")
+        .then_some(super::x86::product_avx2_f16 as ProductFn<f32, half::f16>),
+    product_avx512_f16,
+    super::aarch64::PRODUCT_NEON_F16
+);
+impl DecodeElement for f32 {}
+impl DecodeElement for f64 {}
 
 /// The portable one-lane kernel: the same formula element by element. Slow without FMA
 /// (`mul_add` is then a libm call), so callers prefer BLAS at this level; the tests use it.
 ///
 /// # Safety
 /// As [`ProductFn`]; `Portable` needs no CPU feature.
-unsafe fn product_scalar<T: DecodeElement>(
-    o: &Operands<'_, '_, T>,
+unsafe fn product_scalar<T: DecodeElement, W: Stored<T>>(
+    o: &Operands<'_, '_, T, W>,
     i0: usize,
     y: ArrayViewMut2<'_, T>,
 ) {
     // SAFETY: forwarded.
-    unsafe { product::<Portable<T, 1>, 4, 4>(o, i0, y) }
+    unsafe { product::<Portable<T, 1>, W, 4, 4>(o, i0, y) }
 }
 
 /// Y = Σₛ Xₛ Wₛᵀ + b with the kernel at `level`, W's rows split into bands over up to
@@ -128,10 +172,10 @@ unsafe fn product_scalar<T: DecodeElement>(
 /// # Panics
 /// If the shapes do not chain (an internal bug: callers validate first).
 #[track_caller]
-pub(crate) fn skinny_product<'a, T: DecodeElement>(
+pub(crate) fn skinny_product<'a, T: DecodeElement, W: ProductWeight<T>>(
     level: SimdLevel,
-    segments: &[Segment<'a, T>],
-    bias: Option<ArrayView1<'a, T>>,
+    segments: &[Segment<'a, T, W>],
+    bias: Option<ArrayView1<'a, W>>,
     y: ArrayViewMut2<'_, T>,
     threads: usize,
 ) -> bool {
@@ -144,11 +188,14 @@ pub(crate) fn skinny_product<'a, T: DecodeElement>(
         "skinny product shapes do not chain into Y {:?}",
         y.dim()
     );
-    let unit = |m: &ArrayView2<'_, T>| m.ncols() <= 1 || m.strides()[1] == 1;
-    if !segments.iter().all(|s| unit(&s.w) && unit(&s.x)) || !level.is_available() {
+    let unit = |cols: usize, strides: &[isize]| cols <= 1 || strides[1] == 1;
+    let units = |s: &Segment<'_, T, W>| {
+        unit(s.w.ncols(), s.w.strides()) && unit(s.x.ncols(), s.x.strides())
+    };
+    if !segments.iter().all(units) || !level.is_available() {
         return false;
     }
-    let Some(kernel) = T::product_kernel(level) else {
+    let Some(kernel) = W::product_kernel(level) else {
         return false;
     };
     if n == 0 || d == 0 {
@@ -187,11 +234,13 @@ const BAND_ROWS: usize = 12;
 /// As [`ProductFn`], with the CPU supporting `V`'s instructions, `V::LANES ≤ MAX_LANES` and
 /// `NX ≤ 8`.
 #[inline(always)]
-pub(super) unsafe fn product<V: Vector, const MR: usize, const NX: usize>(
-    o: &Operands<'_, '_, V::Elem>,
+pub(super) unsafe fn product<V, W, const MR: usize, const NX: usize>(
+    o: &Operands<'_, '_, V::Elem, W>,
     i0: usize,
     mut y: ArrayViewMut2<'_, V::Elem>,
 ) where
+    V: WideLoad<W>,
+    W: Stored<V::Elem>,
     V::Elem: DecodeElement,
 {
     let out = Out {
@@ -208,12 +257,12 @@ pub(super) unsafe fn product<V: Vector, const MR: usize, const NX: usize>(
         let mut i = i0;
         while i + MR <= i0 + c {
             // SAFETY: rows i..i + MR ≤ i0 + c ≤ d, X rows m0..m1 ≤ n; the rest forwarded.
-            unsafe { rows::<V, MR, NX>(o, out, i, m0..m1) };
+            unsafe { rows::<V, W, MR, NX>(o, out, i, m0..m1) };
             i += MR;
         }
         while i < i0 + c {
             // SAFETY: row i < d; the rest forwarded.
-            unsafe { rows::<V, 1, NX>(o, out, i, m0..m1) };
+            unsafe { rows::<V, W, 1, NX>(o, out, i, m0..m1) };
             i += 1;
         }
         m0 = m1;
@@ -237,16 +286,18 @@ struct Out<T> {
 /// i + M ≤ d and i ≥ out.i0 inside the band, `panel` inside 0..n and at most
 /// `PANEL_GROUPS·NX` long; as [`product`].
 #[inline(always)]
-unsafe fn rows<V: Vector, const M: usize, const NX: usize>(
-    o: &Operands<'_, '_, V::Elem>,
+unsafe fn rows<V, W, const M: usize, const NX: usize>(
+    o: &Operands<'_, '_, V::Elem, W>,
     out: Out<V::Elem>,
     i: usize,
     panel: Range<usize>,
 ) where
+    V: WideLoad<W>,
+    W: Stored<V::Elem>,
     V::Elem: DecodeElement,
 {
     let l = V::LANES;
-    let chunk = (CHUNK_BYTES / std::mem::size_of::<V::Elem>()).next_multiple_of(l);
+    let chunk = (CHUNK_BYTES / std::mem::size_of::<W>()).next_multiple_of(l);
     let groups = panel.len().div_ceil(NX);
     let mut acc = [[[MaybeUninit::<V>::uninit(); NX]; M]; PANEL_GROUPS];
     let mut started = false;
@@ -279,14 +330,14 @@ unsafe fn rows<V: Vector, const M: usize, const NX: usize>(
                 // slot's entries are initialised unless `start`. The rest forwarded.
                 unsafe {
                     match (panel.end - m).min(NX) {
-                        c if c == NX => accumulate::<V, M, NX, NX>(&tile, slot),
-                        1 => accumulate::<V, M, 1, NX>(&tile, slot),
-                        2 => accumulate::<V, M, 2, NX>(&tile, slot),
-                        3 => accumulate::<V, M, 3, NX>(&tile, slot),
-                        4 => accumulate::<V, M, 4, NX>(&tile, slot),
-                        5 => accumulate::<V, M, 5, NX>(&tile, slot),
-                        6 => accumulate::<V, M, 6, NX>(&tile, slot),
-                        _ => accumulate::<V, M, 7, NX>(&tile, slot),
+                        c if c == NX => accumulate::<V, W, M, NX, NX>(&tile, slot),
+                        1 => accumulate::<V, W, M, 1, NX>(&tile, slot),
+                        2 => accumulate::<V, W, M, 2, NX>(&tile, slot),
+                        3 => accumulate::<V, W, M, 3, NX>(&tile, slot),
+                        4 => accumulate::<V, W, M, 4, NX>(&tile, slot),
+                        5 => accumulate::<V, W, M, 5, NX>(&tile, slot),
+                        6 => accumulate::<V, W, M, 6, NX>(&tile, slot),
+                        _ => accumulate::<V, W, M, 7, NX>(&tile, slot),
                     }
                 }
             }
@@ -312,11 +363,11 @@ unsafe fn rows<V: Vector, const M: usize, const NX: usize>(
                         let w = seg.w.as_ptr().offset((i + a) as isize * seg.w.strides()[0]);
                         let x = seg.x.as_ptr().offset((m + q) as isize * seg.x.strides()[0]);
                         for j in k - k % l..k {
-                            s = s.fused_add(*w.add(j), *x.add(j));
+                            s = s.fused_add((*w.add(j)).widen(), *x.add(j));
                         }
                     }
                     if let Some(b) = &o.bias {
-                        s = s + *b.uget(i + a);
+                        s = s + b.uget(i + a).widen();
                     }
                     let at = (m + q) as isize * out.row + (i + a - out.i0) as isize * out.col;
                     *out.ptr.offset(at) = s;
@@ -330,8 +381,8 @@ unsafe fn rows<V: Vector, const M: usize, const NX: usize>(
 /// columns `cols` (whole vectors); `start`: begin at 0 rather than the slot's values;
 /// `prefetch`: the rows of the block it prefetches `ahead` elements on from each column
 /// (into the next chunk, or from the last chunk into the next block's rows).
-struct Tile<'s, 'a, T> {
-    seg: &'s Segment<'a, T>,
+struct Tile<'s, 'a, T, W> {
+    seg: &'s Segment<'a, T, W>,
     i: usize,
     m: usize,
     cols: Range<usize>,
@@ -348,10 +399,12 @@ struct Tile<'s, 'a, T> {
 /// vectors, `t.prefetch` within 0..M; `slot`'s first N entries per row are initialised
 /// unless `t.start`; as [`product`].
 #[inline(always)]
-unsafe fn accumulate<V: Vector, const M: usize, const N: usize, const NX: usize>(
-    t: &Tile<'_, '_, V::Elem>,
+unsafe fn accumulate<V, W, const M: usize, const N: usize, const NX: usize>(
+    t: &Tile<'_, '_, V::Elem, W>,
     slot: &mut [[MaybeUninit<V>; NX]; M],
 ) where
+    V: WideLoad<W>,
+    W: Stored<V::Elem>,
     V::Elem: DecodeElement,
 {
     let l = V::LANES;
@@ -361,7 +414,7 @@ unsafe fn accumulate<V: Vector, const M: usize, const N: usize, const NX: usize>
     // every vector load covers j..j + l ≤ t.cols.end ≤ kₛ. Prefetches never fault. The CPU
     // supports `V` (the contract). `slot` is read only where initialised (the contract).
     unsafe {
-        let w: [*const V::Elem; M] =
+        let w: [*const W; M] =
             std::array::from_fn(|a| sw.as_ptr().offset((t.i + a) as isize * sw.strides()[0]));
         let x: [*const V::Elem; N] =
             std::array::from_fn(|q| sx.as_ptr().offset((t.m + q) as isize * sx.strides()[0]));
@@ -370,17 +423,23 @@ unsafe fn accumulate<V: Vector, const M: usize, const N: usize, const NX: usize>
         } else {
             std::array::from_fn(|a| std::array::from_fn(|q| slot[a][q].assume_init()))
         };
+        // A narrower W (half) fills a cache line in several vector steps: prefetch it on the
+        // first of them only.
+        let narrow = std::mem::size_of::<W>() < std::mem::size_of::<V::Elem>();
+        let w_line = CACHE_LINE / std::mem::size_of::<W>();
         let mut j = t.cols.start;
         while j < t.cols.end {
-            for a in t.prefetch.clone() {
-                V::prefetch(w[a].wrapping_offset(j as isize + t.ahead));
+            if !narrow || j % w_line < l {
+                for a in t.prefetch.clone() {
+                    V::prefetch(w[a].wrapping_offset(j as isize + t.ahead).cast());
+                }
             }
             for x in &x {
                 V::prefetch(x.wrapping_add(j + X_PREFETCH_AHEAD));
             }
             let xv: [V; N] = std::array::from_fn(|q| V::load(x[q].add(j)));
             for (acc, w) in acc.iter_mut().zip(&w) {
-                let wv = V::load(w.add(j));
+                let wv = V::load_wide(w.add(j));
                 for (acc, xv) in acc.iter_mut().zip(&xv) {
                     *acc = acc.mul_add(wv, *xv);
                 }
@@ -424,20 +483,21 @@ mod tests {
 
     use super::*;
     use crate::simd::parallel::tests::with_spawn_failing;
+    use crate::simd::vector::tests::FromF32;
 
-    fn pattern<T: From<f32>>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
+    fn pattern<T: FromF32>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
         Array2::from_shape_fn((rows, cols), |(i, j)| {
-            T::from((((i * cols + j) as f32 + seed) * 0.754_877_7).fract() - 0.5)
+            T::from_f32((((i * cols + j) as f32 + seed) * 0.754_877_7).fract() - 0.5)
         })
     }
 
     /// One product's operands, owned, in standard layout: (W-like, X-like) per segment.
-    struct Case<T> {
-        segments: Vec<(Array2<T>, Array2<T>)>,
-        bias: Option<Array1<T>>,
+    struct Case<T, W = T> {
+        segments: Vec<(Array2<W>, Array2<T>)>,
+        bias: Option<Array1<W>>,
     }
 
-    impl<T: DecodeElement + From<f32>> Case<T> {
+    impl<T: FromF32, W: FromF32> Case<T, W> {
         /// The segment (W d×k, X n×k), then one (B d×r, C n×r) per rank.
         fn new(d: usize, k: usize, n: usize, bias: bool, ranks: &[usize]) -> Self {
             let mut segments = vec![(pattern(d, k, 2.0), pattern(n, k, 1.0))];
@@ -458,22 +518,22 @@ mod tests {
 
     /// The product in f64 and, per element, the sum of the magnitudes of its terms (which
     /// scales the rounding error bound).
-    fn reference<T: Into<f64> + Copy>(c: &Case<T>) -> (Array2<f64>, Array2<f64>) {
-        let f = |v: &T| -> f64 { (*v).into() };
+    fn reference<T: FromF32, W: FromF32>(c: &Case<T, W>) -> (Array2<f64>, Array2<f64>) {
         let (n, d) = (c.segments[0].1.nrows(), c.segments[0].0.nrows());
         let mut value = Array2::zeros((n, d));
         let mut size = Array2::zeros((n, d));
         for ((m, i), v) in value.indexed_iter_mut() {
             let (mut sum, mut mag) = (0.0, 0.0);
             for (w, x) in &c.segments {
-                for (w, x) in w.row(i).iter().zip(x.row(m)) {
-                    sum += f(w) * f(x);
-                    mag += (f(w) * f(x)).abs();
+                for (&w, &x) in w.row(i).iter().zip(x.row(m)) {
+                    let p = w.into() * x.into();
+                    sum += p;
+                    mag += p.abs();
                 }
             }
             if let Some(b) = &c.bias {
-                sum += f(&b[i]);
-                mag += f(&b[i]).abs();
+                sum += b[i].into();
+                mag += b[i].into().abs();
             }
             *v = sum;
             size[[m, i]] = mag;
@@ -492,12 +552,12 @@ mod tests {
     }
 
     /// The backing array of `a` laid out per `layout`; [`view_of`] finds `a` inside it.
-    fn place<T: Copy + From<f32>>(a: &Array2<T>, layout: usize) -> Array2<T> {
+    fn place<T: FromF32>(a: &Array2<T>, layout: usize) -> Array2<T> {
         let (r, c) = a.dim();
         match layout {
             0 => a.clone(),
             1 => {
-                let mut wide = Array2::from_elem((r, c + 3), T::from(f32::NAN));
+                let mut wide = Array2::from_elem((r, c + 3), T::from_f32(f32::NAN));
                 wide.slice_mut(s![.., 1..c + 1]).assign(a);
                 wide
             }
@@ -515,9 +575,9 @@ mod tests {
 
     /// Runs `kernel` directly on the bands of W's rows that start at `cuts` (and 0), with
     /// the operands laid out per `layout`; returns Y in standard layout.
-    fn run<T: DecodeElement + From<f32> + Into<f64>>(
-        kernel: ProductFn<T>,
-        c: &Case<T>,
+    fn run<T: DecodeElement + FromF32, W: FromF32>(
+        kernel: ProductFn<T, W>,
+        c: &Case<T, W>,
         layout: Layout,
         cuts: &[usize],
     ) -> Array2<T> {
@@ -539,7 +599,7 @@ mod tests {
             segments: &segments,
             bias: c.bias.as_ref().map(|b| b.view()),
         };
-        let nan = T::from(f32::NAN);
+        let nan = T::from_f32(f32::NAN);
         let mut yb = match layout.y {
             1 => Array2::from_elem((n, d).f(), nan),
             2 => Array2::from_elem((2 * n + 1, d + 4), nan),
@@ -576,13 +636,13 @@ mod tests {
     }
 
     /// Every kernel this host runs, by name, and `extra`.
-    fn kernels<T: DecodeElement>(
-        extra: &[(&'static str, ProductFn<T>)],
-    ) -> Vec<(&'static str, ProductFn<T>)> {
+    fn kernels<T: DecodeElement, W: ProductWeight<T>>(
+        extra: &[(&'static str, ProductFn<T, W>)],
+    ) -> Vec<(&'static str, ProductFn<T, W>)> {
         let mut out: Vec<_> = SimdLevel::ALL
             .into_iter()
             .filter(|l| l.is_available())
-            .filter_map(|l| T::product_kernel(l).map(|k| (l.as_str(), k)))
+            .filter_map(|l| W::product_kernel(l).map(|k| (l.as_str(), k)))
             .collect();
         out.extend_from_slice(extra);
         out
@@ -592,13 +652,16 @@ mod tests {
     ///
     /// # Safety
     /// As [`ProductFn`].
-    unsafe fn portable<T: DecodeElement, const L: usize, const MR: usize, const NX: usize>(
-        o: &Operands<'_, '_, T>,
+    unsafe fn portable<T, W, const L: usize, const MR: usize, const NX: usize>(
+        o: &Operands<'_, '_, T, W>,
         i0: usize,
         y: ArrayViewMut2<'_, T>,
-    ) {
+    ) where
+        T: DecodeElement,
+        W: Stored<T>,
+    {
         // SAFETY: forwarded; `Portable` needs no CPU feature.
-        unsafe { product::<Portable<T, L>, MR, NX>(o, i0, y) }
+        unsafe { product::<Portable<T, L>, W, MR, NX>(o, i0, y) }
     }
 
     /// The bits of `v` widened to f64 (exact, so equal bits ⇔ equal bits in `T`).
@@ -606,11 +669,15 @@ mod tests {
         v.into().to_bits()
     }
 
-    fn check_all<T>(extra: &[(&'static str, ProductFn<T>)], same_formula: &[ProductFn<T>], eps: f64)
-    where
-        T: DecodeElement + From<f32> + Into<f64>,
+    fn check_all<T, W>(
+        extra: &[(&'static str, ProductFn<T, W>)],
+        same_formula: &[ProductFn<T, W>],
+        eps: f64,
+    ) where
+        T: DecodeElement + FromF32,
+        W: ProductWeight<T> + FromF32,
     {
-        let all = kernels::<T>(extra);
+        let all = kernels::<T, W>(extra);
         let names: Vec<_> = all.iter().map(|k| k.0).collect();
         println!("kernels tested: {names:?}");
         let mut case_no = 0usize;
@@ -629,7 +696,7 @@ mod tests {
                 1 => &[3],
                 _ => &[1, 16],
             };
-            let c = Case::<T>::new(d, k, n, bias, ranks);
+            let c = Case::<T, W>::new(d, k, n, bias, ranks);
             let (want, size) = reference(&c);
             let plain = Layout { operands: 0, y: 0 };
             let terms: usize = c.segments.iter().map(|s| s.0.ncols()).sum();
@@ -677,7 +744,7 @@ mod tests {
                 super::super::x86::product_width16_on_avx2_f32,
             )]
         } else {
-            vec![("portable 16", portable::<f32, 16, 6, 4>)]
+            vec![("portable 16", portable::<f32, f32, 16, 6, 4>)]
         }
     }
 
@@ -689,31 +756,31 @@ mod tests {
                 super::super::x86::product_width8_on_avx2_f64,
             )]
         } else {
-            vec![("portable 8", portable::<f64, 8, 6, 4>)]
+            vec![("portable 8", portable::<f64, f64, 8, 6, 4>)]
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     fn wide_f32() -> Vec<(&'static str, ProductFn<f32>)> {
-        vec![("portable 16", portable::<f32, 16, 6, 4>)]
+        vec![("portable 16", portable::<f32, f32, 16, 6, 4>)]
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     fn wide_f64() -> Vec<(&'static str, ProductFn<f64>)> {
-        vec![("portable 8", portable::<f64, 8, 6, 4>)]
+        vec![("portable 8", portable::<f64, f64, 8, 6, 4>)]
     }
 
     #[test]
     fn every_kernel_matches_the_f64_reference_and_is_split_invariant_f32() {
         let mut extra = wide_f32();
-        extra.push(("portable 4", portable::<f32, 4, 4, 4>));
-        check_all::<f32>(
+        extra.push(("portable 4", portable::<f32, f32, 4, 4, 4>));
+        check_all::<f32, f32>(
             &extra,
             &[
-                portable::<f32, 4, 4, 4>,
-                portable::<f32, 4, 1, 1>,
-                portable::<f32, 4, 3, 5>,
-                portable::<f32, 4, 6, 8>,
+                portable::<f32, f32, 4, 4, 4>,
+                portable::<f32, f32, 4, 1, 1>,
+                portable::<f32, f32, 4, 3, 5>,
+                portable::<f32, f32, 4, 6, 8>,
             ],
             f32::EPSILON as f64,
         );
@@ -722,16 +789,45 @@ mod tests {
     #[test]
     fn every_kernel_matches_the_f64_reference_and_is_split_invariant_f64() {
         let mut extra = wide_f64();
-        extra.push(("portable 2", portable::<f64, 2, 4, 4>));
-        check_all::<f64>(
+        extra.push(("portable 2", portable::<f64, f64, 2, 4, 4>));
+        check_all::<f64, f64>(
             &extra,
             &[
-                portable::<f64, 2, 4, 4>,
-                portable::<f64, 2, 1, 1>,
-                portable::<f64, 2, 5, 3>,
+                portable::<f64, f64, 2, 4, 4>,
+                portable::<f64, f64, 2, 1, 1>,
+                portable::<f64, f64, 2, 5, 3>,
             ],
             f64::EPSILON,
         );
+    }
+
+    /// A half W (X, Y and the sums in f32): every level's kernel that this CPU runs, and the
+    /// portable body at widths 4 and 16, against the f64 reference of the widened W, and
+    /// bit-identical over layouts, row splits and tile shapes.
+    fn check_half<W: ProductWeight<f32> + FromF32>() {
+        let extra: [(&'static str, ProductFn<f32, W>); 2] = [
+            ("portable 4", portable::<f32, W, 4, 4, 4>),
+            ("portable 16", portable::<f32, W, 16, 6, 4>),
+        ];
+        check_all::<f32, W>(
+            &extra,
+            &[
+                portable::<f32, W, 4, 4, 4>,
+                portable::<f32, W, 4, 1, 1>,
+                portable::<f32, W, 4, 3, 5>,
+            ],
+            f32::EPSILON as f64,
+        );
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f64_reference_and_is_split_invariant_bf16_w() {
+        check_half::<half::bf16>();
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f64_reference_and_is_split_invariant_f16_w() {
+        check_half::<half::f16>();
     }
 
     /// The safe entry: declines layouts it cannot read and levels this CPU lacks (Y

@@ -18,6 +18,11 @@
 //!   tests (as portable vectors). `tests/codegen.rs` disassembles the x86-64 kernels and
 //!   checks that each uses its ISA's FMAs and no gathers or scatters.
 //! * [`scalar`] is the portable fallback and the `forward_scalar` reference.
+//! * A half-precision W (`bf16`, `f16` layers, f32 sums): the skinny product and the merge
+//!   update are the same bodies, generic over how W is stored (`vector::Stored`,
+//!   `vector::WideLoad`): each vector of W is widened in registers as it is loaded (bf16 by
+//!   a 16-bit shift, f16 by `vcvtph2ps`) and, in the merge, rounded once per element as it
+//!   is stored. [`convert`] widens and rounds whole rows for the paths that hand f32 to BLAS.
 //! * CPU features are detected once; the chosen [`Kernel`] (a function pointer) is cached in
 //!   a `OnceLock`. [`Kernel::run`] is the one safe entry: it checks the slice lengths that the
 //!   `unsafe` kernels rely on. The merge kernel's safe entry is
@@ -29,6 +34,7 @@ use std::sync::OnceLock;
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
+pub(crate) mod convert;
 pub(crate) mod decode;
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64", test)),

@@ -23,7 +23,7 @@
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
 use super::parallel::{row_bands, run_parts};
-use super::vector::{Element, Portable, Vector};
+use super::vector::{Element, Portable, Stored, WideLoad};
 use super::SimdLevel;
 
 /// Rows of W per register tile.
@@ -67,10 +67,12 @@ const A_BLOCK_BYTES: usize = 2048 * 1024;
 /// ```
 pub const MAX_FUSED_RANK: usize = 256;
 
-/// Raw operands of W ← W + α·B A. W and A have unit column stride; B any strides.
+/// Raw operands of W ← W + α·B A. W and A have unit column stride; B any strides. W is
+/// stored as `W`: the compute type `T` itself, or a half type (`bf16`, `f16` with f32
+/// factors) that the kernel widens as it loads and rounds once as it stores.
 #[derive(Clone, Copy)]
-pub struct Operands<T> {
-    w: *mut T,
+pub struct Operands<T, W = T> {
+    w: *mut W,
     w_row: isize,
     a: *const T,
     a_row: isize,
@@ -89,27 +91,33 @@ pub struct Operands<T> {
 /// `o` describes valid memory: Wᵢⱼ at `w + i·w_row + j` (writable, aliasing nothing else
 /// read here) for i < d, j < k; Aₚⱼ at `a + p·a_row + j` and Bᵢₚ at `b + i·b_row + p·b_col`
 /// readable for p < r. The CPU supports the kernel's instructions.
-pub type UpdateFn<T> = unsafe fn(o: &Operands<T>);
+pub type UpdateFn<T, W = T> = unsafe fn(o: &Operands<T, W>);
 
-/// The element types with a fused kernel, and which kernel runs at each SIMD level. Sealed
-/// (lives in a private module); a supertrait of [`LoraFloat`](crate::LoraFloat).
-pub trait UpdateElement: Element {
-    /// The kernel for `level`, if this build has one (the CPU check is the caller's).
-    fn kernel(level: SimdLevel) -> Option<UpdateFn<Self>>;
+/// The element types with a fused kernel computing in their own type. Sealed (lives in a
+/// private module); a supertrait of [`LoraFloat`](crate::LoraFloat).
+pub trait UpdateElement: Element + UpdateWeight<Self> {}
+
+/// The types W can be stored as in an update computing in `T`, and which kernel runs at
+/// each SIMD level: `T` itself (W ← W + α·acc, one FMA), and for `T = f32` the half types
+/// (W ← H(f32(W) + fl(α·acc)), see [`Stored::add_scaled`]). Sealed.
+pub trait UpdateWeight<T: Element>: Stored<T> {
+    /// The kernel for `level`, if this build has one and (beyond the level's own features,
+    /// which the caller checks) this CPU has what it needs.
+    fn kernel(level: SimdLevel) -> Option<UpdateFn<T, Self>>;
 }
 
-macro_rules! impl_update_element {
-    ($t:ty, $avx2:ident, $avx512:ident, $neon:ident) => {
-        impl UpdateElement for $t {
-            fn kernel(level: SimdLevel) -> Option<UpdateFn<Self>> {
+macro_rules! impl_update_weight {
+    ($t:ty, $w:ty, $avx2:expr, $avx512:ident, $neon:expr) => {
+        impl UpdateWeight<$t> for $w {
+            fn kernel(level: SimdLevel) -> Option<UpdateFn<$t, $w>> {
                 match level {
-                    SimdLevel::Scalar => Some(update_scalar::<$t>),
+                    SimdLevel::Scalar => Some(update_scalar::<$t, $w>),
                     #[cfg(target_arch = "x86_64")]
-                    SimdLevel::Avx2Fma => Some(super::x86::$avx2),
+                    SimdLevel::Avx2Fma => $avx2,
                     #[cfg(target_arch = "x86_64")]
                     SimdLevel::Avx512F => Some(super::x86::$avx512),
                     #[cfg(target_arch = "aarch64")]
-                    SimdLevel::Neon => Some(super::aarch64::$neon),
+                    SimdLevel::Neon => $neon,
                     #[allow(unreachable_patterns)]
                     _ => None,
                 }
@@ -117,8 +125,38 @@ macro_rules! impl_update_element {
         }
     };
 }
-impl_update_element!(f32, update_avx2_f32, update_avx512_f32, update_neon_f32);
-impl_update_element!(f64, update_avx2_f64, update_avx512_f64, update_neon_f64);
+impl_update_weight!(
+    f32,
+    f32,
+    Some(super::x86::update_avx2_f32),
+    update_avx512_f32,
+    Some(super::aarch64::update_neon_f32)
+);
+impl_update_weight!(
+    f64,
+    f64,
+    Some(super::x86::update_avx2_f64),
+    update_avx512_f64,
+    Some(super::aarch64::update_neon_f64)
+);
+impl_update_weight!(
+    f32,
+    half::bf16,
+    Some(super::x86::update_avx2_bf16),
+    update_avx512_bf16,
+    Some(super::aarch64::update_neon_bf16)
+);
+// F16C (`vcvtph2ps`, `vcvtps2ph`) is not implied by AVX2+FMA: without it AVX2 declines f16.
+impl_update_weight!(
+    f32,
+    half::f16,
+    is_x86_feature_detected!("f16c")
+        .then_some(super::x86::update_avx2_f16 as UpdateFn<f32, half::f16>),
+    update_avx512_f16,
+    None
+);
+impl UpdateElement for f32 {}
+impl UpdateElement for f64 {}
 
 /// The portable one-lane kernel: the same formula as the SIMD ones, element by element. Too
 /// slow to use for merge (`mul_add` is a libm call without FMA); it is the tests' reference
@@ -126,9 +164,9 @@ impl_update_element!(f64, update_avx2_f64, update_avx512_f64, update_neon_f64);
 ///
 /// # Safety
 /// As [`UpdateFn`]; `Portable` needs no CPU feature.
-unsafe fn update_scalar<T: Element>(o: &Operands<T>) {
+unsafe fn update_scalar<T: Element, W: Stored<T>>(o: &Operands<T, W>) {
     // SAFETY: forwarded.
-    unsafe { update::<Portable<T, 1>>(o) }
+    unsafe { update::<Portable<T, 1>, W>(o) }
 }
 
 /// Runs W ← W + α·B A with the fused kernel at `level`, if it applies: the level runs on
@@ -140,12 +178,12 @@ unsafe fn update_scalar<T: Element>(o: &Operands<T>) {
 /// # Panics
 /// If the shapes do not chain (an internal bug: callers validate first).
 #[track_caller]
-pub(crate) fn fused_rank_update<T: UpdateElement>(
+pub(crate) fn fused_rank_update<T: UpdateElement, W: UpdateWeight<T>>(
     level: SimdLevel,
     alpha: T,
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
-    w: ArrayViewMut2<'_, T>,
+    w: ArrayViewMut2<'_, W>,
     threads: usize,
 ) -> bool {
     let ((d, r), (r2, k)) = (b.dim(), a.dim());
@@ -164,7 +202,7 @@ pub(crate) fn fused_rank_update<T: UpdateElement>(
     } else {
         1
     };
-    match T::kernel(level) {
+    match W::kernel(level) {
         // SAFETY: `level` runs on this CPU (checked above), r ≤ MAX_FUSED_RANK.
         Some(kernel) => unsafe { apply(kernel, alpha, b, a, w, threads) },
         None => false,
@@ -177,12 +215,12 @@ pub(crate) fn fused_rank_update<T: UpdateElement>(
 ///
 /// # Safety
 /// The CPU supports `kernel`'s instructions; r ≤ [`MAX_FUSED_RANK`]; shapes chain.
-unsafe fn apply<T: Element>(
-    kernel: UpdateFn<T>,
+unsafe fn apply<T: Element, W: Stored<T>>(
+    kernel: UpdateFn<T, W>,
     alpha: T,
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
-    w: ArrayViewMut2<'_, T>,
+    w: ArrayViewMut2<'_, W>,
     threads: usize,
 ) -> bool {
     let (d, k) = w.dim();
@@ -217,12 +255,12 @@ unsafe fn apply<T: Element>(
 ///
 /// # Safety
 /// As [`apply`], and W has unit column stride (or k ≤ 1).
-unsafe fn run<T: Element>(
-    kernel: UpdateFn<T>,
+unsafe fn run<T: Element, W: Stored<T>>(
+    kernel: UpdateFn<T, W>,
     alpha: T,
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
-    w: ArrayViewMut2<'_, T>,
+    w: ArrayViewMut2<'_, W>,
     threads: usize,
 ) {
     let (d, k) = w.dim();
@@ -254,12 +292,12 @@ unsafe fn run<T: Element>(
 ///
 /// # Safety
 /// As [`apply`], W and A have unit column stride (or k ≤ 1), and d, k, r ≥ 1.
-unsafe fn run_rows<T: Element>(
-    kernel: UpdateFn<T>,
+unsafe fn run_rows<T: Element, W: Stored<T>>(
+    kernel: UpdateFn<T, W>,
     alpha: T,
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
-    mut w: ArrayViewMut2<'_, T>,
+    mut w: ArrayViewMut2<'_, W>,
 ) {
     let (d, k) = w.dim();
     let o = Operands {
@@ -288,7 +326,7 @@ unsafe fn run_rows<T: Element>(
 /// # Safety
 /// As [`UpdateFn`], with the CPU supporting `V`'s instructions, and r ≤ [`MAX_FUSED_RANK`].
 #[inline(always)]
-pub(super) unsafe fn update<V: Vector>(o: &Operands<V::Elem>) {
+pub(super) unsafe fn update<V: WideLoad<W>, W: Stored<V::Elem>>(o: &Operands<V::Elem, W>) {
     let tile_width = NR * V::LANES;
     let per_column = std::mem::size_of::<V::Elem>() * o.r.max(1);
     let block = ((A_BLOCK_BYTES / per_column) / tile_width).max(1) * tile_width;
@@ -303,12 +341,12 @@ pub(super) unsafe fn update<V: Vector>(o: &Operands<V::Elem>) {
         let mut i = 0;
         while i + MR <= o.d {
             // SAFETY: rows i..i + MR ≤ d, columns j0..j1 ≤ k; `packed` holds this block.
-            unsafe { row_block::<V, MR>(o, packed, i, j0, j1) };
+            unsafe { row_block::<V, W, MR>(o, packed, i, j0, j1) };
             i += MR;
         }
         while i < o.d {
             // SAFETY: row i < d, columns j0..j1 ≤ k; `packed` holds this block.
-            unsafe { row_block::<V, 1>(o, packed, i, j0, j1) };
+            unsafe { row_block::<V, W, 1>(o, packed, i, j0, j1) };
             i += 1;
         }
         j0 = j1;
@@ -323,8 +361,8 @@ pub(super) unsafe fn update<V: Vector>(o: &Operands<V::Elem>) {
 /// # Safety
 /// j0 + tiles·width ≤ k; A as in [`UpdateFn`].
 #[inline(always)]
-unsafe fn pack_a<T: Element>(
-    o: &Operands<T>,
+unsafe fn pack_a<T: Element, W>(
+    o: &Operands<T, W>,
     j0: usize,
     tiles: usize,
     width: usize,
@@ -370,8 +408,8 @@ struct ASource<T> {
 /// # Safety
 /// i + M ≤ d; B as in [`UpdateFn`]; r ≤ [`MAX_FUSED_RANK`].
 #[inline(never)]
-unsafe fn pack_b<T: Element, const M: usize>(
-    o: &Operands<T>,
+unsafe fn pack_b<T: Element, W, const M: usize>(
+    o: &Operands<T, W>,
     i: usize,
     b: &mut [[T; M]; MAX_FUSED_RANK],
 ) {
@@ -391,8 +429,8 @@ unsafe fn pack_b<T: Element, const M: usize>(
 /// # Safety
 /// i + M ≤ d, j1 ≤ k, `packed` is `pack_a` of columns j0..; as [`update`].
 #[inline(always)]
-unsafe fn row_block<V: Vector, const M: usize>(
-    o: &Operands<V::Elem>,
+unsafe fn row_block<V: WideLoad<W>, W: Stored<V::Elem>, const M: usize>(
+    o: &Operands<V::Elem, W>,
     packed: &[V::Elem],
     i: usize,
     j0: usize,
@@ -415,18 +453,18 @@ unsafe fn row_block<V: Vector, const M: usize>(
             stride: (NR * l) as isize,
         };
         // SAFETY: columns j..j + NR·l ≤ j1 ≤ k; `a` is this tile's packed r × NR·l block.
-        unsafe { tile::<V, M, NR>(o, a, &b, i, j) };
+        unsafe { tile::<V, W, M, NR>(o, a, &b, i, j) };
         j += NR * l;
         tile_start += o.r * NR * l;
     }
     while j + l <= j1 {
         // SAFETY: columns j..j + l ≤ k, read from A itself.
-        unsafe { tile::<V, M, 1>(o, unpacked(j), &b, i, j) };
+        unsafe { tile::<V, W, M, 1>(o, unpacked(j), &b, i, j) };
         j += l;
     }
     while j < j1 {
         // SAFETY: column j < k; `Portable` needs no CPU feature.
-        unsafe { tile::<Portable<V::Elem, 1>, M, 1>(o, unpacked(j), &b, i, j) };
+        unsafe { tile::<Portable<V::Elem, 1>, W, M, 1>(o, unpacked(j), &b, i, j) };
         j += 1;
     }
 }
@@ -436,8 +474,8 @@ unsafe fn row_block<V: Vector, const M: usize>(
 /// # Safety
 /// i + M ≤ d, j + N·LANES ≤ k, `a` readable for r rows of N·LANES; as [`update`].
 #[inline(always)]
-unsafe fn tile<V: Vector, const M: usize, const N: usize>(
-    o: &Operands<V::Elem>,
+unsafe fn tile<V: WideLoad<W>, W: Stored<V::Elem>, const M: usize, const N: usize>(
+    o: &Operands<V::Elem, W>,
     a: ASource<V::Elem>,
     b: &[[V::Elem; M]; MAX_FUSED_RANK],
     i: usize,
@@ -450,7 +488,7 @@ unsafe fn tile<V: Vector, const M: usize, const N: usize>(
     unsafe {
         for m in 0..M {
             let ahead = (i + m) as isize * o.w_row + (j + PREFETCH_AHEAD) as isize;
-            V::prefetch(o.w.wrapping_offset(ahead));
+            V::prefetch(o.w.wrapping_offset(ahead).cast());
         }
         let mut acc = [[V::zero(); N]; M];
         for p in 0..o.r {
@@ -468,8 +506,7 @@ unsafe fn tile<V: Vector, const M: usize, const N: usize>(
         for (m, acc) in acc.iter().enumerate() {
             let w_row = o.w.offset((i + m) as isize * o.w_row).add(j);
             for (n, acc) in acc.iter().enumerate() {
-                let p = w_row.add(n * l);
-                V::load(p).mul_add(alpha, *acc).store(p);
+                V::add_scaled(w_row.add(n * l), alpha, *acc);
             }
         }
     }
@@ -481,19 +518,20 @@ mod tests {
 
     use super::*;
     use crate::simd::parallel::tests::with_spawn_failing;
+    use crate::simd::vector::tests::FromF32;
 
-    fn pattern<T: From<f32>>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
+    fn pattern<T: FromF32>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
         Array2::from_shape_fn((rows, cols), |(i, j)| {
-            T::from((((i * cols + j) as f32 + seed) * 0.754_877_7).fract() - 0.5)
+            T::from_f32((((i * cols + j) as f32 + seed) * 0.754_877_7).fract() - 0.5)
         })
     }
 
     /// W + α·B A accumulated in f64.
-    fn reference<T: Into<f64> + Copy>(
+    fn reference<T: Into<f64> + Copy, W: Into<f64> + Copy>(
         alpha: T,
         b: &Array2<T>,
         a: &Array2<T>,
-        w: &Array2<T>,
+        w: &Array2<W>,
     ) -> Array2<f64> {
         Array2::from_shape_fn(w.dim(), |(i, j)| {
             let dot: f64 = (0..a.nrows())
@@ -504,13 +542,13 @@ mod tests {
     }
 
     /// Every kernel this host can run, by name, for one element type.
-    fn kernels<T: UpdateElement>(
-        extra: &[(&'static str, UpdateFn<T>)],
-    ) -> Vec<(&'static str, UpdateFn<T>)> {
+    fn kernels<T: Element, W: UpdateWeight<T>>(
+        extra: &[(&'static str, UpdateFn<T, W>)],
+    ) -> Vec<(&'static str, UpdateFn<T, W>)> {
         let mut out: Vec<_> = SimdLevel::ALL
             .into_iter()
             .filter(|l| l.is_available())
-            .filter_map(|l| T::kernel(l).map(|k| (l.as_str(), k)))
+            .filter_map(|l| W::kernel(l).map(|k| (l.as_str(), k)))
             .collect();
         out.extend_from_slice(extra);
         out
@@ -519,16 +557,16 @@ mod tests {
     /// Runs `kernel` on W laid out as `w_layout` (0 C, 1 F, 2 sub-view of a wider array, 3
     /// rows reversed) with B and A in C or F order; returns W as a standard array.
     #[allow(clippy::too_many_arguments)]
-    fn run_layout<T: Element + From<f32> + Into<f64>>(
-        kernel: UpdateFn<T>,
+    fn run_layout<T: Element + FromF32, W: Stored<T> + FromF32>(
+        kernel: UpdateFn<T, W>,
         alpha: T,
         b: &Array2<T>,
         a: &Array2<T>,
-        w: &Array2<T>,
+        w: &Array2<W>,
         w_layout: usize,
         f_order_factors: bool,
         threads: usize,
-    ) -> Array2<T> {
+    ) -> Array2<W> {
         let (b, a) = if f_order_factors {
             let mut bf = Array2::from_elem(b.dim().f(), T::ZERO);
             bf.assign(b);
@@ -546,7 +584,7 @@ mod tests {
                 let mut wl = if w_layout == 0 {
                     w.clone()
                 } else {
-                    let mut wf = Array2::from_elem((d, k).f(), T::ZERO);
+                    let mut wf = Array2::from_elem((d, k).f(), W::from_f32(0.0));
                     wf.assign(w);
                     wf
                 };
@@ -557,12 +595,12 @@ mod tests {
                 wl.as_standard_layout().into_owned()
             }
             2 => {
-                let mut wide = Array2::from_elem((d, k + 5), T::from(f32::NAN));
+                let mut wide = Array2::from_elem((d, k + 5), W::from_f32(f32::NAN));
                 wide.slice_mut(s![.., 2..k + 2]).assign(w);
                 let view = wide.slice_mut(s![.., 2..k + 2]);
                 // SAFETY: as stated above the match.
                 assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view, threads) });
-                let untouched = |v: &T| Into::<f64>::into(*v).is_nan();
+                let untouched = |v: &W| Into::<f64>::into(*v).is_nan();
                 assert!(
                     wide.slice(s![.., ..2]).iter().all(untouched),
                     "left pad written"
@@ -585,13 +623,17 @@ mod tests {
         }
     }
 
-    fn check_all<T>(extra: &[(&'static str, UpdateFn<T>)], eps: f64)
+    /// Every kernel on W stored as `W` against the f64 reference (error at most `eps_w` of
+    /// the result, W's own rounding, plus `eps`·(r + 2) of its scale, the sums'), and bit for
+    /// bit against the one-lane kernel, over sizes, ranks, layouts and row splits.
+    fn check_all<T, W>(extra: &[(&'static str, UpdateFn<T, W>)], eps: f64, eps_w: f64)
     where
-        T: UpdateElement + From<f32> + Into<f64>,
+        T: Element + FromF32,
+        W: UpdateWeight<T> + FromF32 + PartialEq + std::fmt::Debug,
     {
-        let names: Vec<_> = kernels::<T>(extra).iter().map(|k| k.0).collect();
+        let names: Vec<_> = kernels::<T, W>(extra).iter().map(|k| k.0).collect();
         println!("kernels tested: {names:?}");
-        let alpha = T::from(-0.625);
+        let alpha = T::from_f32(-0.625);
         for (d, k) in [
             (1, 1),
             (2, 3),
@@ -603,13 +645,13 @@ mod tests {
         ] {
             for r in [1, 2, 3, 8, 17, MAX_FUSED_RANK] {
                 let (w, a, b) = (
-                    pattern::<T>(d, k, 1.0),
+                    pattern::<W>(d, k, 1.0),
                     pattern::<T>(r, k, 2.0),
                     pattern::<T>(d, r, 3.0),
                 );
                 let want = reference(alpha, &b, &a, &w);
-                let scalar = run_layout(update_scalar::<T>, alpha, &b, &a, &w, 0, false, 1);
-                for &(name, kernel) in &kernels::<T>(extra) {
+                let scalar = run_layout(update_scalar::<T, W>, alpha, &b, &a, &w, 0, false, 1);
+                for &(name, kernel) in &kernels::<T, W>(extra) {
                     for w_layout in 0..4 {
                         for f_order in [false, true] {
                             // Rows split over threads too (bands of whole tiles); for
@@ -625,7 +667,8 @@ mod tests {
                                 run()
                             };
                             for ((idx, g), want) in got.indexed_iter().zip(&want) {
-                                let bound = eps * (r as f64 + 2.0) * (want.abs() + 1.0);
+                                let bound = eps_w * want.abs()
+                                    + eps * (r as f64 + 2.0) * (want.abs() + 1.0);
                                 let g: f64 = (*g).into();
                                 assert!(
                                     (g - want).abs() <= bound,
@@ -646,10 +689,10 @@ mod tests {
     /// The bodies the host's own levels do not cover: a narrow portable width, and the
     /// AVX-512 body (16 f32 / 8 f64 lanes), compiled for AVX2 on x86-64 (when the CPU has it)
     /// or portable elsewhere.
-    fn extra<T: Element>(
-        narrow: (&'static str, UpdateFn<T>),
-        wide: (&'static str, UpdateFn<T>, bool),
-    ) -> Vec<(&'static str, UpdateFn<T>)> {
+    fn extra<T: Element, W>(
+        narrow: (&'static str, UpdateFn<T, W>),
+        wide: (&'static str, UpdateFn<T, W>, bool),
+    ) -> Vec<(&'static str, UpdateFn<T, W>)> {
         let mut v = vec![narrow];
         if wide.2 {
             v.push((wide.0, wide.1));
@@ -691,25 +734,69 @@ mod tests {
     ///
     /// # Safety
     /// As [`UpdateFn`].
-    unsafe fn update_portable<T: Element, const L: usize>(o: &Operands<T>) {
+    unsafe fn update_portable<T: Element, W: Stored<T>, const L: usize>(o: &Operands<T, W>) {
         // SAFETY: forwarded; `Portable` needs no CPU feature.
-        unsafe { update::<Portable<T, L>>(o) }
+        unsafe { update::<Portable<T, L>, W>(o) }
     }
 
     #[test]
     fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_f32() {
-        check_all::<f32>(
-            &extra(("portable 4", update_portable::<f32, 4>), wide_f32()),
+        check_all::<f32, f32>(
+            &extra(("portable 4", update_portable::<f32, f32, 4>), wide_f32()),
             f32::EPSILON as f64,
+            0.0,
         );
     }
 
     #[test]
     fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_f64() {
-        check_all::<f64>(
-            &extra(("portable 2", update_portable::<f64, 2>), wide_f64()),
+        check_all::<f64, f64>(
+            &extra(("portable 2", update_portable::<f64, f64, 2>), wide_f64()),
             f64::EPSILON,
+            0.0,
         );
+    }
+
+    /// A half W with f32 factors: the kernels (and the portable body at widths 4 and 16)
+    /// within one rounding of W's type of the f64 reference, bit for bit equal to the
+    /// one-lane kernel, and equal to the formula H(f32(w) + fl(α·acc)) with acc the f32 FMA
+    /// chain over p = 0..r, evaluated here element by element.
+    fn check_half<W: UpdateWeight<f32> + FromF32 + PartialEq + std::fmt::Debug>(eps_w: f64) {
+        let extra: Vec<(&'static str, UpdateFn<f32, W>)> = vec![
+            ("portable 4", update_portable::<f32, W, 4>),
+            ("portable 16", update_portable::<f32, W, 16>),
+        ];
+        check_all::<f32, W>(&extra, f32::EPSILON as f64, eps_w);
+        let alpha = 0.375_f32;
+        for (d, k, r) in [(7, 37, 3), (13, 130, 16)] {
+            let (w, a, b) = (
+                pattern::<W>(d, k, 1.0),
+                pattern::<f32>(r, k, 2.0),
+                pattern::<f32>(d, r, 3.0),
+            );
+            let want = Array2::from_shape_fn((d, k), |(i, j)| {
+                let acc = (0..r).fold(0.0_f32, |acc, p| b[[i, p]].mul_add(a[[p, j]], acc));
+                let wf = Into::<f64>::into(w[[i, j]]) as f32; // exact
+                W::from_f32(wf + alpha * acc)
+            });
+            for (name, kernel) in kernels::<f32, W>(&extra) {
+                let got = run_layout(kernel, alpha, &b, &a, &w, 0, false, 1);
+                assert!(
+                    got == want,
+                    "{name} d{d} k{k} r{r}: not PEFT's rounding order"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_bf16_w() {
+        check_half::<half::bf16>(f64::from(half::bf16::EPSILON.to_f32()));
+    }
+
+    #[test]
+    fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_f16_w() {
+        check_half::<half::f16>(f64::from(half::f16::EPSILON.to_f32()));
     }
 
     #[test]

@@ -143,3 +143,154 @@ impl<T: Element, const L: usize> Vector for Portable<T, L> {
         self
     }
 }
+
+/// How a kernel operand is stored, relative to the type `T` the kernel computes in: `T`
+/// itself (f32, f64), or a half type (`bf16`, `f16`) that a kernel widens to `T = f32` in
+/// registers as it loads it, and rounds back to once per element when it stores it.
+pub trait Stored<T: Element>: Copy + Send + Sync + 'static {
+    /// Widens to `T` (exact).
+    fn widen(self) -> T;
+    /// Rounds a `T` to this type (to nearest even; ±∞ when out of range).
+    fn narrow(v: T) -> Self;
+    /// self + α·acc stored back in this type: for `T` itself one FMA (one rounding), for a
+    /// half type H(f32(self) + fl(α·acc)) — the product rounded to f32 first, then the sum
+    /// rounded once into H, as PyTorch adds an f32 ΔW = s·(B A) to a half W.
+    fn add_scaled(self, alpha: T, acc: T) -> Self;
+}
+
+impl Stored<f32> for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn add_scaled(self, alpha: f32, acc: f32) -> Self {
+        self.fused_add(alpha, acc)
+    }
+}
+
+impl Stored<f64> for f64 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn add_scaled(self, alpha: f64, acc: f64) -> Self {
+        self.fused_add(alpha, acc)
+    }
+}
+
+impl Stored<f32> for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        // Exact: a bf16 is the upper half of an f32's bits.
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    #[inline(always)]
+    fn add_scaled(self, alpha: f32, acc: f32) -> Self {
+        half::bf16::from_f32(self.widen() + alpha * acc)
+    }
+}
+
+impl Stored<f32> for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn add_scaled(self, alpha: f32, acc: f32) -> Self {
+        half::f16::from_f32(self.widen() + alpha * acc)
+    }
+}
+
+/// A [`Vector`] that can load `LANES` elements stored as `S` and widen them in registers
+/// (`S` = the vector's own element type: a plain load), and add a scaled vector to such
+/// elements in place ([`Stored::add_scaled`], lane by lane).
+pub(super) trait WideLoad<S: Stored<Self::Elem>>: Vector {
+    /// Unaligned load of `LANES` elements of type `S`, widened.
+    ///
+    /// # Safety
+    /// The CPU supports the implementing type's instructions for `S` (for some pairs more
+    /// than the type's own: see the impl), and `p..p + LANES` is readable.
+    unsafe fn load_wide(p: *const S) -> Self;
+    /// Unaligned store of the lanes rounded to `S` ([`Stored::narrow`]).
+    ///
+    /// # Safety
+    /// As [`load_wide`](WideLoad::load_wide), and `p..p + LANES` is writable.
+    unsafe fn store_narrow(self, p: *mut S);
+    /// `p[l] ← p[l].add_scaled(alpha[l], acc[l])` for every lane l, with the same roundings.
+    ///
+    /// # Safety
+    /// As [`load_wide`](WideLoad::load_wide), and `p..p + LANES` is writable.
+    unsafe fn add_scaled(p: *mut S, alpha: Self, acc: Self);
+}
+
+impl<T: Element, S: Stored<T>, const L: usize> WideLoad<S> for Portable<T, L> {
+    #[inline(always)]
+    unsafe fn load_wide(p: *const S) -> Self {
+        // SAFETY: readable by this method's contract; `read_unaligned` needs no alignment.
+        let s = unsafe { p.cast::<[S; L]>().read_unaligned() };
+        Self(s.map(S::widen))
+    }
+    #[inline(always)]
+    unsafe fn store_narrow(self, p: *mut S) {
+        // SAFETY: writable by this method's contract; `write_unaligned` needs no alignment.
+        unsafe { p.cast::<[S; L]>().write_unaligned(self.0.map(S::narrow)) }
+    }
+    #[inline(always)]
+    unsafe fn add_scaled(p: *mut S, alpha: Self, acc: Self) {
+        // SAFETY: readable and writable by this method's contract; unaligned access.
+        unsafe {
+            let mut s = p.cast::<[S; L]>().read_unaligned();
+            for ((s, a), c) in s.iter_mut().zip(alpha.0).zip(acc.0) {
+                *s = s.add_scaled(a, c);
+            }
+            p.cast::<[S; L]>().write_unaligned(s);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    /// The element types of the kernel tests' operands, made from f32 (rounded for the half
+    /// types) and widened exactly to f64 for the references.
+    pub(in crate::simd) trait FromF32: Copy + Into<f64> {
+        fn from_f32(v: f32) -> Self;
+    }
+    impl FromF32 for f32 {
+        fn from_f32(v: f32) -> Self {
+            v
+        }
+    }
+    impl FromF32 for f64 {
+        fn from_f32(v: f32) -> Self {
+            v.into()
+        }
+    }
+    impl FromF32 for half::bf16 {
+        fn from_f32(v: f32) -> Self {
+            half::bf16::from_f32(v)
+        }
+    }
+    impl FromF32 for half::f16 {
+        fn from_f32(v: f32) -> Self {
+            half::f16::from_f32(v)
+        }
+    }
+}

@@ -8,24 +8,36 @@
 //! table.
 
 use std::arch::x86_64::{
-    __m256, __m256d, __m512, __m512d, _mm256_add_ps, _mm256_castpd_ps, _mm256_castps256_ps128,
-    _mm256_extractf128_ps, _mm256_fmadd_pd, _mm256_fmadd_ps, _mm256_loadu_pd, _mm256_loadu_ps,
-    _mm256_set1_pd, _mm256_set1_ps, _mm256_setzero_pd, _mm256_setzero_ps, _mm256_storeu_pd,
-    _mm256_storeu_ps, _mm512_add_ps, _mm512_castps512_ps256, _mm512_castps_pd,
-    _mm512_extractf64x4_pd, _mm512_fmadd_pd, _mm512_fmadd_ps, _mm512_loadu_pd, _mm512_loadu_ps,
-    _mm512_set1_pd, _mm512_set1_ps, _mm512_setzero_pd, _mm512_setzero_ps, _mm512_storeu_pd,
-    _mm512_storeu_ps, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
+    __m128i, __m256, __m256d, __m256i, __m512, __m512d, _mm256_add_epi32, _mm256_add_ps,
+    _mm256_and_si256, _mm256_blendv_epi8, _mm256_castpd_ps, _mm256_castps256_ps128,
+    _mm256_castps_si256, _mm256_castsi256_ps, _mm256_castsi256_si128, _mm256_cmpgt_epi32,
+    _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_extractf128_ps,
+    _mm256_extracti128_si256, _mm256_fmadd_pd, _mm256_fmadd_ps, _mm256_loadu_pd, _mm256_loadu_ps,
+    _mm256_loadu_si256, _mm256_mul_ps, _mm256_or_si256, _mm256_set1_epi32, _mm256_set1_pd,
+    _mm256_set1_ps, _mm256_setzero_pd, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_srli_epi32,
+    _mm256_storeu_pd, _mm256_storeu_ps, _mm256_storeu_si256, _mm512_add_epi32, _mm512_add_ps,
+    _mm512_and_si512, _mm512_castps512_ps256, _mm512_castps_pd, _mm512_castps_si512,
+    _mm512_castsi512_ps, _mm512_cmp_ps_mask, _mm512_cvtepi32_epi16, _mm512_cvtepu16_epi32,
+    _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_extractf64x4_pd, _mm512_fmadd_pd, _mm512_fmadd_ps,
+    _mm512_loadu_pd, _mm512_loadu_ps, _mm512_mask_or_epi32, _mm512_mul_ps, _mm512_set1_epi32,
+    _mm512_set1_pd, _mm512_set1_ps, _mm512_setzero_pd, _mm512_setzero_ps, _mm512_slli_epi32,
+    _mm512_srli_epi32, _mm512_storeu_pd, _mm512_storeu_ps, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
+    _mm_loadu_si128, _mm_movehl_ps, _mm_packus_epi32, _mm_shuffle_ps, _mm_storeu_si128,
+    _CMP_UNORD_Q, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT,
 };
 
 use ndarray::ArrayViewMut2;
 
+use super::convert;
 use super::decode;
 use super::lanes::{self, Lanes};
 use super::rank_update::{self, Operands};
 #[cfg(test)]
 use super::vector::Portable;
-use super::vector::Vector;
+use super::vector::{Vector, WideLoad};
+
 use super::Adapter;
+use half::{bf16, f16};
 
 /// Declares a one-register vector type and implements [`Vector`] for it with that
 /// register's intrinsics (`$isa` names the CPU features its methods need).
@@ -71,6 +83,24 @@ macro_rules! register_vector {
                 Self(unsafe { $fmadd(a.0, b.0, self.0) })
             }
         }
+
+        impl WideLoad<$elem> for $name {
+            #[inline(always)]
+            unsafe fn load_wide(p: *const $elem) -> Self {
+                // SAFETY: forwarded (the same contract as `load`).
+                unsafe { Self::load(p) }
+            }
+            #[inline(always)]
+            unsafe fn store_narrow(self, p: *mut $elem) {
+                // SAFETY: forwarded (the same contract as `store`).
+                unsafe { self.store(p) }
+            }
+            #[inline(always)]
+            unsafe fn add_scaled(p: *mut $elem, alpha: Self, acc: Self) {
+                // SAFETY: forwarded: `LANES` readable and writable elements at `p`.
+                unsafe { Self::load(p).mul_add(alpha, acc).store(p) }
+            }
+        }
     };
 }
 
@@ -96,6 +126,174 @@ register_vector! {
     /// Eight f64 lanes in one `zmm` register.
     Avx512F64(__m512d): f64, 8 lanes, needs "AVX-512F";
     _mm512_setzero_pd, _mm512_set1_pd, _mm512_loadu_pd, _mm512_storeu_pd, _mm512_fmadd_pd
+}
+
+/// Implements [`WideLoad`] of a half type for an f32 register vector: `$load` widens a
+/// pointer's `LANES` halves into the register, `$narrow` rounds a register to halves and
+/// stores them; the update is H(f32(w) + fl(α·acc)) with `$mul` and `$add` (no FMA: the
+/// product is rounded to f32 first, as PyTorch forms ΔW before adding it).
+macro_rules! half_vector {
+    ($name:ident, $half:ty, needs $isa:literal; $load:ident, $narrow:ident, $mul:ident, $add:ident) => {
+        #[doc = concat!("Methods need ", $isa, ".")]
+        impl WideLoad<$half> for $name {
+            #[inline(always)]
+            unsafe fn load_wide(p: *const $half) -> Self {
+                // SAFETY: the CPU has the ISA this pair needs (`needs` above, the trait
+                // contract); `LANES` readable halves at `p`.
+                Self(unsafe { $load(p) })
+            }
+            #[inline(always)]
+            unsafe fn store_narrow(self, p: *mut $half) {
+                // SAFETY: as `load_wide`; `LANES` writable halves at `p` (the contract).
+                unsafe { $narrow(self.0, p) }
+            }
+            #[inline(always)]
+            unsafe fn add_scaled(p: *mut $half, alpha: Self, acc: Self) {
+                // SAFETY: as `load_wide`; `LANES` writable halves at `p` (the contract).
+                unsafe {
+                    let t = $mul(alpha.0, acc.0);
+                    $narrow($add($load(p), t), p);
+                }
+            }
+        }
+    };
+}
+
+half_vector!(Avx512, bf16, needs "AVX-512F"; load_bf16_zmm, store_bf16_zmm, _mm512_mul_ps, _mm512_add_ps);
+half_vector!(Avx512, f16, needs "AVX-512F"; load_f16_zmm, store_f16_zmm, _mm512_mul_ps, _mm512_add_ps);
+half_vector!(Avx2, bf16, needs "AVX2 and FMA"; load_bf16_ymm, store_bf16_ymm, _mm256_mul_ps, _mm256_add_ps);
+half_vector!(Avx2, f16, needs "AVX2, FMA and F16C"; load_f16_ymm, store_f16_ymm, _mm256_mul_ps, _mm256_add_ps);
+
+/// Sixteen bf16 at `p` widened: zero-extended to 32 bits (`vpmovzxwd`), shifted up 16.
+///
+/// # Safety
+/// AVX-512F; 16 readable halves at `p` (any alignment).
+#[inline(always)]
+unsafe fn load_bf16_zmm(p: *const bf16) -> __m512 {
+    // SAFETY: by this function's contract; `loadu` needs no alignment.
+    unsafe {
+        let h = _mm256_loadu_si256(p.cast::<__m256i>());
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
+
+/// Sixteen f16 at `p` widened (`vcvtph2ps`, exact).
+///
+/// # Safety
+/// AVX-512F; 16 readable halves at `p` (any alignment).
+#[inline(always)]
+unsafe fn load_f16_zmm(p: *const f16) -> __m512 {
+    // SAFETY: by this function's contract; `loadu` needs no alignment.
+    unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast::<__m256i>())) }
+}
+
+/// Eight bf16 at `p` widened: zero-extended to 32 bits (`vpmovzxwd`), shifted up 16.
+///
+/// # Safety
+/// AVX2; 8 readable halves at `p` (any alignment).
+#[inline(always)]
+unsafe fn load_bf16_ymm(p: *const bf16) -> __m256 {
+    // SAFETY: by this function's contract; `loadu` needs no alignment.
+    unsafe {
+        let h = _mm_loadu_si128(p.cast::<__m128i>());
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+}
+
+/// Eight f16 at `p` widened (`vcvtph2ps`, exact).
+///
+/// # Safety
+/// F16C (with AVX); 8 readable halves at `p` (any alignment).
+#[inline(always)]
+unsafe fn load_f16_ymm(p: *const f16) -> __m256 {
+    // SAFETY: by this function's contract; `loadu` needs no alignment.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())) }
+}
+
+/// The f32 → bf16 rounding of `half::bf16::from_f32` on 32-bit lanes holding f32 bits:
+/// to nearest even (add 0x7fff plus the kept part's lowest bit, keep the upper 16 bits;
+/// overflow carries into ∞), and a NaN keeps its upper bits with the quiet bit set.
+macro_rules! bf16_bits {
+    ($bits:expr, $set1:ident, $and:ident, $or:ident, $add:ident, $srli:ident) => {{
+        let bits = $bits;
+        let high = $srli::<16>(bits);
+        let lsb = $and(high, $set1(1));
+        let rounded = $srli::<16>($add(bits, $add(lsb, $set1(0x7fff))));
+        let quiet = $or(high, $set1(0x40));
+        let nan_test = ($and(bits, $set1(0x7fff_ffff)), $set1(0x7f80_0000));
+        (rounded, quiet, nan_test)
+    }};
+}
+
+/// Rounds 16 f32 lanes to bf16 (as `half::bf16::from_f32`) and stores them at `p`: to
+/// nearest even (add 0x7fff plus the kept part's lowest bit, keep the upper 16 bits;
+/// overflow carries into ∞), a NaN keeps its upper bits with the quiet bit set.
+///
+/// # Safety
+/// AVX-512F; 16 writable halves at `p` (any alignment).
+#[inline(always)]
+unsafe fn store_bf16_zmm(v: __m512, p: *mut bf16) {
+    // SAFETY: by this function's contract; `storeu` needs no alignment.
+    unsafe {
+        let bits = _mm512_castps_si512(v);
+        let high = _mm512_srli_epi32::<16>(bits);
+        let lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        let h = _mm512_mask_or_epi32(rounded, nan, high, _mm512_set1_epi32(0x40));
+        _mm256_storeu_si256(p.cast::<__m256i>(), _mm512_cvtepi32_epi16(h));
+    }
+}
+
+/// Rounds 16 f32 lanes to f16 to nearest even (`vcvtps2ph`) and stores them at `p`.
+///
+/// # Safety
+/// AVX-512F; 16 writable halves at `p` (any alignment).
+#[inline(always)]
+unsafe fn store_f16_zmm(v: __m512, p: *mut f16) {
+    // SAFETY: by this function's contract; `storeu` needs no alignment.
+    unsafe {
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        _mm256_storeu_si256(p.cast::<__m256i>(), h);
+    }
+}
+
+/// Rounds 8 f32 lanes to bf16 (as `half::bf16::from_f32`) and stores them at `p`.
+///
+/// # Safety
+/// AVX2; 8 writable halves at `p` (any alignment).
+#[inline(always)]
+unsafe fn store_bf16_ymm(v: __m256, p: *mut bf16) {
+    // SAFETY: by this function's contract; `storeu` needs no alignment.
+    unsafe {
+        let (rounded, quiet, (abs, inf)) = bf16_bits!(
+            _mm256_castps_si256(v),
+            _mm256_set1_epi32,
+            _mm256_and_si256,
+            _mm256_or_si256,
+            _mm256_add_epi32,
+            _mm256_srli_epi32
+        );
+        let nan = _mm256_cmpgt_epi32(abs, inf);
+        let h = _mm256_blendv_epi8(rounded, quiet, nan);
+        // Lanes hold values < 2¹⁶, so the unsigned-saturating pack keeps them exactly.
+        let h = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        _mm_storeu_si128(p.cast::<__m128i>(), h);
+    }
+}
+
+/// Rounds 8 f32 lanes to f16 to nearest even (`vcvtps2ph`) and stores them at `p`.
+///
+/// # Safety
+/// F16C (with AVX); 8 writable halves at `p` (any alignment).
+#[inline(always)]
+unsafe fn store_f16_ymm(v: __m256, p: *mut f16) {
+    // SAFETY: by this function's contract; `storeu` needs no alignment.
+    unsafe {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+        _mm_storeu_si128(p.cast::<__m128i>(), h);
+    }
 }
 
 /// The sum of a `ymm` register's eight lanes: halves, then pairs, then the last two.
@@ -186,7 +384,7 @@ pub(super) unsafe fn forward_width16_on_avx2(a: Adapter<'_>, x: &[f32], y: &mut 
 #[inline(never)]
 pub(super) unsafe fn update_avx2_f32(o: &Operands<f32>) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; operands forwarded.
-    unsafe { rank_update::update::<Avx2>(o) }
+    unsafe { rank_update::update::<Avx2, f32>(o) }
 }
 
 /// Merge update, f64, AVX2+FMA.
@@ -197,7 +395,7 @@ pub(super) unsafe fn update_avx2_f32(o: &Operands<f32>) {
 #[inline(never)]
 pub(super) unsafe fn update_avx2_f64(o: &Operands<f64>) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; operands forwarded.
-    unsafe { rank_update::update::<Avx2F64>(o) }
+    unsafe { rank_update::update::<Avx2F64, f64>(o) }
 }
 
 /// Merge update, f32, AVX-512F (16 lanes in `zmm` registers).
@@ -208,7 +406,7 @@ pub(super) unsafe fn update_avx2_f64(o: &Operands<f64>) {
 #[inline(never)]
 pub(super) unsafe fn update_avx512_f32(o: &Operands<f32>) {
     // SAFETY: AVX-512F enabled here and present by our contract; operands forwarded.
-    unsafe { rank_update::update::<Avx512>(o) }
+    unsafe { rank_update::update::<Avx512, f32>(o) }
 }
 
 /// Merge update, f64, AVX-512F (8 lanes in `zmm` registers).
@@ -219,7 +417,55 @@ pub(super) unsafe fn update_avx512_f32(o: &Operands<f32>) {
 #[inline(never)]
 pub(super) unsafe fn update_avx512_f64(o: &Operands<f64>) {
     // SAFETY: AVX-512F enabled here and present by our contract; operands forwarded.
-    unsafe { rank_update::update::<Avx512F64>(o) }
+    unsafe { rank_update::update::<Avx512F64, f64>(o) }
+}
+
+/// Merge update of a bf16 W (f32 factors), AVX2+FMA: each vector of W widened as it is
+/// loaded, W ← bf16(f32(W) + fl(α·acc)) rounded to nearest even in integer lanes.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `o` satisfies the [`rank_update::UpdateFn`] contract.
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+pub(super) unsafe fn update_avx2_bf16(o: &Operands<f32, bf16>) {
+    // SAFETY: AVX2+FMA enabled here and present by our contract; operands forwarded.
+    unsafe { rank_update::update::<Avx2, bf16>(o) }
+}
+
+/// Merge update of an f16 W (f32 factors), AVX2+FMA+F16C: `vcvtph2ps` in, W ←
+/// f16(f32(W) + fl(α·acc)) by `vcvtps2ph` (to nearest even) out.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `o` satisfies the [`rank_update::UpdateFn`]
+/// contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+pub(super) unsafe fn update_avx2_f16(o: &Operands<f32, f16>) {
+    // SAFETY: AVX2, FMA and F16C enabled here and present by our contract; operands
+    // forwarded.
+    unsafe { rank_update::update::<Avx2, f16>(o) }
+}
+
+/// Merge update of a bf16 W (f32 factors), AVX-512F (as [`update_avx2_bf16`], 16 lanes).
+///
+/// # Safety
+/// The CPU supports AVX-512F; `o` satisfies the [`rank_update::UpdateFn`] contract.
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn update_avx512_bf16(o: &Operands<f32, bf16>) {
+    // SAFETY: AVX-512F enabled here and present by our contract; operands forwarded.
+    unsafe { rank_update::update::<Avx512, bf16>(o) }
+}
+
+/// Merge update of an f16 W (f32 factors), AVX-512F (as [`update_avx2_f16`], 16 lanes).
+///
+/// # Safety
+/// The CPU supports AVX-512F; `o` satisfies the [`rank_update::UpdateFn`] contract.
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn update_avx512_f16(o: &Operands<f32, f16>) {
+    // SAFETY: AVX-512F enabled here and present by our contract; operands forwarded.
+    unsafe { rank_update::update::<Avx512, f16>(o) }
 }
 
 /// Test-only: the AVX-512 f32 update's width (16 lanes, portable vectors) compiled for
@@ -231,7 +477,7 @@ pub(super) unsafe fn update_avx512_f64(o: &Operands<f64>) {
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn update_width16_on_avx2_f32(o: &Operands<f32>) {
     // SAFETY: `Portable` needs no particular CPU feature; operands forwarded.
-    unsafe { rank_update::update::<Portable<f32, 16>>(o) }
+    unsafe { rank_update::update::<Portable<f32, 16>, f32>(o) }
 }
 
 /// Test-only: the AVX-512 f64 update's width (8 lanes) compiled for AVX2+FMA.
@@ -242,7 +488,7 @@ pub(super) unsafe fn update_width16_on_avx2_f32(o: &Operands<f32>) {
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn update_width8_on_avx2_f64(o: &Operands<f64>) {
     // SAFETY: `Portable` needs no particular CPU feature; operands forwarded.
-    unsafe { rank_update::update::<Portable<f64, 8>>(o) }
+    unsafe { rank_update::update::<Portable<f64, 8>, f64>(o) }
 }
 
 /// Skinny product (see [`decode`]), f32, AVX2+FMA: 4 rows of W × 3 rows of X per tile (12
@@ -259,7 +505,7 @@ pub(super) unsafe fn product_avx2_f32(
     y: ArrayViewMut2<'_, f32>,
 ) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx2, 4, 3>(o, i0, y) }
+    unsafe { decode::product::<Avx2, f32, 4, 3>(o, i0, y) }
 }
 
 /// Skinny product, f64, AVX2+FMA (tiles as [`product_avx2_f32`]).
@@ -274,7 +520,7 @@ pub(super) unsafe fn product_avx2_f64(
     y: ArrayViewMut2<'_, f64>,
 ) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx2F64, 4, 3>(o, i0, y) }
+    unsafe { decode::product::<Avx2F64, f64, 4, 3>(o, i0, y) }
 }
 
 /// Skinny product, f32, AVX-512F: 16 lanes in `zmm` registers, 6 rows of W × 4 rows of X
@@ -291,7 +537,7 @@ pub(super) unsafe fn product_avx512_f32(
     y: ArrayViewMut2<'_, f32>,
 ) {
     // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx512, 6, 4>(o, i0, y) }
+    unsafe { decode::product::<Avx512, f32, 6, 4>(o, i0, y) }
 }
 
 /// Skinny product, f64, AVX-512F (8 lanes in `zmm` registers; tiles as
@@ -307,7 +553,7 @@ pub(super) unsafe fn product_avx512_f64(
     y: ArrayViewMut2<'_, f64>,
 ) {
     // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx512F64, 6, 4>(o, i0, y) }
+    unsafe { decode::product::<Avx512F64, f64, 6, 4>(o, i0, y) }
 }
 
 /// Test-only: the AVX-512 f32 skinny product's width and tiles (16 lanes as portable
@@ -324,7 +570,7 @@ pub(super) unsafe fn product_width16_on_avx2_f32(
     y: ArrayViewMut2<'_, f32>,
 ) {
     // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
-    unsafe { decode::product::<Portable<f32, 16>, 6, 4>(o, i0, y) }
+    unsafe { decode::product::<Portable<f32, 16>, f32, 6, 4>(o, i0, y) }
 }
 
 /// Test-only: the AVX-512 f64 skinny product's width and tiles (8 lanes) compiled for
@@ -340,5 +586,160 @@ pub(super) unsafe fn product_width8_on_avx2_f64(
     y: ArrayViewMut2<'_, f64>,
 ) {
     // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
-    unsafe { decode::product::<Portable<f64, 8>, 6, 4>(o, i0, y) }
+    unsafe { decode::product::<Portable<f64, 8>, f64, 6, 4>(o, i0, y) }
+}
+
+/// Skinny product with W stored as bf16 (X, Y and the sums in f32), AVX2+FMA: each vector
+/// of W widened as it is loaded (`vpmovzxwd`, then a 16-bit shift); tiles as
+/// [`product_avx2_f32`].
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; the arguments satisfy the [`decode::ProductFn`] contract.
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+pub(super) unsafe fn product_avx2_bf16(
+    o: &decode::Operands<'_, '_, f32, bf16>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f32>,
+) {
+    // SAFETY: AVX2+FMA enabled here and present by our contract; arguments forwarded.
+    unsafe { decode::product::<Avx2, bf16, 4, 3>(o, i0, y) }
+}
+
+/// Skinny product with W stored as f16, AVX2+FMA+F16C: each vector of W widened as it is
+/// loaded (`vcvtph2ps`); tiles as [`product_avx2_f32`].
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; the arguments satisfy the [`decode::ProductFn`]
+/// contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+pub(super) unsafe fn product_avx2_f16(
+    o: &decode::Operands<'_, '_, f32, f16>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f32>,
+) {
+    // SAFETY: AVX2, FMA and F16C enabled here and present by our contract; arguments
+    // forwarded.
+    unsafe { decode::product::<Avx2, f16, 4, 3>(o, i0, y) }
+}
+
+/// Skinny product with W stored as bf16, AVX-512F: 16 halves widened per load
+/// (`vpmovzxwd`, then a 16-bit shift); tiles as [`product_avx512_f32`].
+///
+/// # Safety
+/// The CPU supports AVX-512F; the arguments satisfy the [`decode::ProductFn`] contract.
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn product_avx512_bf16(
+    o: &decode::Operands<'_, '_, f32, bf16>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f32>,
+) {
+    // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
+    unsafe { decode::product::<Avx512, bf16, 6, 4>(o, i0, y) }
+}
+
+/// Skinny product with W stored as f16, AVX-512F: 16 halves widened per load
+/// (`vcvtph2ps`); tiles as [`product_avx512_f32`].
+///
+/// # Safety
+/// The CPU supports AVX-512F; the arguments satisfy the [`decode::ProductFn`] contract.
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn product_avx512_f16(
+    o: &decode::Operands<'_, '_, f32, f16>,
+    i0: usize,
+    y: ArrayViewMut2<'_, f32>,
+) {
+    // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
+    unsafe { decode::product::<Avx512, f16, 6, 4>(o, i0, y) }
+}
+
+/// Widens bf16 to f32 over a row (see [`convert`]), AVX2+FMA.
+///
+/// # Safety
+/// The CPU supports AVX2+FMA; the arguments satisfy [`convert::WidenFn`].
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+pub(super) unsafe fn widen_avx2_bf16(src: &[bf16], dst: &mut [f32]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::widen::<Avx2, bf16>(src, dst) }
+}
+
+/// Rounds f32 to bf16 over a row (see [`convert`]), AVX2+FMA.
+///
+/// # Safety
+/// As [`widen_avx2_bf16`], with [`convert::RoundFn`].
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+pub(super) unsafe fn round_avx2_bf16(src: &[f32], dst: &mut [bf16]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::round::<Avx2, bf16>(src, dst) }
+}
+
+/// Widens f16 to f32 over a row (see [`convert`]), AVX2, FMA and F16C.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; the arguments satisfy [`convert::WidenFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+pub(super) unsafe fn widen_avx2_f16(src: &[f16], dst: &mut [f32]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::widen::<Avx2, f16>(src, dst) }
+}
+
+/// Rounds f32 to f16 over a row (see [`convert`]), AVX2, FMA and F16C.
+///
+/// # Safety
+/// As [`widen_avx2_f16`], with [`convert::RoundFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+pub(super) unsafe fn round_avx2_f16(src: &[f32], dst: &mut [f16]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::round::<Avx2, f16>(src, dst) }
+}
+
+/// Widens bf16 to f32 over a row (see [`convert`]), AVX-512F.
+///
+/// # Safety
+/// The CPU supports AVX-512F; the arguments satisfy [`convert::WidenFn`].
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn widen_avx512_bf16(src: &[bf16], dst: &mut [f32]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::widen::<Avx512, bf16>(src, dst) }
+}
+
+/// Rounds f32 to bf16 over a row (see [`convert`]), AVX-512F.
+///
+/// # Safety
+/// As [`widen_avx512_bf16`], with [`convert::RoundFn`].
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn round_avx512_bf16(src: &[f32], dst: &mut [bf16]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::round::<Avx512, bf16>(src, dst) }
+}
+
+/// Widens f16 to f32 over a row (see [`convert`]), AVX-512F.
+///
+/// # Safety
+/// The CPU supports AVX-512F; the arguments satisfy [`convert::WidenFn`].
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn widen_avx512_f16(src: &[f16], dst: &mut [f32]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::widen::<Avx512, f16>(src, dst) }
+}
+
+/// Rounds f32 to f16 over a row (see [`convert`]), AVX-512F.
+///
+/// # Safety
+/// As [`widen_avx512_f16`], with [`convert::RoundFn`].
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+pub(super) unsafe fn round_avx512_f16(src: &[f32], dst: &mut [f16]) {
+    // SAFETY: the features are enabled here and present by our contract; forwarded.
+    unsafe { convert::round::<Avx512, f16>(src, dst) }
 }
