@@ -7,7 +7,7 @@ use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis, Zip};
 use crate::backend::kernel_threads;
 use crate::blas::{count, GemmScalar};
 use crate::matmul::gemm;
-use crate::simd::rank_update::{fused_rank_update, UpdateElement};
+use crate::simd::rank_update::{fused_rank_update, UpdateElement, UpdateWeight};
 use crate::simd::{simd_level, SimdLevel};
 
 /// W ← W + α·B A (B d×r, A r×k, W d×k) for f32/f64: the merge update. Runs the fused SIMD kernel
@@ -18,12 +18,36 @@ use crate::simd::{simd_level, SimdLevel};
 /// # Panics
 /// If the shapes do not chain (an internal bug: callers validate first).
 #[track_caller]
-pub(crate) fn rank_update_same<T: GemmScalar + UpdateElement + num_traits::Float>(
+pub(crate) fn rank_update_same<
+    T: GemmScalar + UpdateElement + UpdateWeight<T> + num_traits::Float,
+>(
     alpha: T,
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
-    mut w: ArrayViewMut2<'_, T>,
+    w: ArrayViewMut2<'_, T>,
 ) {
+    rank_update_with(alpha, b, a, w, |w, t| w + t)
+}
+
+/// W ← W + α·B A for W stored as `W` and the factors in `T`: the fused kernel where it
+/// applies, else a band of rows at a time T = α·B A formed by a gemm with β = 0, then each
+/// element combined by `add(w, t)` — not `gemm(α, B, A, 1, W)`: how a BLAS adds into C with
+/// β = 1 is its own choice (reference BLAS adds each of the r terms separately: r roundings
+/// at |W|'s scale, not one), so forming T first keeps one rounding per element with any BLAS.
+///
+/// # Panics
+/// If the shapes do not chain (an internal bug: callers validate first).
+#[track_caller]
+pub(crate) fn rank_update_with<T, W>(
+    alpha: T,
+    b: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    mut w: ArrayViewMut2<'_, W>,
+    add: impl Fn(W, T) -> W,
+) where
+    T: GemmScalar + UpdateElement + num_traits::Float,
+    W: UpdateWeight<T> + Copy,
+{
     let level = simd_level();
     if level != SimdLevel::Scalar
         && fused_rank_update(level, alpha, b, a, w.view_mut(), kernel_threads())
@@ -31,10 +55,6 @@ pub(crate) fn rank_update_same<T: GemmScalar + UpdateElement + num_traits::Float
         count(|c| c.fused_updates += 1);
         return;
     }
-    // Not `gemm(α, B, A, 1, W)`: how a BLAS adds into C with β = 1 is its own choice, and
-    // reference BLAS adds each of the r terms into W separately (r roundings at |W|'s scale,
-    // not one). A band of rows at a time, T = α·B A is formed with β = 0 and then added, so
-    // every element is the correctly rounded sum of Wᵢⱼ and Tᵢⱼ with any BLAS.
     let (d, k) = w.dim();
     if d == 0 || k == 0 {
         return;
@@ -47,11 +67,11 @@ pub(crate) fn rank_update_same<T: GemmScalar + UpdateElement + num_traits::Float
     {
         let mut t = t.slice_mut(s![..w.nrows(), ..]);
         gemm(alpha, b, a, T::zero(), t.view_mut());
-        Zip::from(w).and(&t).for_each(|w, &t| *w = *w + t);
+        Zip::from(w).and(&t).for_each(|w, &t| *w = add(*w, t));
     }
 }
 
 /// Elements of the temporary per band in [`rank_update`]'s gemm path (4 MiB of f32)...
-pub(crate) const UPDATE_BAND_ELEMENTS: usize = 1 << 20;
+const UPDATE_BAND_ELEMENTS: usize = 1 << 20;
 /// ...but at least this many rows: thinner bands make the gemm itself inefficient.
-pub(crate) const UPDATE_BAND_MIN_ROWS: usize = 64;
+const UPDATE_BAND_MIN_ROWS: usize = 64;

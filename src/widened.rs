@@ -16,15 +16,12 @@ use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
 
 use half::{bf16, f16};
 
-use crate::backend::kernel_threads;
-use crate::blas::count;
 use crate::matmul::{add_terms_same, gemm, skinny_add_terms, skinny_base, LoraTerm};
 use crate::scratch::LoraScratch;
 use crate::simd::convert::{round_slice, widen_slice, ConvertWeight};
 use crate::simd::decode::ProductWeight;
-use crate::simd::rank_update::{fused_rank_update, UpdateWeight};
-use crate::simd::{simd_level, SimdLevel};
-use crate::update::{UPDATE_BAND_ELEMENTS, UPDATE_BAND_MIN_ROWS};
+use crate::simd::rank_update::UpdateWeight;
+use crate::update::rank_update_with;
 
 /// f32 elements of W widened per panel of the base product (4 MiB): large enough that each
 /// `sgemm` call amortises its packing of X, small enough to stay in the outer caches.
@@ -156,33 +153,11 @@ fn base_product<H: HalfElement>(
 /// temporary); otherwise α·B A formed in f32 by `sgemm`, one band of rows at a time into a
 /// small temporary, then added to each element of W with one rounding into H. Either way
 /// ΔW = fl(α·acc) is rounded to f32 before the sum, as PEFT forms it.
-pub(crate) fn rank_update<H: HalfElement>(
+pub(crate) fn rank_update<H: HalfElement + UpdateWeight<f32>>(
     alpha: f32,
     b: ArrayView2<'_, f32>,
     a: ArrayView2<'_, f32>,
-    mut w: ArrayViewMut2<'_, H>,
+    w: ArrayViewMut2<'_, H>,
 ) {
-    let level = simd_level();
-    if level != SimdLevel::Scalar
-        && fused_rank_update(level, alpha, b, a, w.view_mut(), kernel_threads())
-    {
-        count(|c| c.fused_updates += 1);
-        return;
-    }
-    let (d, k) = w.dim();
-    if d == 0 || k == 0 {
-        return;
-    }
-    let band = (UPDATE_BAND_ELEMENTS / k).max(UPDATE_BAND_MIN_ROWS).min(d);
-    let mut t = Array2::<f32>::zeros((band, k));
-    for (w, b) in w
-        .axis_chunks_iter_mut(Axis(0), band)
-        .zip(b.axis_chunks_iter(Axis(0), band))
-    {
-        let mut t = t.slice_mut(s![..w.nrows(), ..]);
-        gemm(alpha, b, a, 0.0, t.view_mut());
-        Zip::from(w)
-            .and(&t)
-            .for_each(|w, &t| *w = H::narrow(w.widen() + t));
-    }
+    rank_update_with(alpha, b, a, w, |w, t| H::narrow(w.widen() + t))
 }
