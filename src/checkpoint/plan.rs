@@ -7,7 +7,7 @@ use safetensors::Dtype;
 
 use super::adapter::{AdapterModule, AdapterTensor, CheckpointAdapter, ModuleKind};
 use super::element::{copy_le_bytes, is_float, Element};
-use super::reader::Checkpoint;
+use super::reader::{Checkpoint, Entry, Shard};
 use crate::error::{shape_str, LoraError, Result};
 use crate::peft::tensors::for_each_float;
 
@@ -137,19 +137,27 @@ pub fn plan(base: &Checkpoint, adapter: &CheckpointAdapter) -> Plan {
     Plan { entries, actions }
 }
 
+/// The base's shard and entry of `tensor`, or `NotInBase` naming the adapter `key` that
+/// asked for it.
+fn find_in_base<'b>(
+    base: &'b Checkpoint,
+    key: &str,
+    tensor: &str,
+) -> Result<(&'b Shard, &'b Entry)> {
+    base.find(tensor).ok_or_else(|| LoraError::NotInBase {
+        key: key.to_owned(),
+        tensor: tensor.to_owned(),
+        base: base.path().display().to_string(),
+    })
+}
+
 fn check_module(
     base: &Checkpoint,
     adapter: &CheckpointAdapter,
     module: &AdapterModule,
     tensor: &str,
 ) -> Result<()> {
-    let Some((shard, entry)) = base.find(tensor) else {
-        return Err(LoraError::NotInBase {
-            key: module.name.clone(),
-            tensor: tensor.to_owned(),
-            base: base.path().display().to_string(),
-        });
-    };
+    let (shard, entry) = find_in_base(base, &module.name, tensor)?;
     let in_tensor = |e: LoraError| e.in_tensor(&shard.shown(), tensor);
     let expected = module.base_shape();
     if entry.shape.len() != 2 || !is_float(entry.dtype) {
@@ -181,13 +189,7 @@ fn check_replacement(
     tensor: &str,
     t: &AdapterTensor,
 ) -> Result<()> {
-    let Some((_, entry)) = base.find(tensor) else {
-        return Err(LoraError::NotInBase {
-            key: t.key.clone(),
-            tensor: tensor.to_owned(),
-            base: base.path().display().to_string(),
-        });
-    };
+    let (_, entry) = find_in_base(base, &t.key, tensor)?;
     let in_tensor = |e: LoraError| e.in_tensor(&adapter.weights_path(), &t.key);
     if t.shape != entry.shape {
         return Err(in_tensor(LoraError::ShapeMismatch {

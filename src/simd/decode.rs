@@ -102,17 +102,7 @@ macro_rules! impl_product_weight {
     ($t:ty, $w:ty, $avx2:expr, $avx512:ident, $neon:expr) => {
         impl ProductWeight<$t> for $w {
             fn product_kernel(level: SimdLevel) -> Option<ProductFn<$t, $w>> {
-                match level {
-                    SimdLevel::Scalar => Some(product_scalar::<$t, $w>),
-                    #[cfg(target_arch = "x86_64")]
-                    SimdLevel::Avx2Fma => $avx2,
-                    #[cfg(target_arch = "x86_64")]
-                    SimdLevel::Avx512F => Some(super::x86::$avx512),
-                    #[cfg(target_arch = "aarch64")]
-                    SimdLevel::Neon => $neon,
-                    #[allow(unreachable_patterns)]
-                    _ => None,
-                }
+                kernel_for_level!(level, product_scalar::<$t, $w>, $avx2, $avx512, $neon)
             }
         }
     };

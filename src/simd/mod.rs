@@ -32,6 +32,25 @@
 use std::fmt;
 use std::sync::OnceLock;
 
+/// The kernel of a family for `level`: `$scalar` always, `$avx2` (an `Option`) and
+/// `$avx512` on x86-64, `$neon` (an `Option`) on aarch64, `None` for a level this target
+/// lacks. One dispatch shape for every kernel family (products, updates).
+macro_rules! kernel_for_level {
+    ($level:expr, $scalar:expr, $avx2:expr, $avx512:ident, $neon:expr) => {
+        match $level {
+            SimdLevel::Scalar => Some($scalar),
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2Fma => $avx2,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512F => Some(super::x86::$avx512),
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Neon => $neon,
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    };
+}
+
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 pub(crate) mod convert;
