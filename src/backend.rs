@@ -121,8 +121,27 @@ const THREADS_PER_CORE: usize = 4;
 /// The thread count set by [`set_blas_threads`]; 0 until then.
 static KERNEL_THREADS: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// A thread count for ndlora's kernels on this thread only (0: none), set by
+    /// [`with_one_kernel_thread`].
+    static KERNEL_THREADS_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` with ndlora's own kernels limited to one thread on this thread: for callers that
+/// already split their work over threads (the checkpoint merge's workers).
+pub(crate) fn with_one_kernel_thread<R>(f: impl FnOnce() -> R) -> R {
+    let before = KERNEL_THREADS_HERE.with(|c| c.replace(1));
+    let result = f();
+    KERNEL_THREADS_HERE.with(|c| c.set(before));
+    result
+}
+
 /// Threads ndlora's own kernels may use (see [`set_blas_threads`]).
 pub(crate) fn kernel_threads() -> usize {
+    let here = KERNEL_THREADS_HERE.with(std::cell::Cell::get);
+    if here != 0 {
+        return here;
+    }
     match KERNEL_THREADS.load(Ordering::Relaxed) {
         0 => blas_threads()
             .or_else(|| std::thread::available_parallelism().ok().map(usize::from))

@@ -305,6 +305,69 @@ fn f64_checkpoint_merges_as_the_reference() {
     merged_matches_reference(Dtype::F64);
 }
 
+/// Tensors larger than a worker's band (1 MiB) and than a copy block (64 MiB) are cut into
+/// blocks that several threads write at their offsets: the output must match the reference and
+/// be the same bytes for any thread count.
+#[test]
+fn banded_tensors_and_copy_blocks_give_the_same_bytes_on_any_thread_count() {
+    let dir = temp_dir("bands");
+    let (base, adapter) = (dir.join("base.safetensors"), dir.join("adapter"));
+    // 700 rows of 2400 bytes: bands of 436 rows; 1500 rows of 1400 bytes (BF16): 748 rows.
+    let w = random_tensor("a.weight", Dtype::F32, &[700, 600], 40);
+    let h = random_tensor("b.weight", Dtype::BF16, &[1500, 700], 41);
+    let copied = Raw {
+        name: "c.weight".into(),
+        dtype: Dtype::U8,
+        shape: vec![(64 << 20) + 3],
+        data: (0..(64u32 << 20) + 3).map(|i| (i % 251) as u8).collect(),
+    };
+    std::fs::write(
+        &base,
+        common::checkpoint::safetensors_bytes(&[w.clone(), h.clone(), copied.clone()]),
+    )
+    .unwrap();
+    let mut tensors = lora("a", 8, 700, 600, 42);
+    tensors.extend(lora("b", 3, 1500, 700, 44));
+    write_adapter(
+        &adapter,
+        json!({ "r": 8, "lora_alpha": 16, "rank_pattern": { "b": 3 } }),
+        &tensors,
+    );
+
+    let mut outputs = Vec::new();
+    for threads in [1, 2, 3] {
+        assert!(ndlora::set_blas_threads(threads.min(ndlora::max_threads())));
+        let out = dir.join(format!("out{threads}"));
+        let summary = merge(&base, &adapter, &out, &options(), &mut no_progress()).unwrap();
+        assert_eq!((summary.merged, summary.copied), (2, 1));
+        outputs.push(std::fs::read(out.join("base.safetensors")).unwrap());
+    }
+    ndlora::set_blas_threads(1);
+    assert!(
+        outputs.iter().all(|o| *o == outputs[0]),
+        "thread counts differ"
+    );
+
+    let o = read_checkpoint(&dir.join("out1").join("base.safetensors"));
+    let (exact, slack) = reference(
+        &w.values(),
+        &tensors[0],
+        &tensors[1],
+        2.0,
+        false,
+        1.0,
+        eps_of(Dtype::F32),
+    );
+    check_close("a.weight", raw(&o, "a.weight"), &exact, &slack);
+    assert_eq!(raw(&o, "c.weight").data, copied.data);
+    // The BF16 weight: every row changed by its update (B ≠ 0), none left as read.
+    let (before, after) = (h.values(), raw(&o, "b.weight").values());
+    for (i, (x, y)) in before.chunks(700).zip(after.chunks(700)).enumerate() {
+        assert!(x != y, "row {i} of b.weight was not updated");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn fan_in_fan_out_merges_the_transposed_update_into_a_single_file() {
     let dir = temp_dir("fifo");

@@ -83,17 +83,34 @@ pub(crate) fn is_float(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16)
 }
 
-/// `len` zeroed elements, or [`LoraError::Io`] with kind `OutOfMemory` naming `path` (a
-/// checkpoint's largest tensor may not fit, which must be an error, not an abort).
-pub(crate) fn zeroed<A: Element>(len: usize, path: &Path) -> Result<Vec<A>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|e| LoraError::Io {
+/// The first `len` elements of `buffer` seen as `A`s, the buffer grown (never shrunk) to hold
+/// them; its old contents are left in place. A buffer that cannot grow gives
+/// [`LoraError::Io`] with kind `OutOfMemory` naming `path`.
+pub(crate) fn elements_mut<'b, A: Element>(
+    buffer: &'b mut Vec<u64>,
+    len: usize,
+    path: &Path,
+) -> Result<&'b mut [A]> {
+    const { assert!(std::mem::align_of::<A>() <= std::mem::align_of::<u64>()) };
+    let too_large = |message: String| LoraError::Io {
         path: path.display().to_string(),
         kind: std::io::ErrorKind::OutOfMemory,
-        message: format!("cannot allocate {len} elements: {e}"),
-    })?;
-    v.resize(len, A::default());
-    Ok(v)
+        message,
+    };
+    let words = len
+        .checked_mul(std::mem::size_of::<A>())
+        .map(|bytes| bytes.div_ceil(8))
+        .ok_or_else(|| too_large(format!("cannot allocate {len} elements")))?;
+    if buffer.len() < words {
+        buffer
+            .try_reserve_exact(words - buffer.len())
+            .map_err(|e| too_large(format!("cannot allocate {len} elements: {e}")))?;
+        buffer.resize(words, 0);
+    }
+    // SAFETY: `buffer` holds at least `len · size_of::<A>()` initialised bytes (`words` u64s),
+    // aligned for `A` (the assertion above); `A` is plain data for which every bit pattern is
+    // a value (the `Element` contract); the slice borrows `buffer` mutably for its lifetime.
+    Ok(unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr().cast::<A>(), len) })
 }
 
 /// The elements' memory as bytes.

@@ -43,14 +43,18 @@
 //!
 //! ## Streaming and memory
 //!
-//! Tensors are processed one at a time, in each shard's order: a tensor the adapter does not
-//! touch is copied from file to file (by the kernel, `copy_file_range`, on Linux); a merged one
-//! is read into memory, updated in place and handed to a writer thread, which writes each output
-//! file sequentially through a buffered writer while the next tensor is read and merged. Peak
-//! memory is the adapter's file plus about twice the largest merged tensor, whatever the
-//! checkpoint's size. The matrix work uses [`set_blas_threads`](crate::set_blas_threads)
-//! threads.
-//!
+//! Each output file is created at its full size (reserved on disk with `fallocate` where the
+//! file system can, so a full disk fails before the work) and filled in blocks, shard by
+//! shard, by [`set_blas_threads`](crate::set_blas_threads) worker threads taking the blocks in
+//! order: a tensor the adapter does not touch is copied file to file in ranges of 64 MiB (by
+//! the kernel, `copy_file_range`, on Linux); a merged tensor is done a band of rows at a time
+//! (about 1 MiB): the band is read with `pread` into the worker's own buffer, updated there
+//! while it is in the core's cache, and written at its final offset with `pwrite`. Each byte
+//! is read once and written once, and nothing is allocated per tensor: peak memory is the
+//! adapter's file plus about 1 MiB per thread (a replaced tensor, from `modules_to_save`, is
+//! held whole), whatever the checkpoint's size. The bytes written do not depend on the thread
+//! count.
+
 //! ## Files from elsewhere
 //!
 //! Inputs are untrusted, as for adapter files ([`peft`](crate::peft)'s *Hostile files*): regular
@@ -101,27 +105,19 @@ mod element;
 mod io;
 mod plan;
 mod reader;
+mod stream;
 mod writer;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::sync_channel;
 use std::time::Instant;
-
-use ndarray::ArrayViewMut2;
-use safetensors::Dtype;
 
 pub use adapter::{AdapterModule, AdapterTensor, CheckpointAdapter, ModuleKind};
 pub use plan::{plan, Plan, PlanEntry};
 pub use reader::{Checkpoint, TensorInfo, INDEX_FILE, MAX_INDEX_SIZE, SINGLE_FILE};
 
 use crate::error::{LoraError, Result};
-use crate::float::LoraFloat;
 use crate::peft::open_regular;
-use element::{read_elements, to_little_endian, zeroed, Weight};
-use plan::TensorAction;
-use reader::{Entry, Shard};
-use writer::{header, Job};
 
 /// Whether [`merge`] adds the adapter's update to the base or subtracts it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -277,7 +273,7 @@ pub fn merge(
         skipped: Vec::new(),
         seconds: 0.0,
     };
-    write_shards(
+    stream::write_shards(
         &checkpoint,
         &adapter,
         &plan,
@@ -355,164 +351,6 @@ fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(not(unix))]
     let _ = dir;
     Ok(())
-}
-
-/// Writes every shard of `checkpoint` into `dir`, merging as `plan` says.
-fn write_shards(
-    checkpoint: &Checkpoint,
-    adapter: &CheckpointAdapter,
-    plan: &Plan,
-    dir: &Path,
-    options: &MergeOptions,
-    summary: &mut MergeSummary,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<()> {
-    let entries = || checkpoint.shards.iter().flat_map(|s| s.entries.iter());
-    let mut state = Progress {
-        tensors_done: 0,
-        tensors_total: entries().count(),
-        bytes_done: 0,
-        bytes_total: entries().map(|e| e.end - e.begin).sum(),
-        tensor: String::new(),
-    };
-    // A rendezvous channel: the writer writes one tensor while this thread reads and merges
-    // the next, and no more than these two are in memory.
-    let (send, jobs) = sync_channel::<Job<'_>>(0);
-    std::thread::scope(|scope| {
-        let writer = std::thread::Builder::new()
-            .name("ndlora-writer".into())
-            .spawn_scoped(scope, move || writer::run(jobs, options.sync))
-            .map_err(|e| LoraError::io(dir, &e))?;
-        let produced = (|| -> Result<()> {
-            for shard in &checkpoint.shards {
-                let path = dir.join(&shard.name);
-                let header = header(shard, &path)?;
-                summary.bytes += header.len() as u64;
-                if send.send(Job::Create { path, header }).is_err() {
-                    return Ok(()); // the writer failed: its error is returned below
-                }
-                for entry in &shard.entries {
-                    let job = tensor_job(shard, entry, adapter, plan, options.operation, summary)?;
-                    if send.send(job).is_err() {
-                        return Ok(());
-                    }
-                    summary.bytes += entry.end - entry.begin;
-                    state.tensors_done += 1;
-                    state.bytes_done += entry.end - entry.begin;
-                    state.tensor.clone_from(&entry.name);
-                    progress(&state);
-                }
-                if send.send(Job::Finish).is_err() {
-                    return Ok(());
-                }
-            }
-            Ok(())
-        })();
-        drop(send);
-        let written = writer.join().unwrap_or_else(|_| {
-            Err(LoraError::Io {
-                path: dir.display().to_string(),
-                kind: std::io::ErrorKind::Other,
-                message: "the writer thread panicked".into(),
-            })
-        });
-        // A failure here comes first; else the writer's.
-        produced.and(written)
-    })
-}
-
-/// The writer's job for one tensor: copy it, or its new bytes.
-fn tensor_job<'a>(
-    shard: &'a Shard,
-    entry: &Entry,
-    adapter: &CheckpointAdapter,
-    plan: &Plan,
-    operation: Operation,
-    summary: &mut MergeSummary,
-) -> Result<Job<'a>> {
-    let Some(action) = plan.action(&entry.name) else {
-        summary.copied += 1;
-        return Ok(Job::Copy {
-            src: shard,
-            offset: entry.begin,
-            len: entry.end - entry.begin,
-            tensor: entry.name.clone(),
-        });
-    };
-    let in_tensor = |e: LoraError| e.in_tensor(&shard.shown(), &entry.name);
-    let bytes = match (entry.dtype, action.module) {
-        (Dtype::F32, _) => new_tensor::<f32>(shard, entry, adapter, action, operation),
-        (Dtype::F64, _) => new_tensor::<f64>(shard, entry, adapter, action, operation),
-        (Dtype::BF16, _) => new_tensor::<half::bf16>(shard, entry, adapter, action, operation),
-        (Dtype::F16, _) => new_tensor::<half::f16>(shard, entry, adapter, action, operation),
-        // Any other dtype: the plan allows only a replacement of the same dtype.
-        (_, None) => match &action.replacement {
-            Some(t) => Ok(Box::new(adapter.data(t).to_vec()) as Box<_>),
-            None => Err(plan::unsupported_weight(entry.dtype, &entry.shape)),
-        },
-        (other, Some(_)) => Err(plan::unsupported_weight(other, &entry.shape)),
-    }
-    .map_err(in_tensor)?;
-    if action.module.is_some() {
-        summary.merged += 1;
-    }
-    if action.replacement.is_some() {
-        summary.replaced += 1;
-    }
-    Ok(Job::Data {
-        bytes,
-        tensor: entry.name.clone(),
-    })
-}
-
-/// A tensor's new elements: the base's (or the replacement's), with the module's update.
-fn new_tensor<'a, W: Weight>(
-    shard: &Shard,
-    entry: &Entry,
-    adapter: &CheckpointAdapter,
-    action: &TensorAction,
-    operation: Operation,
-) -> Result<Box<dyn writer::TensorBytes + 'a>> {
-    let mut data: Vec<W> = zeroed(entry_len(&entry.shape), &shard.path)?;
-    match &action.replacement {
-        Some(t) => plan::replacement_into(adapter, t, &mut data),
-        None => read_elements(&shard.file, shard.data_start + entry.begin, &mut data)
-            .map_err(|e| LoraError::io(&shard.path, &e))?,
-    }
-    if let Some(m) = action.module {
-        let module = &adapter.modules()[m];
-        let (a, b) = adapter.factors::<W::Factor>(module)?;
-        let sign = match operation {
-            Operation::Merge => 1.0,
-            Operation::Unmerge => -1.0,
-        };
-        let alpha = <W::Factor as LoraFloat>::from_f64_lossy(sign * module.scaling);
-        let &[rows, cols] = &entry.shape[..] else {
-            return Err(plan::unsupported_weight(entry.dtype, &entry.shape));
-        };
-        let w = ArrayViewMut2::from_shape((rows, cols), &mut data[..])
-            .map_err(|_| plan::unsupported_weight(entry.dtype, &entry.shape))?;
-        if module.kind.is_transposed() {
-            // (B A)ᵀ = Aᵀ Bᵀ: the update with B' = Aᵀ (in×r) and A' = Bᵀ (r×out).
-            let a_t = b.t().as_standard_layout().into_owned();
-            let b_t = a.t().as_standard_layout().into_owned();
-            let (a_t, b_t) = (a_t.view(), b_t.view());
-            if module.kind == ModuleKind::Embedding {
-                element::update_delta_rounded_first::<W>(w, a_t, b_t, alpha, operation.name())?;
-            } else {
-                element::update::<W>(w, a_t, b_t, alpha, operation.name())?;
-            }
-        } else {
-            element::update::<W>(w, a.view(), b.view(), alpha, operation.name())?;
-        }
-    }
-    to_little_endian(&mut data);
-    Ok(Box::new(data))
-}
-
-/// A tensor's element count (the header check has proved that it fits).
-fn entry_len(shape: &[usize]) -> usize {
-    shape.iter().product()
 }
 
 /// Copies the base directory's other files into `dir` (the index from the bytes read at

@@ -1,121 +1,44 @@
-//! The output side of a checkpoint merge: a writer thread that appends, file by file, the
-//! header, byte ranges copied from the base and the merged tensors the merging thread hands
-//! it, through one buffered writer per file.
+//! The output files of a checkpoint merge: each shard's header, and the file created at its
+//! full size with the header in place, ready for its tensors to be written at their offsets.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::Receiver;
+use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use super::element::{bytes_of, Element};
-use super::io::copy_range;
+use super::io::{reserve, write_all_at};
 use super::reader::{dtype_name, Shard};
 use crate::error::{LoraError, Result};
 use crate::peft::tensors::{parse_error, MAX_HEADER_SIZE};
 
-/// Bytes of the writer's buffer.
-const WRITE_BUFFER: usize = 1 << 20;
-
-/// A tensor's bytes, owned, ready to be written.
-pub(crate) trait TensorBytes: Send {
-    /// The bytes, little-endian.
-    fn bytes(&self) -> &[u8];
-}
-
-impl<A: Element> TensorBytes for Vec<A> {
-    fn bytes(&self) -> &[u8] {
-        bytes_of(self)
-    }
-}
-
-impl TensorBytes for Vec<u8> {
-    fn bytes(&self) -> &[u8] {
-        self
-    }
-}
-
-/// What the writer thread is asked to do, in order.
-pub(crate) enum Job<'a> {
-    /// Start the file `path` with these first bytes (length prefix and header).
-    Create { path: PathBuf, header: Vec<u8> },
-    /// Append `len` bytes of `src` from byte `offset` (a tensor copied unchanged).
-    Copy {
-        src: &'a Shard,
-        offset: u64,
-        len: u64,
-        tensor: String,
-    },
-    /// Append a tensor's new bytes.
-    Data {
-        bytes: Box<dyn TensorBytes + 'a>,
-        tensor: String,
-    },
-    /// Flush (and with `sync`, sync to disk) and close the current file.
-    Finish,
-}
-
-/// Runs the jobs until the channel closes; the first error ends it (which closes the channel
-/// for the sender too).
-pub(crate) fn run(jobs: Receiver<Job<'_>>, sync: bool) -> Result<()> {
-    let mut current: Option<(PathBuf, BufWriter<File>)> = None;
-    for job in jobs {
-        match job {
-            Job::Create { path, header } => {
-                let file = File::create(&path).map_err(|e| LoraError::io(&path, &e))?;
-                let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-                out.write_all(&header)
-                    .map_err(|e| LoraError::io(&path, &e))?;
-                current = Some((path, out));
-            }
-            Job::Copy {
-                src,
-                offset,
-                len,
-                tensor,
-            } => {
-                let (path, out) = open(&mut current)?;
-                copy_range(&src.file, src.data_start + offset, len, out)
-                    .map_err(|e| LoraError::io(path, &e).in_tensor(&src.shown(), &tensor))?;
-            }
-            Job::Data { bytes, tensor } => {
-                let (path, out) = open(&mut current)?;
-                out.write_all(bytes.bytes()).map_err(|e| {
-                    LoraError::io(path, &e).in_tensor(&path.display().to_string(), &tensor)
-                })?;
-            }
-            Job::Finish => {
-                if let Some((path, out)) = current.take() {
-                    let file = out
-                        .into_inner()
-                        .map_err(|e| LoraError::io(&path, e.error()))?;
-                    if sync {
-                        file.sync_all().map_err(|e| LoraError::io(&path, &e))?;
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn open(current: &mut Option<(PathBuf, BufWriter<File>)>) -> Result<(&Path, &mut BufWriter<File>)> {
-    match current {
-        Some((path, out)) => Ok((path, out)),
-        None => Err(LoraError::InvalidValue {
-            what: "writer job",
-            expected: "a file created first",
-            got: "none".into(),
-        }),
-    }
+/// Creates the output file `path` for `shard`: its header written, its full length reserved
+/// on disk where the file system can (a full disk fails here, before the work). Returns the
+/// file and where its data section starts.
+pub(crate) fn create(shard: &Shard, path: &Path) -> Result<(File, u64)> {
+    let header = header(shard, path)?;
+    let data_len = shard.entries.iter().map(|e| e.end).max().unwrap_or(0);
+    let total = (header.len() as u64).checked_add(data_len).ok_or_else(|| {
+        parse_error(
+            &path.display().to_string(),
+            "the output is too large".into(),
+        )
+    })?;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| LoraError::io(path, &e))?;
+    reserve(&file, total).map_err(|e| LoraError::io(path, &e))?;
+    write_all_at(&file, &header, 0).map_err(|e| LoraError::io(path, &e))?;
+    Ok((file, header.len() as u64))
 }
 
 /// The first bytes of an output shard: the 8-byte length and a header that lists `shard`'s
 /// tensors with the same names, dtypes, shapes and data offsets, in the order of their data,
 /// and metadata `{"format": "pt"}`, padded with spaces to a multiple of 8 bytes (as the
 /// `safetensors` crate writes it). `path` names the output in errors.
-pub(crate) fn header(shard: &Shard, path: &Path) -> Result<Vec<u8>> {
+fn header(shard: &Shard, path: &Path) -> Result<Vec<u8>> {
     let mut map = Map::new();
     map.insert("__metadata__".into(), json!({ "format": "pt" }));
     for e in &shard.entries {
