@@ -25,12 +25,38 @@ pub(crate) fn update_weight<A: LoraFloat>(
 ) -> Result<()> {
     check_finite("weight_a", weight_a)?;
     check_finite("weight_b", weight_b)?;
+    let delta = update_magnitude_bound(weight_a, weight_b, alpha);
+    update_weight_within(
+        base_weight.view_mut(),
+        w_abs_bound,
+        weight_a,
+        weight_b,
+        alpha,
+        delta,
+        operation,
+    )
+}
+
+/// [`update_weight`] for factors already checked finite, with `delta` an upper bound on the
+/// update's magnitude ([`update_magnitude_bound`] of these factors, or of factors they are a
+/// part of, e.g. all of B when `weight_b` is a band of its rows): the checks of the factors
+/// are not repeated, so a caller that updates W a band at a time pays them once.
+pub(crate) fn update_weight_within<A: LoraFloat>(
+    mut base_weight: ArrayViewMut2<'_, A>,
+    w_abs_bound: &mut f64,
+    weight_a: ArrayView2<'_, A::Factor>,
+    weight_b: ArrayView2<'_, A::Factor>,
+    alpha: A::Factor,
+    delta: f64,
+    operation: &'static str,
+) -> Result<()> {
     let new_bound = checked_update_bound(
         base_weight.view(),
         w_abs_bound,
         weight_a,
         weight_b,
         alpha,
+        delta,
         operation,
     )?;
     A::rank_update(alpha, weight_b, weight_a, base_weight.view_mut());
@@ -66,7 +92,8 @@ pub(crate) fn magnitude_limit<A: LoraFloat>() -> f64 {
 }
 
 /// Proves that W + α·B A is finite without writing W and returns a bound on its largest
-/// magnitude. Fast path: |W + αBA|ᵢⱼ ≤ max|W| + |α|·maxᵢ Σₗ|Bᵢₗ|·max|A|, with a factor-2
+/// magnitude (`delta`: a bound on |α·B A| and its intermediates, [`update_magnitude_bound`]).
+/// Fast path: |W + αBA|ᵢⱼ ≤ max|W| + |α|·maxᵢ Σₗ|Bᵢₗ|·max|A|, with a factor-2
 /// margin for rounding; only near overflow is the update evaluated block by block.
 fn checked_update_bound<A: LoraFloat>(
     base_weight: ArrayView2<'_, A>,
@@ -74,10 +101,10 @@ fn checked_update_bound<A: LoraFloat>(
     weight_a: ArrayView2<'_, A::Factor>,
     weight_b: ArrayView2<'_, A::Factor>,
     alpha: A::Factor,
+    delta: f64,
     operation: &'static str,
 ) -> Result<f64> {
     let limit = magnitude_limit::<A>();
-    let delta = update_magnitude_bound(weight_a, weight_b, alpha);
     if *w_abs_bound + delta < limit {
         return Ok(*w_abs_bound + delta);
     }

@@ -13,7 +13,7 @@ use safetensors::Dtype;
 use crate::check::all_finite;
 use crate::error::{LoraError, Result};
 use crate::float::LoraFloat;
-use crate::merge::update_weight;
+use crate::merge::update_weight_within;
 
 /// A plain float type stored little-endian in safetensors files.
 ///
@@ -166,17 +166,21 @@ pub(crate) trait Weight: Element + LoraFloat {}
 impl<T: Element + LoraFloat> Weight for T {}
 
 /// W ← W + α·B A with PEFT's rounding (ΔW in `W::Factor`, one rounding into `W`), checked
-/// (`merge::update_weight`): an update that would overflow W is refused and W is unchanged.
+/// (`merge::update_weight_within`): an update that would overflow W is refused and W is
+/// unchanged. The factors must be finite and `delta` bound the update
+/// (`merge::update_magnitude_bound` of the whole factors, computed once per tensor when W is
+/// updated a band of rows at a time).
 pub(crate) fn update<W: Weight>(
     w: ArrayViewMut2<'_, W>,
     a: ArrayView2<'_, W::Factor>,
     b: ArrayView2<'_, W::Factor>,
     alpha: W::Factor,
+    delta: f64,
     operation: &'static str,
 ) -> Result<()> {
     // An infinite bound makes the update measure max|W| itself (one read of W).
     let mut bound = f64::INFINITY;
-    update_weight(w, &mut bound, a, b, alpha, operation)
+    update_weight_within(w, &mut bound, a, b, alpha, delta, operation)
 }
 
 /// W ← W + dtype(α·B A): PEFT's embedding merge (`weight.data += delta_weight.to(orig_dtype)`),

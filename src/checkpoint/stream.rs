@@ -25,6 +25,7 @@ use super::{writer, MergeOptions, MergeSummary, Operation, Progress};
 use crate::backend::{kernel_threads, with_one_kernel_thread};
 use crate::error::{LoraError, Result};
 use crate::float::LoraFloat;
+use crate::merge::update_magnitude_bound;
 
 /// Bytes of a band of rows a worker updates at a time: read, updated and written while it
 /// is in the core's cache (a 4096-wide BF16 weight: 128 rows).
@@ -58,6 +59,8 @@ struct Factors<F> {
     a: Array2<F>,
     b: Array2<F>,
     alpha: F,
+    /// A bound on |α·B A| (`merge::update_magnitude_bound`), for every band.
+    delta: f64,
     /// PEFT's embedding merge: ΔW rounded to W's dtype before the sum.
     rounded_first: bool,
 }
@@ -232,11 +235,13 @@ fn update_for(
             Operation::Unmerge => -1.0,
         };
         let alpha = F::from_f64_lossy(sign * module.scaling);
+        let delta = update_magnitude_bound(a.view(), b.view(), alpha);
         Ok(if module.kind.is_transposed() {
             Factors {
                 a: b.t().as_standard_layout().into_owned(),
                 b: a.t().as_standard_layout().into_owned(),
                 alpha,
+                delta,
                 rounded_first: module.kind == ModuleKind::Embedding,
             }
         } else {
@@ -244,6 +249,7 @@ fn update_for(
                 a,
                 b,
                 alpha,
+                delta,
                 rounded_first: false,
             }
         })
@@ -428,7 +434,7 @@ impl NewBlock<'_> {
             if f.rounded_first {
                 element::update_delta_rounded_first::<W>(w, f.a.view(), b, f.alpha, operation)?;
             } else {
-                element::update::<W>(w, f.a.view(), b, f.alpha, operation)?;
+                element::update::<W>(w, f.a.view(), b, f.alpha, f.delta, operation)?;
             }
         }
         to_little_endian(data);
