@@ -101,6 +101,7 @@ pub(super) fn write_shards(
         tensor: String::new(),
     };
     let mut written = Vec::with_capacity(checkpoint.shards.len());
+    let mut buffer = Vec::new();
     for shard in &checkpoint.shards {
         let (works, blocks) = prepare(shard, adapter, plan, options.operation, summary)?;
         let path = dir.join(&shard.name);
@@ -121,7 +122,7 @@ pub(super) fn write_shards(
             blocks: &blocks,
             out,
         };
-        run(&job, kernel_threads(), &mut |entry| {
+        run(&job, kernel_threads(), &mut buffer, &mut |entry| {
             remaining[entry] -= 1;
             if remaining[entry] == 0 {
                 let e = &shard.entries[entry];
@@ -281,10 +282,16 @@ struct Job<'a> {
     out: Output<'a>,
 }
 
-/// Runs `job`'s blocks on `threads` workers, each taking the next block in order; calls
-/// `done` with a block's tensor index as each block finishes. The first failing block (in
-/// the order of the blocks) gives the error; no block is started after a failure.
-fn run(job: &Job<'_>, threads: usize, done: &mut dyn FnMut(usize)) -> Result<()> {
+/// Runs `job`'s blocks on `threads` workers — the calling thread, with `buffer` as its
+/// memory, and `threads − 1` more — each taking the next block in order; calls `done` (on the
+/// calling thread) with a block's tensor index as each block finishes. The first failing block
+/// (in the order of the blocks) gives the error; no block is started after a failure.
+fn run(
+    job: &Job<'_>,
+    threads: usize,
+    buffer: &mut Vec<u64>,
+    done: &mut dyn FnMut(usize),
+) -> Result<()> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error = Mutex::new(None::<(usize, LoraError)>);
@@ -295,37 +302,43 @@ fn run(job: &Job<'_>, threads: usize, done: &mut dyn FnMut(usize)) -> Result<()>
             *slot = Some((index, error));
         }
     };
+    let work = |buffer: &mut Vec<u64>, finished: &mut dyn FnMut(usize)| {
+        with_one_kernel_thread(|| {
+            while !failed.load(Ordering::Relaxed) {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(block) = job.blocks.get(index) else {
+                    break;
+                };
+                match run_block(job, block, buffer) {
+                    Ok(()) => finished(block.entry),
+                    Err(e) => fail(index, e),
+                }
+            }
+        });
+    };
     let (finished, finishes) = channel::<usize>();
     std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, job.blocks.len().max(1)) {
+        for _ in 1..threads.clamp(1, job.blocks.len().max(1)) {
             let finished = finished.clone();
-            let (next, failed, fail) = (&next, &failed, &fail);
-            let worker = move || {
-                with_one_kernel_thread(|| {
-                    let mut buffer = Vec::new();
-                    while !failed.load(Ordering::Relaxed) {
-                        let index = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(block) = job.blocks.get(index) else {
-                            break;
-                        };
-                        match run_block(job, block, &mut buffer) {
-                            Ok(()) => {
-                                finished.send(block.entry).ok();
-                            }
-                            Err(e) => fail(index, e),
-                        }
-                    }
-                });
-            };
+            let work = &work;
             let spawned = std::thread::Builder::new()
                 .name("ndlora-merge".into())
-                .spawn_scoped(scope, worker);
+                .spawn_scoped(scope, move || {
+                    work(&mut Vec::new(), &mut |entry| {
+                        finished.send(entry).ok();
+                    });
+                });
             if let Err(e) = spawned {
                 fail(0, LoraError::io(job.out.path, &e));
                 break;
             }
         }
         drop(finished);
+        work(buffer, &mut |entry| {
+            done(entry);
+            finishes.try_iter().for_each(&mut *done);
+        });
+        // The other workers' last blocks.
         finishes.iter().for_each(&mut *done);
     });
     match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
