@@ -15,7 +15,7 @@ use crate::backend::kernel_threads;
 #[cfg(ndlora_blas)]
 use crate::blas::{blas_layout, BlasLayout};
 use crate::blas::{count, fallback, GemmScalar};
-use crate::scratch::{buffer_of, LoraScratch};
+use crate::scratch::{buffer_of, grown, LoraScratch};
 use crate::simd::decode::{skinny_product, DecodeElement, ProductWeight, Segment};
 use crate::simd::{simd_level, SimdLevel};
 
@@ -255,11 +255,15 @@ pub(crate) fn skinny_base<W: ProductWeight<f32>>(
 
 /// acc ← acc + Σⱼ sⱼ·(X Aⱼᵀ) Bⱼᵀ (f32, X n×k, acc n×d) with the skinny kernel if it applies
 /// (n ≤ [`N_SKINNY_HALF`], as [`skinny_base`]): the branches summed in one f32 accumulator
-/// per element, then added to acc. Returns `false`, acc untouched, if not.
+/// per element, then added to acc. Returns `false`, acc untouched, if not. Its working memory
+/// (the n×Σr products X Aⱼᵀ and the n×d sum) is taken from `scratch` and `sum`, grown if
+/// needed.
 pub(crate) fn skinny_add_terms(
     x: ArrayView2<'_, f32>,
     terms: &[LoraTerm<'_, f32>],
     mut acc: ArrayViewMut2<'_, f32>,
+    scratch: &mut LoraScratch<f32>,
+    sum: &mut Vec<f32>,
 ) -> bool {
     let (n, d) = (x.nrows(), acc.ncols());
     let Some(first) = terms.first() else {
@@ -269,15 +273,16 @@ pub(crate) fn skinny_add_terms(
         return false;
     }
     let level = simd_level();
-    let mut buf = vec![0.0_f32; buf_len(n, terms)];
+    let buf = scratch.slice_mut(buf_len(n, terms));
     let mut segments = [Segment {
         w: first.b,
         x: first.b,
     }; MAX_SKINNY_ADAPTERS];
-    if !lora_segments(level, x, terms, &mut buf, &mut segments) {
+    if !lora_segments(level, x, terms, buf, &mut segments) {
         return false;
     }
-    let mut sum = ndarray::Array2::<f32>::zeros((n, d));
+    // Every element is written by the product (no bias: Y = Σ products).
+    let mut sum = ArrayViewMut2::from_shape((n, d), grown(sum, n * d)).expect("n·d elements");
     let segments = &segments[..terms.len()];
     let r = buf_len(n, terms) / n;
     assert!(skinny_product(

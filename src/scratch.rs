@@ -24,7 +24,11 @@ pub(crate) fn buffer_of<'s, 't: 's, A: Copy + Zero>(
 /// Reusable working memory for [`LoraLayer::forward_into_with_scratch`](crate::LoraLayer::forward_into_with_scratch):
 /// holds the n×r temporary X Aᵀ of the LoRA branch, grows to the largest n·r asked of it,
 /// never shrinks. One scratch per thread (it is `&mut` during a forward); it can serve
-/// layers of any shape.
+/// layers of any shape. For a half-precision layer (`LoraLayer<bf16>`, `<f16>`, whose
+/// scratch is `LoraScratch<f32>`) it also keeps the f32 working copies that forward makes:
+/// X widened (n×k), the f32 accumulator (n×d) and, above the skinny crossover, one panel of
+/// W widened (about 4 MiB), so that a forward with a scratch allocates nothing once the
+/// scratch has grown.
 ///
 /// ```
 /// let mut scratch = ndlora::LoraScratch::<f64>::with_capacity(32, 8);
@@ -33,12 +37,20 @@ pub(crate) fn buffer_of<'s, 't: 's, A: Copy + Zero>(
 #[derive(Debug, Clone, Default)]
 pub struct LoraScratch<A> {
     buf: Vec<A>,
+    /// The half-precision forward's widened X and accumulator (`widened::forward`).
+    wide: Vec<A>,
+    /// The half-precision forward's widened panel of W.
+    panel: Vec<A>,
 }
 
 impl<A: Copy + Zero> LoraScratch<A> {
     /// An empty scratch (allocates on first use).
     pub fn new() -> Self {
-        Self { buf: Vec::new() }
+        Self {
+            buf: Vec::new(),
+            wide: Vec::new(),
+            panel: Vec::new(),
+        }
     }
 
     /// A scratch that serves batches of up to `n` rows at rank up to `r` without allocating.
@@ -52,6 +64,7 @@ impl<A: Copy + Zero> LoraScratch<A> {
             .expect("LoraScratch::with_capacity: n·r overflows usize");
         Self {
             buf: vec![A::zero(); len],
+            ..Self::new()
         }
     }
 
@@ -68,9 +81,34 @@ impl<A: Copy + Zero> LoraScratch<A> {
 
     /// The first `len` elements, growing the buffer if needed.
     pub(crate) fn slice_mut(&mut self, len: usize) -> &mut [A] {
-        if self.buf.len() < len {
-            self.buf.resize(len, A::zero());
-        }
-        &mut self.buf[..len]
+        grown(&mut self.buf, len)
     }
+
+    /// Elements held in all its buffers.
+    pub(crate) fn retained(&self) -> usize {
+        self.buf.len() + self.wide.len() + self.panel.len()
+    }
+
+    /// Takes the half-precision forward's two buffers (widened operands, panel) out of the
+    /// scratch, so that the scratch itself can still serve the n×r temporary meanwhile; give
+    /// them back with [`put_wide`](Self::put_wide).
+    pub(crate) fn take_wide(&mut self) -> (Vec<A>, Vec<A>) {
+        (
+            std::mem::take(&mut self.wide),
+            std::mem::take(&mut self.panel),
+        )
+    }
+
+    /// Returns the buffers [`take_wide`](Self::take_wide) took.
+    pub(crate) fn put_wide(&mut self, (wide, panel): (Vec<A>, Vec<A>)) {
+        (self.wide, self.panel) = (wide, panel);
+    }
+}
+
+/// The first `len` elements of `buf`, grown with zeros if it is shorter.
+pub(crate) fn grown<A: Copy + Zero>(buf: &mut Vec<A>, len: usize) -> &mut [A] {
+    if buf.len() < len {
+        buf.resize(len, A::zero());
+    }
+    &mut buf[..len]
 }

@@ -14,10 +14,12 @@
 
 use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
 
+use std::cell::RefCell;
+
 use half::{bf16, f16};
 
 use crate::matmul::{add_terms_same, gemm, skinny_add_terms, skinny_base, LoraTerm};
-use crate::scratch::LoraScratch;
+use crate::scratch::{grown, LoraScratch};
 use crate::simd::convert::{round_slice, widen_slice, ConvertWeight};
 use crate::simd::decode::ProductWeight;
 use crate::simd::rank_update::UpdateWeight;
@@ -64,15 +66,35 @@ fn round_into<H: HalfElement>(acc: ArrayView2<'_, f32>, mut out: ArrayViewMut2<'
 
 /// acc ← f32(H(acc)) (acc in standard layout): PEFT's rounding of the base output.
 fn round_in_place<H: HalfElement>(mut acc: ArrayViewMut2<'_, f32>) {
-    let mut row = vec![H::narrow(0.0); acc.ncols()];
+    // Through a small buffer on the stack: no allocation.
+    let mut rounded = [H::narrow(0.0); 256];
     for mut a in acc.rows_mut() {
-        let a = a.as_slice_mut().expect("standard layout");
-        round_slice(a, &mut row);
-        widen_slice(&row, a);
+        for a in a
+            .as_slice_mut()
+            .expect("standard layout")
+            .chunks_mut(rounded.len())
+        {
+            let rounded = &mut rounded[..a.len()];
+            round_slice(a, rounded);
+            widen_slice(rounded, a);
+        }
     }
 }
 
-/// out ← H( f32(H(X Wᵀ + b)) + Σ s·(X Aᵀ) Bᵀ ).
+/// Elements (f32) of working memory a thread keeps between half-precision forwards called
+/// without a scratch (16 MiB: X, accumulator and a panel for n = 256 at d = k = 4096); a
+/// forward that needed more frees it afterwards.
+const RETAINED_WORKSPACE: usize = 1 << 22;
+
+thread_local! {
+    /// The working memory of half-precision forwards called without a scratch: fresh
+    /// multi-MiB buffers on every call cost page faults (measured: ~5 % of a 256-row forward
+    /// at d = k = 4096).
+    static WORKSPACE: RefCell<LoraScratch<f32>> = RefCell::new(LoraScratch::new());
+}
+
+/// out ← H( f32(H(X Wᵀ + b)) + Σ s·(X Aᵀ) Bᵀ ), the f32 working memory taken from
+/// `scratch`, else from this thread's [`WORKSPACE`].
 pub(crate) fn forward<H: HalfElement>(
     x: ArrayView2<'_, H>,
     w: ArrayView2<'_, H>,
@@ -81,23 +103,55 @@ pub(crate) fn forward<H: HalfElement>(
     out: ArrayViewMut2<'_, H>,
     scratch: Option<&mut LoraScratch<f32>>,
 ) {
-    let (n, d) = out.dim();
-    if n == 0 || d == 0 {
+    if out.is_empty() {
         return;
     }
-    let xf = widen(x);
-    let mut acc = Array2::<f32>::zeros((n, d));
-    if !skinny_base(xf.view(), w, bias, acc.view_mut()) {
-        base_product(xf.view(), w, bias, acc.view_mut());
+    if let Some(scratch) = scratch {
+        return forward_in(x, w, bias, terms, out, scratch);
     }
-    if !terms.is_empty() {
-        // PEFT rounds the base layer's output to H before it adds the LoRA terms in f32.
-        round_in_place::<H>(acc.view_mut());
-        if !skinny_add_terms(xf.view(), terms, acc.view_mut()) {
-            add_terms_same(xf.view(), terms, acc.view_mut(), scratch);
+    WORKSPACE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut workspace) => {
+            forward_in(x, w, bias, terms, out, &mut workspace);
+            if workspace.retained() > RETAINED_WORKSPACE {
+                *workspace = LoraScratch::new();
+            }
         }
+        // In use further up this thread's stack (not a path ndlora takes): fresh memory.
+        Err(_) => forward_in(x, w, bias, terms, out, &mut LoraScratch::new()),
+    });
+}
+
+/// [`forward`] with its working memory in `scratch`.
+fn forward_in<H: HalfElement>(
+    x: ArrayView2<'_, H>,
+    w: ArrayView2<'_, H>,
+    bias: Option<ArrayView1<'_, H>>,
+    terms: &[LoraTerm<'_, f32>],
+    out: ArrayViewMut2<'_, H>,
+    scratch: &mut LoraScratch<f32>,
+) {
+    let ((n, k), d) = (x.dim(), out.ncols());
+    let (mut wide, mut panel) = scratch.take_wide();
+    {
+        let (xs, accs) = grown(&mut wide, n * k + n * d).split_at_mut(n * k);
+        let mut xf = ArrayViewMut2::from_shape((n, k), xs).expect("n·k elements");
+        widen_into(x, xf.view_mut());
+        let xf = xf.view();
+        // Every element of acc is written by the base product (β = 0, or the bias first).
+        let mut acc = ArrayViewMut2::from_shape((n, d), accs).expect("n·d elements");
+        if !skinny_base(xf, w, bias, acc.view_mut()) {
+            base_product(xf, w, bias, acc.view_mut(), &mut panel);
+        }
+        if !terms.is_empty() {
+            // PEFT rounds the base layer's output to H before it adds the LoRA terms in f32.
+            round_in_place::<H>(acc.view_mut());
+            if !skinny_add_terms(xf, terms, acc.view_mut(), scratch, &mut panel) {
+                add_terms_same(xf, terms, acc.view_mut(), Some(&mut *scratch));
+            }
+        }
+        round_into(acc.view(), out);
     }
-    round_into(acc.view(), out);
+    scratch.put_wide((wide, panel));
 }
 
 /// out ← H( f32(out) + Σ s·(X Aᵀ) Bᵀ ), X already in f32.
@@ -122,6 +176,7 @@ fn base_product<H: HalfElement>(
     w: ArrayView2<'_, H>,
     bias: Option<ArrayView1<'_, H>>,
     mut acc: ArrayViewMut2<'_, f32>,
+    panel: &mut Vec<f32>,
 ) {
     let (d, k) = w.dim();
     let beta = match bias {
@@ -133,7 +188,8 @@ fn base_product<H: HalfElement>(
         None => 0.0,
     };
     let rows = (PANEL_ELEMENTS / k.max(1)).clamp(1, d.max(1));
-    let mut panel = Array2::<f32>::zeros((rows.min(d), k));
+    let mut panel = ArrayViewMut2::from_shape((rows.min(d), k), grown(panel, rows.min(d) * k))
+        .expect("rows·k elements");
     for (i, w) in w.axis_chunks_iter(Axis(0), rows).enumerate() {
         let start = i * rows;
         let mut p = panel.slice_mut(s![..w.nrows(), ..]);

@@ -96,7 +96,7 @@ fn micro_forward_scalar_does_not_allocate() {
 }
 
 /// `common::random_layer`, with a random bias when `bias`.
-fn layer<A: LoraFloat<Factor = A>>(d: usize, k: usize, r: usize, bias: bool) -> LoraLayer<A> {
+fn layer<A: LoraFloat>(d: usize, k: usize, r: usize, bias: bool) -> LoraLayer<A> {
     let l = random_layer(d, k, r, (d * k + r) as u64);
     if bias {
         l.with_bias(random(&mut rng(d as u64), 1, d).remove_axis(Axis(0)))
@@ -106,7 +106,7 @@ fn layer<A: LoraFloat<Factor = A>>(d: usize, k: usize, r: usize, bias: bool) -> 
     }
 }
 
-fn scratch_forward<A: LoraFloat<Factor = A>>() {
+fn scratch_forward<A: LoraFloat>() {
     for (d, k, r, n) in [
         (1, 1, 1, 1),
         (33, 65, 8, 17),
@@ -176,6 +176,14 @@ fn scratch_forward<A: LoraFloat<Factor = A>>() {
 fn layer_forward_into_with_scratch_does_not_allocate() {
     scratch_forward::<f32>();
     scratch_forward::<f64>();
+}
+
+/// Half-precision layers keep their f32 working copies (X widened, the accumulator, a panel
+/// of W) in the scratch too: on both sides of the skinny crossover.
+#[test]
+fn half_forward_into_with_scratch_does_not_allocate() {
+    scratch_forward::<ndlora::half::bf16>();
+    scratch_forward::<ndlora::half::f16>();
 }
 
 #[test]
