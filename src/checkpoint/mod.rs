@@ -167,11 +167,11 @@ impl Default for MergeOptions {
 /// How far a [`merge`] has come, reported after each tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
-    /// Tensors handed to the writer so far.
+    /// Tensors written so far.
     pub tensors_done: usize,
     /// Tensors in the checkpoint.
     pub tensors_total: usize,
-    /// Tensor bytes handed to the writer so far.
+    /// Tensor bytes written so far.
     pub bytes_done: u64,
     /// Tensor bytes in the checkpoint.
     pub bytes_total: u64,
