@@ -336,7 +336,9 @@ fn banded_tensors_and_copy_blocks_give_the_same_bytes_on_any_thread_count() {
 
     let mut outputs = Vec::new();
     for threads in [1, 2, 3] {
-        assert!(ndlora::set_blas_threads(threads.min(ndlora::max_threads())));
+        // (The return value says whether a BLAS library took the count too; ndlora's own
+        // workers always do.)
+        ndlora::set_blas_threads(threads.min(ndlora::max_threads()));
         let out = dir.join(format!("out{threads}"));
         let summary = merge(&base, &adapter, &out, &options(), &mut no_progress()).unwrap();
         assert_eq!((summary.merged, summary.copied), (2, 1));
