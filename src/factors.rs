@@ -1,7 +1,7 @@
 //! The trainable half of a LoRA layer, shared by [`LoraLayer`](crate::LoraLayer) and each
 //! adapter of a [`LoraModel`](crate::LoraModel): factors A (r×k) and B (d×r), the config
 //! they were made with and the scaling s; their initialisation and validation. The factors
-//! are in the layer's factor type ([`LoraFloat::Factor`](crate::LoraFloat::Factor)).
+//! are in the layer's factor type ([`LoraFloat::Factor`]).
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use rand::SeedableRng;

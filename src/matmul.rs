@@ -84,7 +84,7 @@ pub const MAX_SKINNY_ADAPTERS: usize = 8;
 const SKINNY_PARALLEL_MIN_WORK: usize = 1 << 22;
 
 /// One LoRA branch s·(X Aᵀ) Bᵀ of a forward: A (r×k), B (d×r), s. (Public in a private
-/// module: it appears in the sealed [`Precision`](crate::precision::Precision) hooks.)
+/// module: it appears in the sealed `Precision` (`float/precision.rs`) hooks.)
 #[derive(Clone, Copy)]
 pub struct LoraTerm<'a, T> {
     /// A, r×k.

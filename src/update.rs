@@ -71,7 +71,7 @@ pub(crate) fn rank_update_with<T, W>(
     }
 }
 
-/// Elements of the temporary per band in [`rank_update`]'s gemm path (4 MiB of f32)...
+/// Elements of the temporary per band in [`rank_update_with`]'s gemm path (4 MiB of f32)...
 const UPDATE_BAND_ELEMENTS: usize = 1 << 20;
 /// ...but at least this many rows: thinner bands make the gemm itself inefficient.
 const UPDATE_BAND_MIN_ROWS: usize = 64;

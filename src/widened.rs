@@ -30,7 +30,7 @@ use crate::update::rank_update_with;
 const PANEL_ELEMENTS: usize = 1 << 20;
 
 /// `bf16` or `f16`: a half type with its exact widening to f32 and rounding from it
-/// ([`Stored`]) and the kernels that read it (skinny product, merge update, conversions).
+/// ([`Stored`](crate::simd::vector::Stored)) and the kernels that read it (skinny product, merge update, conversions).
 pub trait HalfElement: ProductWeight<f32> + UpdateWeight<f32> + ConvertWeight {}
 
 impl HalfElement for bf16 {}

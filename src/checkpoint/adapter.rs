@@ -145,7 +145,7 @@ impl CheckpointAdapter {
     /// the config or the file's header; a key that is not under `base_model.model.`; a module
     /// with one factor but not the other, or with factors that are not 2-D, non-empty, of a
     /// float dtype (F32, F64, F16, BF16) and of the module's rank. Finiteness of the factors
-    /// is checked against the base they are merged into ([`plan`](super::plan)).
+    /// is checked against the base they are merged into ([`plan()`](super::plan())).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let config = read_config(dir, &["modules_to_save"])?;

@@ -22,7 +22,7 @@
 //!   checkpoint (`*.bin`, `*.pt`, …, a stray `.safetensors`) are left out and listed in the
 //!   [`MergeSummary`].
 //!
-//! Before a byte is written, [`plan`] checks the whole job: every module's base tensor exists
+//! Before a byte is written, [`plan()`] checks the whole job: every module's base tensor exists
 //! with the right shape and a float dtype, every factor is finite in the float type it is used
 //! in, and the adapter asks for nothing ndlora does not implement (DoRA, LoRA biases, other
 //! `peft_type`s, … are refused as by [`PeftAdapter::load`](crate::peft::PeftAdapter::load)).

@@ -12,7 +12,7 @@
 //!   `f32` or `f64`) and its portable `[T; L]` implementation.
 //! * [`lanes`] holds the kernel body once, generic over a vector type (`Lanes`): independent
 //!   accumulators, body/vector/scalar tail, unaligned loads. [`x86`] instantiates it with
-//!   AVX2+FMA intrinsics (`__m256`) and AVX-512F intrinsics (`__m512`), [`aarch64`] with
+//!   AVX2+FMA intrinsics (`__m256`) and AVX-512F intrinsics (`__m512`), `aarch64.rs` with
 //!   NEON intrinsics. One body means the AVX-512 and NEON builds run the logic the AVX2
 //!   tests exercise; the 16- and 4-lane widths also run on any host in this module's unit
 //!   tests (as portable vectors). `tests/codegen.rs` disassembles the x86-64 kernels and
