@@ -14,10 +14,7 @@ pub(crate) fn buffer_of<'s, 't: 's, A: Copy + Zero>(
 ) -> impl FnOnce(usize) -> &'s mut [A] + use<'s, 't, A> {
     move |len| match scratch {
         Some(scratch) => scratch.slice_mut(len),
-        None => {
-            owned.resize(len, A::zero());
-            &mut owned[..]
-        }
+        None => grown(owned, len),
     }
 }
 

@@ -30,7 +30,8 @@ use crate::update::rank_update_with;
 const PANEL_ELEMENTS: usize = 1 << 20;
 
 /// `bf16` or `f16`: a half type with its exact widening to f32 and rounding from it
-/// ([`Stored`](crate::simd::vector::Stored)) and the kernels that read it (skinny product, merge update, conversions).
+/// ([`Stored`](crate::simd::vector::Stored)) and the kernels that read it (skinny product,
+/// merge update, conversions).
 pub trait HalfElement: ProductWeight<f32> + UpdateWeight<f32> + ConvertWeight {}
 
 impl HalfElement for bf16 {}
@@ -145,6 +146,7 @@ fn forward_in<H: HalfElement>(
         if !terms.is_empty() {
             // PEFT rounds the base layer's output to H before it adds the LoRA terms in f32.
             round_in_place::<H>(acc.view_mut());
+            // The skinny branch sums into the panel's buffer: the base product is done with it.
             if !skinny_add_terms(xf, terms, acc.view_mut(), scratch, &mut panel) {
                 add_terms_same(xf, terms, acc.view_mut(), Some(&mut *scratch));
             }
