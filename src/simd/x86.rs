@@ -493,7 +493,10 @@ pub(super) unsafe fn update_width8_on_avx2_f64(o: &Operands<f64>) {
 
 /// Skinny product (see [`decode`]), f32, AVX2+FMA: 4 rows of W × 3 rows of X per tile (12
 /// accumulators, 3 vectors of X and one of W: all 16 `ymm` registers). Measured against
-/// 4×2, 6×2, 3×4, 5×2 and 8×1 tiles (n = 8–64, W in L2): 10–25 % ahead.
+/// 4×2, 6×2, 3×4, 5×2 and 8×1 tiles (n = 8–64, W in L2): 10–25 % ahead. Panels of at most
+/// [`decode::SMALL_PANEL`] rows (n ≤ 2, memory-bound) run 6×2 tiles instead: six streams of
+/// W's rows at once were 15–20 % faster than four at n = 1 and 2 (4096² W, AMD Zen 4 at
+/// this level).
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; the arguments satisfy the [`decode::ProductFn`] contract.
@@ -505,7 +508,7 @@ pub(super) unsafe fn product_avx2_f32(
     y: ArrayViewMut2<'_, f32>,
 ) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx2, f32, 4, 3>(o, i0, y) }
+    unsafe { decode::product_small_split::<Avx2, f32, 4, 3, 6>(o, i0, y) }
 }
 
 /// Skinny product, f64, AVX2+FMA (tiles as [`product_avx2_f32`]).
@@ -520,12 +523,14 @@ pub(super) unsafe fn product_avx2_f64(
     y: ArrayViewMut2<'_, f64>,
 ) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx2F64, f64, 4, 3>(o, i0, y) }
+    unsafe { decode::product_small_split::<Avx2F64, f64, 4, 3, 6>(o, i0, y) }
 }
 
 /// Skinny product, f32, AVX-512F: 16 lanes in `zmm` registers, 6 rows of W × 4 rows of X
 /// per tile (24 accumulators of the 32 registers). Measured against 4×4, 8×3, 4×6, 7×3, 5×4,
-/// 12×2 and 8×2 tiles on a 4096² W (n = 8–32): the fastest or within noise.
+/// 12×2 and 8×2 tiles on a 4096² W (n = 8–32): the fastest or within noise. Panels of at
+/// most [`decode::SMALL_PANEL`] rows run 8×2 tiles: eight streams of W's rows were 5 % (f32)
+/// and 10 % (bf16) faster than six at n = 1 and 2, 12 rows slower (AMD Zen 4).
 ///
 /// # Safety
 /// The CPU supports AVX-512F; the arguments satisfy the [`decode::ProductFn`] contract.
@@ -537,7 +542,7 @@ pub(super) unsafe fn product_avx512_f32(
     y: ArrayViewMut2<'_, f32>,
 ) {
     // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx512, f32, 6, 4>(o, i0, y) }
+    unsafe { decode::product_small_split::<Avx512, f32, 6, 4, 8>(o, i0, y) }
 }
 
 /// Skinny product, f64, AVX-512F (8 lanes in `zmm` registers; tiles as
@@ -553,7 +558,7 @@ pub(super) unsafe fn product_avx512_f64(
     y: ArrayViewMut2<'_, f64>,
 ) {
     // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx512F64, f64, 6, 4>(o, i0, y) }
+    unsafe { decode::product_small_split::<Avx512F64, f64, 6, 4, 8>(o, i0, y) }
 }
 
 /// Test-only: the AVX-512 f32 skinny product's width and tiles (16 lanes as portable
@@ -570,7 +575,7 @@ pub(super) unsafe fn product_width16_on_avx2_f32(
     y: ArrayViewMut2<'_, f32>,
 ) {
     // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
-    unsafe { decode::product::<Portable<f32, 16>, f32, 6, 4>(o, i0, y) }
+    unsafe { decode::product_small_split::<Portable<f32, 16>, f32, 6, 4, 8>(o, i0, y) }
 }
 
 /// Test-only: the AVX-512 f64 skinny product's width and tiles (8 lanes) compiled for
@@ -586,7 +591,7 @@ pub(super) unsafe fn product_width8_on_avx2_f64(
     y: ArrayViewMut2<'_, f64>,
 ) {
     // SAFETY: `Portable` needs no particular CPU feature; arguments forwarded.
-    unsafe { decode::product::<Portable<f64, 8>, f64, 6, 4>(o, i0, y) }
+    unsafe { decode::product_small_split::<Portable<f64, 8>, f64, 6, 4, 8>(o, i0, y) }
 }
 
 /// Skinny product with W stored as bf16 (X, Y and the sums in f32), AVX2+FMA: each vector
@@ -603,7 +608,7 @@ pub(super) unsafe fn product_avx2_bf16(
     y: ArrayViewMut2<'_, f32>,
 ) {
     // SAFETY: AVX2+FMA enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx2, bf16, 4, 3>(o, i0, y) }
+    unsafe { decode::product_small_split::<Avx2, bf16, 4, 3, 6>(o, i0, y) }
 }
 
 /// Skinny product with W stored as f16, AVX2+FMA+F16C: each vector of W widened as it is
@@ -621,7 +626,7 @@ pub(super) unsafe fn product_avx2_f16(
 ) {
     // SAFETY: AVX2, FMA and F16C enabled here and present by our contract; arguments
     // forwarded.
-    unsafe { decode::product::<Avx2, f16, 4, 3>(o, i0, y) }
+    unsafe { decode::product_small_split::<Avx2, f16, 4, 3, 6>(o, i0, y) }
 }
 
 /// Skinny product with W stored as bf16, AVX-512F: 16 halves widened per load
@@ -637,7 +642,7 @@ pub(super) unsafe fn product_avx512_bf16(
     y: ArrayViewMut2<'_, f32>,
 ) {
     // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx512, bf16, 6, 4>(o, i0, y) }
+    unsafe { decode::product_small_split::<Avx512, bf16, 6, 4, 8>(o, i0, y) }
 }
 
 /// Skinny product with W stored as f16, AVX-512F: 16 halves widened per load
@@ -653,7 +658,7 @@ pub(super) unsafe fn product_avx512_f16(
     y: ArrayViewMut2<'_, f32>,
 ) {
     // SAFETY: AVX-512F enabled here and present by our contract; arguments forwarded.
-    unsafe { decode::product::<Avx512, f16, 6, 4>(o, i0, y) }
+    unsafe { decode::product_small_split::<Avx512, f16, 6, 4, 8>(o, i0, y) }
 }
 
 /// Widens bf16 to f32 over a row (see [`convert`]), AVX2+FMA.
