@@ -20,7 +20,11 @@ pub(crate) fn buffer_of<'s, 't: 's, A: Copy + Zero>(
 
 /// Reusable working memory for [`LoraLayer::forward_into_with_scratch`](crate::LoraLayer::forward_into_with_scratch):
 /// holds the n×r temporary X Aᵀ of the LoRA branch, grows to the largest n·r asked of it,
-/// never shrinks. One scratch per thread (it is `&mut` during a forward); it can serve
+/// never shrinks. When a forward of a few rows (the skinny kernel, n ≤ `N_SKINNY`) gets an X
+/// whose rows lie a multiple of 4 KiB apart (k = 1024, 2048, 4096 … in f32), it also holds a
+/// copy of X padded to a stride the L1 cache serves without set conflicts (n·(k + 16)
+/// elements): [`with_capacity`](Self::with_capacity) does not reserve that, so the first such
+/// call grows the scratch, later ones do not. One scratch per thread (it is `&mut` during a forward); it can serve
 /// layers of any shape. For a half-precision layer (`LoraLayer<bf16>`, `<f16>`, whose
 /// scratch is `LoraScratch<f32>`) it also keeps the f32 working copies that forward makes:
 /// X widened (n×k), the f32 accumulator (n×d) and, above the skinny crossover, one panel of

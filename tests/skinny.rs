@@ -109,8 +109,61 @@ fn huge_scaling() {
     }
 }
 
+/// Rows of X a multiple of 4 KiB apart (f32 k = 1024 or 2048, f64 k = 512; C, every other
+/// row, reversed): the kernel reads a padded copy of X. The result is the reference's and
+/// bit for bit the result for the same X stored with a stride that needs no copy.
+fn aliasing_row_strides<A: LoraFloat<Factor = A>>() {
+    let simd = ndlora::simd_level() != SimdLevel::Scalar;
+    let k_aliasing = 4096 / std::mem::size_of::<A>();
+    for (k, every_other) in [
+        (k_aliasing, false),
+        (k_aliasing / 2, true),
+        (2 * k_aliasing, false),
+    ] {
+        let d = 29;
+        let layer = random_layer::<A>(d, k, 8, k as u64);
+        let reference = Ref::new(&layer);
+        for n in [2, 5, ndlora::N_SKINNY] {
+            let x: Array2<A> = random(&mut rng(n as u64 + 3), n, k);
+            let x64 = to_f64(x.view());
+            let expected = reference.forward(&x64);
+            let magnitude = reference.forward_magnitude(&x64);
+            // The same values with a row stride of k + 1: no copy needed.
+            let mut padded = Array2::<A>::zeros((n, k + 1));
+            padded.slice_mut(ndarray::s![.., ..k]).assign(&x);
+            let (want, own) = skinny(|| layer.forward(padded.slice(ndarray::s![.., ..k])).unwrap());
+            let ctx = format!("{} k {k} n {n}", A::NAME);
+            assert_eq!(own, simd, "{ctx}");
+            assert_close(want.view(), &expected, &magnitude, TOL, &ctx);
+            // Every other row of a 2n×(k/2·2) array: rows 2·(k/2) elements apart = 4 KiB.
+            let mut doubled = Array2::<A>::zeros((2 * n, k));
+            doubled.slice_mut(ndarray::s![..;2, ..]).assign(&x);
+            let views = [
+                ("C", x.view()),
+                ("reversed", x.slice(ndarray::s![..;-1, ..])),
+                ("every other row", doubled.slice(ndarray::s![..;2, ..])),
+            ];
+            for (name, view) in views {
+                if every_other && name != "every other row" {
+                    continue;
+                }
+                let (y, own) = skinny(|| layer.forward(view).unwrap());
+                assert_eq!(own, simd, "{ctx} {name}");
+                let y = if name == "reversed" {
+                    y.slice(ndarray::s![..;-1, ..]).to_owned()
+                } else {
+                    y
+                };
+                assert_eq!(bits(y.view()), bits(want.view()), "{ctx} {name}");
+            }
+        }
+    }
+}
+
 #[test]
 fn skinny_forwards() {
+    aliasing_row_strides::<f32>();
+    aliasing_row_strides::<f64>();
     thread_counts::<f32>();
     thread_counts::<f64>();
     model_adapters::<f32>();
