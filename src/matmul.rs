@@ -160,7 +160,7 @@ where
 /// n = 32 17.4 ms against 22.9 ms; it costs one pass over X (n·k elements, ≤ 1 % of the pass
 /// over W). Putting W itself on a 64-byte boundary measured within noise (n = 1, 8, 32), so
 /// the layer keeps W where the caller allocated it.
-fn unaliased_stride<T>(n: usize, row_stride: isize, k: usize) -> Option<usize> {
+pub(crate) fn unaliased_stride<T>(n: usize, row_stride: isize, k: usize) -> Option<usize> {
     const WAY_BYTES: usize = 4096;
     let size = std::mem::size_of::<T>();
     let offset = (row_stride.unsigned_abs() * size) % WAY_BYTES;

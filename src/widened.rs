@@ -12,18 +12,23 @@
 //! ndlora links), so no d×k f32 copy of W is ever made. The merge update runs the fused
 //! kernel on the half W in place (`simd::rank_update`), else a banded gemm.
 
-use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
+use ndarray::{s, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, ShapeBuilder, Zip};
 
 use std::cell::RefCell;
 
 use half::{bf16, f16};
 
-use crate::matmul::{add_terms_same, gemm, skinny_add_terms, skinny_base, LoraTerm};
+use crate::matmul::{
+    add_terms_same, gemm, skinny_add_terms, skinny_base, unaliased_stride, LoraTerm,
+};
 use crate::scratch::{grown, LoraScratch};
 use crate::simd::convert::{round_slice, widen_slice, ConvertWeight};
 use crate::simd::decode::ProductWeight;
 use crate::simd::rank_update::UpdateWeight;
 use crate::update::rank_update_with;
+
+/// f32 elements per cache line.
+const LINE_ELEMENTS: usize = 16;
 
 /// f32 elements of W widened per panel of the base product (4 MiB): large enough that each
 /// `sgemm` call amortises its packing of X, small enough to stay in the outer caches.
@@ -134,8 +139,15 @@ fn forward_in<H: HalfElement>(
     let ((n, k), d) = (x.dim(), out.ncols());
     let (mut wide, mut panel) = scratch.take_wide();
     {
-        let (xs, accs) = grown(&mut wide, n * k + n * d).split_at_mut(n * k);
-        let mut xf = ArrayViewMut2::from_shape((n, k), xs).expect("n·k elements");
+        // X widened with rows that do not share L1 sets, from a cache line on (as the f32
+        // skinny forward copies X): see `matmul::unaliased_stride`.
+        let stride = unaliased_stride::<f32>(n, k as isize, k).unwrap_or(k);
+        let x_len = n * stride + LINE_ELEMENTS;
+        let (xs, accs) = grown(&mut wide, x_len + n * d).split_at_mut(x_len);
+        let start = xs.as_ptr().align_offset(64).min(LINE_ELEMENTS);
+        let xs = &mut xs[start..start + (n - 1) * stride + k];
+        let mut xf = ArrayViewMut2::from_shape((n, k).strides((stride, 1)), xs)
+            .expect("rows of k elements, stride apart");
         widen_into(x, xf.view_mut());
         let xf = xf.view();
         // Every element of acc is written by the base product (β = 0, or the bias first).

@@ -258,6 +258,8 @@ fn forward_against_reference<H: Half>() {
         (33, 7, 5),
         (257, 65, 8),
         (48, 1030, 16),
+        // Rows of X 4 KiB apart once widened: a padded f32 copy.
+        (20, 1024, 4),
     ] {
         let layer = half_layer::<H>(d, k, r, (d * 1000 + k) as u64);
         let reference = HalfRef::new(&layer);
