@@ -617,31 +617,114 @@ fn half_layers_save_f32_factors_and_round_trip() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A safetensors file with one module `fc`: A (2×6) and B (5×2) as given.
+fn adapter_file(a: (Dtype, Vec<u8>), b: (Dtype, Vec<u8>)) -> Vec<u8> {
+    let views = [
+        (
+            "base_model.model.fc.lora_A.weight",
+            safetensors::tensor::TensorView::new(a.0, vec![2, 6], &a.1).unwrap(),
+        ),
+        (
+            "base_model.model.fc.lora_B.weight",
+            safetensors::tensor::TensorView::new(b.0, vec![5, 2], &b.1).unwrap(),
+        ),
+    ];
+    safetensors::serialize(views, None).unwrap()
+}
+
+const FC_CONFIG: &str =
+    r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["fc"]}"#;
+
+/// The dtype and bytes of every tensor of a safetensors file, by name.
+fn tensors_of(bytes: &[u8]) -> std::collections::BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| (name, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
+        .collect()
+}
+
 #[test]
 fn half_adapter_tensors_load_exactly() {
-    // An adapter file with BF16 factors: loaded as PeftAdapter<bf16>, each value is the
-    // exact widening of its bf16 (as PEFT widens them to its f32 LoRA weights).
+    // An adapter file with BF16 factors: loaded as PeftAdapter<bf16> they stay BF16 and
+    // read as the exact widening of each value (as PEFT widens them to its f32 LoRA
+    // weights); loaded as PeftAdapter<f16> or <f32> they are converted to f32, exactly.
     let mut g = rng(4);
     let a: Array2<bf16> = random(&mut g, 2, 6);
     let b: Array2<bf16> = random(&mut g, 5, 2);
     let le = |m: &Array2<bf16>| m.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-    let (da, db) = (le(&a), le(&b));
-    let views = [
-        (
-            "base_model.model.fc.lora_A.weight",
-            safetensors::tensor::TensorView::new(Dtype::BF16, vec![2, 6], &da).unwrap(),
-        ),
-        (
-            "base_model.model.fc.lora_B.weight",
-            safetensors::tensor::TensorView::new(Dtype::BF16, vec![5, 2], &db).unwrap(),
-        ),
-    ];
-    let bytes = safetensors::serialize(views, None).unwrap();
-    let config = r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["fc"]}"#;
-    let adapter = PeftAdapter::<bf16>::from_bytes(config, &bytes).unwrap();
+    let bytes = adapter_file((Dtype::BF16, le(&a)), (Dtype::BF16, le(&b)));
+    let adapter = PeftAdapter::<bf16>::from_bytes(FC_CONFIG, &bytes).unwrap();
+    assert_eq!(adapter.stored_dtypes("fc").unwrap(), ("BF16", "BF16"));
+    let fresh = adapter.clone();
     let (fa, fb) = adapter.factors("fc").unwrap();
     assert_eq!(fa, a.mapv(|v| v.to_f32()));
     assert_eq!(fb, b.mapv(|v| v.to_f32()));
-    let f16_adapter = PeftAdapter::<f16>::from_bytes(config, &bytes).unwrap();
+    // Borrowing the widened factors changes nothing an adapter compares or saves.
+    assert_eq!(adapter, fresh);
+    assert_eq!(adapter.stored_dtypes("fc").unwrap(), ("BF16", "BF16"));
+    let f16_adapter = PeftAdapter::<f16>::from_bytes(FC_CONFIG, &bytes).unwrap();
+    assert_eq!(f16_adapter.stored_dtypes("fc").unwrap(), ("F32", "F32"));
     assert_eq!(f16_adapter.factors("fc").unwrap().0, a.mapv(|v| v.to_f32()));
+    let f32_adapter = PeftAdapter::<f32>::from_bytes(FC_CONFIG, &bytes).unwrap();
+    assert_eq!(f32_adapter.stored_dtypes("fc").unwrap(), ("F32", "F32"));
+    assert_eq!(f32_adapter.factors("fc").unwrap().1, b.mapv(|v| v.to_f32()));
+
+    // The layer gets the exact f32 factors, whether or not they were borrowed before.
+    let base = Array2::from_elem((5, 6), bf16::from_f32(0.5));
+    for adapter in [&fresh, &adapter] {
+        let layer = adapter.to_layer("fc", base.clone(), None).unwrap();
+        assert_eq!(layer.weight_a(), a.mapv(|v| v.to_f32()));
+        assert_eq!(layer.weight_b(), b.mapv(|v| v.to_f32()));
+    }
+}
+
+#[test]
+fn half_adapter_saves_its_own_dtype_back() {
+    // What a half adapter loaded in its own dtype saves is the file it read: same dtypes,
+    // same bytes per tensor (subnormals and signed zeros included).
+    let mut g = rng(5);
+    let a: Array2<f16> = random(&mut g, 2, 6);
+    let mut b: Array2<f16> = random(&mut g, 5, 2);
+    b[[0, 0]] = f16::from_bits(1);
+    b[[1, 1]] = f16::NEG_ZERO;
+    let le = |m: &Array2<f16>| m.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let bytes = adapter_file((Dtype::F16, le(&a)), (Dtype::F16, le(&b)));
+    let adapter = PeftAdapter::<f16>::from_bytes(FC_CONFIG, &bytes).unwrap();
+    assert_eq!(adapter.stored_dtypes("fc").unwrap(), ("F16", "F16"));
+    let dir = temp_dir("own-dtype");
+    adapter.save(&dir).unwrap();
+    let saved = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(tensors_of(&saved), tensors_of(&bytes));
+    let back = PeftAdapter::<f16>::load(&dir).unwrap();
+    assert_eq!(back, adapter);
+
+    // Mixed: an F16 A and an F32 B in a bf16 adapter are both f32; saved as F32.
+    let b32: Vec<u8> = b.iter().flat_map(|v| v.to_f32().to_le_bytes()).collect();
+    let mixed = adapter_file((Dtype::F16, le(&a)), (Dtype::F32, b32.clone()));
+    let adapter = PeftAdapter::<bf16>::from_bytes(FC_CONFIG, &mixed).unwrap();
+    assert_eq!(adapter.stored_dtypes("fc").unwrap(), ("F32", "F32"));
+    adapter.save(&dir).unwrap();
+    let saved = tensors_of(&std::fs::read(dir.join("adapter_model.safetensors")).unwrap());
+    let a32: Vec<u8> = a.iter().flat_map(|v| v.to_f32().to_le_bytes()).collect();
+    assert_eq!(
+        saved["base_model.model.fc.lora_A.weight"],
+        (Dtype::F32, vec![2, 6], a32)
+    );
+    assert_eq!(
+        saved["base_model.model.fc.lora_B.weight"],
+        (Dtype::F32, vec![5, 2], b32.clone())
+    );
+    // One BF16 tensor in a bf16 adapter stays BF16 beside an F32 one.
+    let a16: Vec<u8> = a
+        .iter()
+        .flat_map(|v| bf16::from_f32(v.to_f32()).to_le_bytes())
+        .collect();
+    let bytes = adapter_file((Dtype::BF16, a16), (Dtype::F32, b32));
+    let adapter = PeftAdapter::<bf16>::from_bytes(FC_CONFIG, &bytes).unwrap();
+    assert_eq!(adapter.stored_dtypes("fc").unwrap(), ("BF16", "F32"));
+    adapter.save(&dir).unwrap();
+    let saved = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(tensors_of(&saved), tensors_of(&bytes));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

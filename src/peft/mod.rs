@@ -8,7 +8,8 @@
 //!   `base_model.model.M.lora_A.weight` (r×in) and `base_model.model.M.lora_B.weight` (out×r).
 //!
 //! [`PeftAdapter::load`] reads such a directory (tensors in F32, F64, F16 or BF16, converted to
-//! the factor type `A::Factor`: f32 for `f32`, `bf16` and `f16` adapters, f64 for `f64`);
+//! the factor type `A::Factor` — f32 for `f32`, `bf16` and `f16` adapters, f64 for `f64` —
+//! except that a `bf16` / `f16` adapter keeps tensors of its own dtype as they are);
 //! [`PeftAdapter::to_layer`] joins one module's factors with the base
 //! weight (and bias) you supply into a [`LoraLayer`] that computes what PEFT computes:
 //!
@@ -81,6 +82,7 @@
 //! ```
 
 mod config;
+mod stored;
 pub(crate) mod tensors;
 
 use std::collections::{BTreeMap, HashMap};
@@ -103,6 +105,7 @@ use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
 use crate::layer::LoraLayer;
 use config::{alpha_json, check_config_size, peft_config_json, scaling_of};
+use stored::Stored;
 use tensors::{key_of, read_file, read_halves, serialize, valid_module_name, Factor};
 
 /// The config file's name in an adapter directory.
@@ -216,6 +219,15 @@ pub(crate) fn check_module<A: LoraFloat>(
     check_ranks(module, a.shape(), b.shape(), r)
 }
 
+/// [`check_module`] on factors as an adapter holds them.
+fn check_stored<A: LoraFloat>(module: &str, a: &Stored<A>, b: &Stored<A>, r: usize) -> Result<()> {
+    a.check_finite("lora_A")
+        .and_then(|()| b.check_finite("lora_B"))
+        .map_err(|e| e.in_module(module))?;
+    let (a, b) = (a.dim(), b.dim());
+    check_ranks(module, &[a.0, a.1], &[b.0, b.1], r)
+}
+
 /// A of shape `a` (r×in) and B of shape `b` (out×r), r the module's rank in the config.
 pub(crate) fn check_ranks(module: &str, a: &[usize], b: &[usize], r: usize) -> Result<()> {
     let mismatch = match (a.first() == Some(&r), b.get(1) == Some(&r)) {
@@ -250,11 +262,11 @@ fn write_temp(dir: &Path, path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTe
 /// The (A, B) views [`PeftAdapter::factors`] returns.
 pub type FactorViews<'a, F> = (ArrayView2<'a, F>, ArrayView2<'a, F>);
 
-/// One adapted module: its factors and the r, α it was configured with.
+/// One adapted module's factors (its r and α are the config's).
 #[derive(Debug, Clone, PartialEq)]
-struct Module<A> {
-    a: Array2<A>,
-    b: Array2<A>,
+struct Module<A: LoraFloat> {
+    a: Stored<A>,
+    b: Stored<A>,
 }
 
 /// A PEFT LoRA adapter: a [`PeftConfig`] and, per adapted module, the factors A (r×in) and
@@ -262,15 +274,20 @@ struct Module<A> {
 /// [module docs](self) for the file format and an example.
 ///
 /// # Half-precision models
-/// `PeftAdapter<bf16>` / `<f16>` holds its factors in f32, as PEFT does on a half model: the
-/// F32 tensors PEFT writes by default load exactly (rounding them to the half type would
-/// change PEFT's numbers), F16/BF16 tensors are widened exactly (an adapter is small:
-/// r·(in + out) values per module). [`to_layer`](Self::to_layer) takes the half base weight;
-/// [`save`](Self::save) writes F32 factors, as PEFT's `save_pretrained` does for such a model.
+/// A `PeftAdapter<bf16>` / `<f16>` computes with f32 factors, as PEFT does on a half model,
+/// and holds each tensor as the file gave it where it can: a tensor in the adapter's own
+/// dtype (BF16 in a `PeftAdapter<bf16>`, F16 in `<f16>`) stays in it, at half the bytes, and
+/// is saved back in it; the F32 tensors PEFT writes by default stay F32 (rounding them to
+/// the half type would change PEFT's numbers); any other dtype is converted to f32 (F16 and
+/// BF16 exactly). [`stored_dtypes`](Self::stored_dtypes) tells which.
+/// [`to_layer`](Self::to_layer) takes the half base weight and gives the layer f32 factors
+/// (widened exactly); an adapter made by [`from_layers`](Self::from_layers) holds, and
+/// [`save`](Self::save) writes, F32 factors, as PEFT's `save_pretrained` does for such a
+/// model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeftAdapter<A: LoraFloat> {
     config: PeftConfig,
-    modules: BTreeMap<String, Module<A::Factor>>,
+    modules: BTreeMap<String, Module<A>>,
 }
 
 /// The most frequent value (ties: the first one seen) — used for the global r and α.
@@ -319,7 +336,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
     }
 
     fn from_config_and_bytes(config: PeftConfig, bytes: &[u8], path: &str) -> Result<Self> {
-        let halves = read_halves::<A::Factor>(bytes, path)?;
+        let halves = read_halves::<A>(bytes, path)?;
         if halves.is_empty() {
             return Err(LoraError::MissingTensor {
                 name: key_of("<module>", Factor::A),
@@ -340,7 +357,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
                     })
                 }
             };
-            check_module(&module, a.view(), b.view(), config.rank_for(&module))?;
+            check_stored(&module, &a, &b, config.rank_for(&module))?;
             modules.insert(module, Module { a, b });
         }
         Ok(Self { config, modules })
@@ -362,7 +379,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
         &self.config
     }
 
-    fn module(&self, module: &str) -> Result<&Module<A::Factor>> {
+    fn module(&self, module: &str) -> Result<&Module<A>> {
         self.modules
             .get(module)
             .ok_or_else(|| LoraError::UnknownModule {
@@ -372,7 +389,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
 
     /// The rank r of `module` (`rank_pattern` or `r`).
     pub fn rank(&self, module: &str) -> Result<usize> {
-        Ok(self.module(module)?.a.nrows())
+        Ok(self.module(module)?.a.dim().0)
     }
 
     /// The α of `module` (`alpha_pattern` or `lora_alpha`).
@@ -388,10 +405,49 @@ impl<A: LoraFloat> PeftAdapter<A> {
     }
 
     /// The factors (A, B) of `module`: A is r×in (`lora_A.weight`), B is out×r
-    /// (`lora_B.weight`).
+    /// (`lora_B.weight`), in the factor type. A factor held in its half dtype (see
+    /// [`stored_dtypes`](Self::stored_dtypes)) is widened exactly on the first call and the
+    /// f32 copy kept beside it, so that the views can be borrowed.
     pub fn factors(&self, module: &str) -> Result<FactorViews<'_, A::Factor>> {
         let m = self.module(module)?;
         Ok((m.a.view(), m.b.view()))
+    }
+
+    /// The safetensors dtypes (`"F32"`, `"F64"`, `"BF16"` or `"F16"`) in which `module`'s
+    /// (A, B) are held, and in which [`save`](Self::save) writes them: the factor type's, or,
+    /// in a `PeftAdapter<bf16>` / `<f16>`, the file's own BF16 / F16 where it matched.
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use ndlora::peft::PeftAdapter;
+    /// let config = r#"{"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["fc"]}"#;
+    /// let one = bf16::ONE.to_le_bytes();
+    /// let tensors = [
+    ///     ("base_model.model.fc.lora_A.weight", vec![1, 2]),
+    ///     ("base_model.model.fc.lora_B.weight", vec![2, 1]),
+    /// ];
+    /// let data = [one, one].concat();
+    /// let views = tensors.iter().map(|(name, shape)| {
+    ///     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), &data);
+    ///     (*name, view.unwrap())
+    /// });
+    /// let bytes = safetensors::serialize(views, None).unwrap();
+    /// let adapter = PeftAdapter::<bf16>::from_bytes(config, &bytes)?;
+    /// assert_eq!(adapter.stored_dtypes("fc")?, ("BF16", "BF16"));
+    /// assert_eq!(adapter.factors("fc")?.0[[0, 1]], 1.0_f32);
+    /// let wide = PeftAdapter::<f32>::from_bytes(config, &bytes)?;
+    /// assert_eq!(wide.stored_dtypes("fc")?, ("F32", "F32"));
+    /// # Ok::<(), ndlora::LoraError>(())
+    /// ```
+    pub fn stored_dtypes(&self, module: &str) -> Result<(&'static str, &'static str)> {
+        let m = self.module(module)?;
+        let name = |s: &Stored<A>| match s.dtype() {
+            safetensors::Dtype::F32 => "F32",
+            safetensors::Dtype::F64 => "F64",
+            safetensors::Dtype::BF16 => "BF16",
+            _ => "F16",
+        };
+        Ok((name(&m.a), name(&m.b)))
     }
 
     /// A [`LoraLayer`] for `module`: your base weight and bias with this adapter's factors,
@@ -413,7 +469,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
         bias: Option<Array1<A>>,
     ) -> Result<LoraLayer<A>> {
         let m = self.module(module)?;
-        let (d, k) = (m.b.nrows(), m.a.ncols());
+        let (d, k) = (m.b.dim().0, m.a.dim().1);
         let expected = if self.config.fan_in_fan_out() {
             [k, d]
         } else {
@@ -440,14 +496,14 @@ impl<A: LoraFloat> PeftAdapter<A> {
             base_weight
         };
         let config = LoraConfig {
-            rank: m.a.nrows(),
+            rank: m.a.dim().0,
             alpha: self.config.alpha_for(module),
             dropout: self.config.lora_dropout(),
             use_rslora: self.config.use_rslora(),
             init: LoraInit::KaimingUniform,
             ..LoraConfig::default()
         };
-        let layer = LoraLayer::from_parts(w, m.a.clone(), m.b.clone(), config)
+        let layer = LoraLayer::from_parts(w, m.a.to_factor(), m.b.to_factor(), config)
             .map_err(|e| e.in_module(module))?;
         match bias {
             Some(b) => layer.with_bias(b).map_err(|e| e.in_module(module)),
@@ -633,8 +689,8 @@ impl<A: LoraFloat> PeftAdapter<A> {
             modules.insert(
                 name.to_owned(),
                 Module {
-                    a: layer.weight_a().to_owned(),
-                    b: layer.weight_b().to_owned(),
+                    a: Stored::Factor(layer.weight_a().to_owned()),
+                    b: Stored::Factor(layer.weight_b().to_owned()),
                 },
             );
         }
@@ -643,7 +699,9 @@ impl<A: LoraFloat> PeftAdapter<A> {
 
     /// Writes `dir/adapter_config.json` (the config's JSON, keys as PEFT writes them) and
     /// `dir/adapter_model.safetensors` (keys `base_model.model.<module>.lora_A.weight` /
-    /// `.lora_B.weight` without adapter name, dtype F32 or F64 as `A::Factor`, metadata
+    /// `.lora_B.weight` without adapter name, each in the dtype it is held in
+    /// ([`stored_dtypes`](Self::stored_dtypes): F32 or F64 as `A::Factor`, or a half
+    /// adapter's own BF16 / F16 as loaded), metadata
     /// `{"format": "pt"}`), creating `dir` if needed.
     ///
     /// Writes only what [`load`](Self::load) reads back: finite factors whose shapes agree
@@ -656,7 +714,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         for (name, m) in &self.modules {
-            check_module(name, m.a.view(), m.b.view(), self.config.rank_for(name))?;
+            check_stored(name, &m.a, &m.b, self.config.rank_for(name))?;
         }
         let weights_path = dir.join(WEIGHTS_FILE);
         let config_path = dir.join(CONFIG_FILE);
@@ -665,7 +723,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
         let weights = serialize(
             self.modules
                 .iter()
-                .map(|(name, m)| (name.as_str(), m.a.view(), m.b.view())),
+                .map(|(name, m)| (name.as_str(), &m.a, &m.b)),
             &weights_path.display().to_string(),
         )?;
         std::fs::create_dir_all(dir).map_err(|e| LoraError::io(dir, &e))?;

@@ -13,6 +13,7 @@ use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors, View};
 use serde::de::{Deserializer, MapAccess, Visitor};
 
+use super::stored::{dtype_of, keeps_own, Stored};
 use super::{open_regular, KEY_PREFIX, WEIGHTS_FILE};
 use crate::error::{shape_str, LoraError, Result};
 use crate::float::LoraFloat;
@@ -241,7 +242,7 @@ fn reserve(bytes: &mut Vec<u8>, extra: usize, path: &Path) -> Result<()> {
 }
 
 /// A module's (A, B) while a file is read: either may be missing so far.
-pub(super) type Halves<A> = (Option<Array2<A>>, Option<Array2<A>>);
+pub(super) type Halves<A> = (Option<Stored<A>>, Option<Stored<A>>);
 
 /// Which factor a tensor key holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -402,19 +403,18 @@ impl View for &OutTensor {
     }
 }
 
-/// `m` as little-endian bytes of `A`'s own dtype (row-major).
-fn encode<A: LoraFloat>(m: ArrayView2<'_, A>) -> OutTensor {
-    let (dtype, width) = if A::NAME == "f32" {
-        (Dtype::F32, 4)
-    } else {
-        (Dtype::F64, 8)
-    };
-    let mut data = Vec::with_capacity(m.len() * width);
+/// `m` as little-endian bytes of `T`'s own dtype (row-major).
+fn encode<T: LoraFloat>(m: ArrayView2<'_, T>) -> OutTensor {
+    let dtype = dtype_of::<T>();
+    let mut data = Vec::with_capacity(m.len() * (dtype.bitsize() / 8));
     for &v in m.iter() {
-        if width == 4 {
-            data.extend_from_slice(&(v.into_f64() as f32).to_le_bytes());
-        } else {
-            data.extend_from_slice(&v.into_f64().to_le_bytes());
+        // `into_f64` is exact, and so is each narrowing back to the type `v` came from.
+        let v = v.into_f64();
+        match dtype {
+            Dtype::F32 => data.extend_from_slice(&(v as f32).to_le_bytes()),
+            Dtype::F64 => data.extend_from_slice(&v.to_le_bytes()),
+            Dtype::BF16 => data.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+            _ => data.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
         }
     }
     OutTensor {
@@ -424,8 +424,17 @@ fn encode<A: LoraFloat>(m: ArrayView2<'_, A>) -> OutTensor {
     }
 }
 
+/// A held factor tensor as bytes of the dtype it is held in.
+fn encode_stored<A: LoraFloat>(m: &Stored<A>) -> OutTensor {
+    match m {
+        Stored::Factor(m) => encode(m.view()),
+        Stored::Own { values, .. } => encode(values.view()),
+    }
+}
+
 /// Every tensor of the safetensors file `bytes` (`path` names it in errors; its header is
-/// checked first, [`check_safetensors`]), decoded into `A` and sorted into (A, B) per module.
+/// checked first, [`check_safetensors`]), decoded and sorted into (A, B) per module: a tensor
+/// of a half `A`'s own dtype is kept in it, every other one is decoded into `A::Factor`.
 /// Each must be a `lora_A` / `lora_B` weight of some module, 2-D, non-empty, in F32, F64, F16
 /// or BF16, and there only once.
 pub(super) fn read_halves<A: LoraFloat>(
@@ -450,7 +459,16 @@ pub(super) fn read_halves<A: LoraFloat>(
             format: "safetensors",
             message: e.to_string(),
         })?;
-        let m = decode::<A>(name, view.dtype(), view.shape(), view.data())?;
+        let m = if keeps_own::<A>(view.dtype()) {
+            Stored::own(decode::<A>(name, view.dtype(), view.shape(), view.data())?)
+        } else {
+            Stored::Factor(decode::<A::Factor>(
+                name,
+                view.dtype(),
+                view.shape(),
+                view.data(),
+            )?)
+        };
         let slot = halves.entry(module.to_owned()).or_default();
         let slot = match factor {
             Factor::A => &mut slot.0,
@@ -469,16 +487,16 @@ pub(super) fn read_halves<A: LoraFloat>(
 }
 
 /// A safetensors file's bytes: per module (A, B), the keys
-/// `base_model.model.<module>.lora_{A,B}.weight` in `A`'s own dtype, metadata
+/// `base_model.model.<module>.lora_{A,B}.weight` in the dtype each is held in, metadata
 /// `{"format": "pt"}`. Errors (a header over [`MAX_HEADER_SIZE`]) name `path`.
 pub(super) fn serialize<'a, A: LoraFloat>(
-    modules: impl Iterator<Item = (&'a str, ArrayView2<'a, A>, ArrayView2<'a, A>)>,
+    modules: impl Iterator<Item = (&'a str, &'a Stored<A>, &'a Stored<A>)>,
     path: &str,
 ) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, OutTensor)> = Vec::new();
     for (name, a, b) in modules {
-        tensors.push((key_of(name, Factor::A), encode(a)));
-        tensors.push((key_of(name, Factor::B), encode(b)));
+        tensors.push((key_of(name, Factor::A), encode_stored(a)));
+        tensors.push((key_of(name, Factor::B), encode_stored(b)));
     }
     let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
     safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
