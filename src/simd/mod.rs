@@ -265,6 +265,150 @@ mod tests {
         }
     }
 
+    /// `len` elements starting `offset` elements past a 64-byte boundary, inside `buf`.
+    fn placed(buf: &mut Vec<f32>, values: &[f32], offset: usize) -> std::ops::Range<usize> {
+        buf.clear();
+        buf.resize(values.len() + offset + 16, f32::NAN);
+        let start = (64 - buf.as_ptr() as usize % 64) % 64 / 4 + offset;
+        buf[start..start + values.len()].copy_from_slice(values);
+        start..start + values.len()
+    }
+
+    /// Pass 2 realigned (U shifted into place, y on vector boundaries) gives the same bits as
+    /// the plain pass, for every offset of y and of U from a line, at `LANES`-wide vectors;
+    /// `kernel(a, x, y, realign)` runs one kernel both ways.
+    fn check_realigned(
+        kernel: impl Fn(Adapter<'_>, &[f32], &mut [f32], bool),
+        lanes: usize,
+        name: &str,
+    ) {
+        let mut ub = Vec::new();
+        let (mut want, mut got) = (Vec::new(), Vec::new());
+        for rank in 1..=2 {
+            for n in [2048, 2049, 2050, 2063, 2079, 2111, 4099] {
+                assert!(n >= lanes::REALIGN_MIN_LEN);
+                let down = pattern(rank * n, 1.0);
+                let x = pattern(n, 3.0);
+                let y0 = pattern(n, 4.0);
+                for u_offset in [0, 1, 3, 8] {
+                    let u = placed(&mut ub, &pattern(rank * n, 2.0), u_offset);
+                    let a = Adapter {
+                        down: &down,
+                        up: &ub[u],
+                        rank,
+                        scale: 0.75,
+                    };
+                    for y_offset in 0..=lanes {
+                        let yw = placed(&mut want, &y0, y_offset);
+                        kernel(a, &x, &mut want[yw.clone()], false);
+                        let yg = placed(&mut got, &y0, y_offset);
+                        kernel(a, &x, &mut got[yg.clone()], true);
+                        for (i, (w, g)) in want[yw.clone()].iter().zip(&got[yg.clone()]).enumerate()
+                        {
+                            assert_eq!(
+                                w.to_bits(),
+                                g.to_bits(),
+                                "{name} rank {rank} n {n} U +{u_offset} y +{y_offset} i {i}: \
+                                 {g} realigned vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn realigned_pass_gives_the_plain_bits() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                check_realigned(
+                    // SAFETY: AVX-512F detected; check_realigned passes consistent lengths.
+                    |a, x, y, r| unsafe { x86::forward_avx512f_realigning(a, x, y, r) },
+                    16,
+                    "avx512f",
+                );
+                println!("tested avx512f");
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                check_realigned(
+                    // SAFETY: AVX2 and FMA detected; lengths as above.
+                    |a, x, y, r| unsafe { x86::forward_avx2_realigning(a, x, y, r) },
+                    8,
+                    "avx2+fma (memory shift)",
+                );
+            }
+        }
+        check_realigned(
+            // SAFETY: `Portable` needs no CPU feature; lengths as above.
+            |a, x, y, r| unsafe {
+                lanes::forward_realigning::<vector::Portable<f32, 16>>(a, x, y, r)
+            },
+            16,
+            "width 16 (baseline)",
+        );
+        check_realigned(
+            // SAFETY: as above.
+            |a, x, y, r| unsafe {
+                lanes::forward_realigning::<vector::Portable<f32, 4>>(a, x, y, r)
+            },
+            4,
+            "width 4 (baseline)",
+        );
+    }
+
+    /// The realigned pass runs exactly when y is off a vector boundary and no row of U would
+    /// start before U, and then stores what the plain pass does.
+    #[test]
+    fn realigned_pass_runs_where_it_applies() {
+        use vector::Vector;
+        type V = vector::Portable<f32, 16>;
+        let n = 2063;
+        let (mut ub, mut yb, mut wb) = (Vec::new(), Vec::new(), Vec::new());
+        for u_offset in [0, 1, 15] {
+            let u = placed(&mut ub, &pattern(2 * n, 2.0), u_offset);
+            let up = &ub[u];
+            for y_offset in 0..=16 {
+                let y = placed(&mut yb, &pattern(n, 4.0), y_offset);
+                // SAFETY: `Portable` needs no CPU feature.
+                let cv = unsafe { [V::splat(0.5), V::splat(-1.25)] };
+                let mut next = usize::MAX;
+                // SAFETY: y and U hold n and 2·n elements.
+                let ran = unsafe {
+                    lanes::realigned::<V, 2>(
+                        yb[y.clone()].as_mut_ptr(),
+                        up.as_ptr(),
+                        n,
+                        &cv,
+                        &mut next,
+                    )
+                };
+                // y + head is on a boundary; row 0 from `head` lies `shift` elements past one,
+                // which must not be before U's start (row 1, n elements on, always fits).
+                let head = (16 - y_offset % 16) % 16;
+                let shift = (u_offset + head) % 16;
+                assert_eq!(
+                    ran,
+                    head != 0 && shift <= head,
+                    "U +{u_offset} y +{y_offset}"
+                );
+                if !ran {
+                    assert_eq!(next, usize::MAX);
+                    continue;
+                }
+                assert_eq!(next, head + (n - head) / 16 * 16);
+                let w = placed(&mut wb, &pattern(n, 4.0), y_offset);
+                for i in 0..next {
+                    let want = 0.5_f32.mul_add(up[i], wb[w.start + i]);
+                    let want = (-1.25_f32).mul_add(up[n + i], want);
+                    assert_eq!(yb[y.start + i].to_bits(), want.to_bits(), "i {i}");
+                }
+                assert_eq!(yb[y.start + next..y.end], wb[w.start + next..w.end]);
+            }
+        }
+    }
+
     /// The AVX-512 and NEON builds instantiate the same body at widths 16 and 4; run those
     /// widths here (compiled for AVX2+FMA, or for the baseline) so their block and tail logic
     /// is tested on any x86-64 host, even one without AVX-512.

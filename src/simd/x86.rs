@@ -19,11 +19,11 @@ use std::arch::x86_64::{
     _mm512_and_si512, _mm512_castps512_ps256, _mm512_castps_pd, _mm512_castps_si512,
     _mm512_castsi512_ps, _mm512_cmp_ps_mask, _mm512_cvtepi32_epi16, _mm512_cvtepu16_epi32,
     _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_extractf64x4_pd, _mm512_fmadd_pd, _mm512_fmadd_ps,
-    _mm512_loadu_pd, _mm512_loadu_ps, _mm512_mask_or_epi32, _mm512_mul_ps, _mm512_set1_epi32,
-    _mm512_set1_pd, _mm512_set1_ps, _mm512_setzero_pd, _mm512_setzero_ps, _mm512_slli_epi32,
-    _mm512_srli_epi32, _mm512_storeu_pd, _mm512_storeu_ps, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
-    _mm_loadu_si128, _mm_movehl_ps, _mm_packus_epi32, _mm_shuffle_ps, _mm_storeu_si128,
-    _CMP_UNORD_Q, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT,
+    _mm512_loadu_pd, _mm512_loadu_ps, _mm512_mask_or_epi32, _mm512_mul_ps, _mm512_permutex2var_ps,
+    _mm512_set1_epi32, _mm512_set1_pd, _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_pd,
+    _mm512_setzero_ps, _mm512_slli_epi32, _mm512_srli_epi32, _mm512_storeu_pd, _mm512_storeu_ps,
+    _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_loadu_si128, _mm_movehl_ps, _mm_packus_epi32,
+    _mm_shuffle_ps, _mm_storeu_si128, _CMP_UNORD_Q, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT,
 };
 
 use ndarray::ArrayViewMut2;
@@ -325,10 +325,23 @@ impl Lanes for Avx2 {
 }
 
 impl Lanes for Avx512 {
+    const SHIFTS: bool = true;
     #[inline(always)]
     unsafe fn add(self, o: Self) -> Self {
         // SAFETY: AVX-512F present, per the trait contract.
         Self(unsafe { _mm512_add_ps(self.0, o.0) })
+    }
+    #[inline(always)]
+    unsafe fn shifted(lo: Self, hi: Self, shift: usize) -> Self {
+        // SAFETY: AVX-512F present, per the trait contract. `vpermt2ps` picks lane l of the
+        // result from lane (shift + l) of lo:hi (index bit 4 selects hi); shift < 16.
+        unsafe {
+            let index = _mm512_add_epi32(
+                _mm512_set1_epi32(shift as i32),
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            );
+            Self(_mm512_permutex2var_ps(lo.0, index, hi.0))
+        }
     }
     #[inline(always)]
     unsafe fn sum(self) -> f32 {
@@ -362,6 +375,39 @@ pub(super) unsafe fn forward_avx2_fma(a: Adapter<'_>, x: &[f32], y: &mut [f32]) 
 pub(super) unsafe fn forward_avx512f(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
     // SAFETY: AVX-512F enabled here and present by our contract; lengths forwarded.
     unsafe { lanes::forward::<Avx512>(a, x, y) }
+}
+
+/// Test-only: the AVX-512F kernel with pass 2's realignment on or off.
+///
+/// # Safety
+/// As [`forward_avx512f`].
+#[cfg(test)]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn forward_avx512f_realigning(
+    a: Adapter<'_>,
+    x: &[f32],
+    y: &mut [f32],
+    realign: bool,
+) {
+    // SAFETY: forwarded.
+    unsafe { lanes::forward_realigning::<Avx512>(a, x, y, realign) }
+}
+
+/// Test-only: the AVX2+FMA kernel with pass 2's realignment on or off (on, it runs the
+/// default, memory-based [`Lanes::shifted`]).
+///
+/// # Safety
+/// As [`forward_avx2_fma`].
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn forward_avx2_realigning(
+    a: Adapter<'_>,
+    x: &[f32],
+    y: &mut [f32],
+    realign: bool,
+) {
+    // SAFETY: forwarded.
+    unsafe { lanes::forward_realigning::<Avx2>(a, x, y, realign) }
 }
 
 /// Test-only: the 16-lane body (the AVX-512 kernel's block and tail logic) as portable
