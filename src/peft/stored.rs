@@ -91,7 +91,7 @@ impl<A: LoraFloat> Stored<A> {
         }
     }
 
-    /// [`check_finite`](crate::check::check_finite) on the values as held (a half tensor is
+    /// [`check_finite`] on the values as held (a half tensor is
     /// checked without widening it).
     pub(super) fn check_finite(&self, what: &'static str) -> Result<()> {
         match self {
