@@ -441,13 +441,7 @@ impl<A: LoraFloat> PeftAdapter<A> {
     /// ```
     pub fn stored_dtypes(&self, module: &str) -> Result<(&'static str, &'static str)> {
         let m = self.module(module)?;
-        let name = |s: &Stored<A>| match s.dtype() {
-            safetensors::Dtype::F32 => "F32",
-            safetensors::Dtype::F64 => "F64",
-            safetensors::Dtype::BF16 => "BF16",
-            _ => "F16",
-        };
-        Ok((name(&m.a), name(&m.b)))
+        Ok((m.a.dtype_name(), m.b.dtype_name()))
     }
 
     /// A [`LoraLayer`] for `module`: your base weight and bias with this adapter's factors,

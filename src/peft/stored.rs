@@ -11,14 +11,19 @@ use crate::check::check_finite;
 use crate::error::Result;
 use crate::float::LoraFloat;
 
+/// The safetensors dtype of `T`'s values (F32, F64, BF16 or F16) and its name.
+fn dtype_and_name<T: LoraFloat>() -> (Dtype, &'static str) {
+    match T::NAME {
+        "f32" => (Dtype::F32, "F32"),
+        "f64" => (Dtype::F64, "F64"),
+        "bf16" => (Dtype::BF16, "BF16"),
+        _ => (Dtype::F16, "F16"),
+    }
+}
+
 /// The safetensors dtype of `T`'s values (F32, F64, BF16 or F16).
 pub(super) fn dtype_of<T: LoraFloat>() -> Dtype {
-    match T::NAME {
-        "f32" => Dtype::F32,
-        "f64" => Dtype::F64,
-        "bf16" => Dtype::BF16,
-        _ => Dtype::F16,
-    }
+    dtype_and_name::<T>().0
 }
 
 /// Whether a tensor of `dtype` is held as it is in a `PeftAdapter<A>` (only a half `A`'s own
@@ -100,11 +105,11 @@ impl<A: LoraFloat> Stored<A> {
         }
     }
 
-    /// The dtype the tensor is held in, and written in by `save`.
-    pub(super) fn dtype(&self) -> Dtype {
+    /// The safetensors name of the dtype the tensor is held in, and written in by `save`.
+    pub(super) fn dtype_name(&self) -> &'static str {
         match self {
-            Self::Factor(_) => dtype_of::<A::Factor>(),
-            Self::Own { .. } => dtype_of::<A>(),
+            Self::Factor(_) => dtype_and_name::<A::Factor>().1,
+            Self::Own { .. } => dtype_and_name::<A>().1,
         }
     }
 }

@@ -203,13 +203,16 @@ unsafe fn forward_rank<V: Lanes, const R: usize, const ACC: usize>(
     // SAFETY: CPU support, as above.
     let cv = c.map(|c| unsafe { V::splat(c) });
     let mut i = 0;
-    // SAFETY: the slices' lengths are as `realigned` requires (this function's contract).
-    if !(realign && n >= REALIGN_MIN_LEN && unsafe { realigned::<V, R>(yp, up, n, &cv, &mut i) }) {
-        while i + l <= n {
-            // SAFETY: i + l ≤ n; `y` is borrowed mutably, so nothing else aliases it.
-            unsafe { updated::<V, R>(yp, up, n, &cv, i).store(yp.add(i)) };
-            i += l;
+    if realign && n >= REALIGN_MIN_LEN {
+        // SAFETY: the slices' lengths are as `realigned` requires (this function's contract).
+        if let Some(next) = unsafe { realigned::<V, R>(yp, up, n, &cv) } {
+            i = next;
         }
+    }
+    while i + l <= n {
+        // SAFETY: i + l ≤ n; `y` is borrowed mutably, so nothing else aliases it.
+        unsafe { updated::<V, R>(yp, up, n, &cv, i).store(yp.add(i)) };
+        i += l;
     }
     while i < n {
         // SAFETY: i < n = y.len().
@@ -247,11 +250,12 @@ unsafe fn updated<V: Lanes, const R: usize>(
     yv
 }
 
-/// Pass 2's whole vectors with y read and written on vector boundaries and U shifted into
-/// place (see [`forward_rank`]); sets `*next` to the first element not yet stored (the
-/// caller finishes with a scalar tail) and returns `true`. Returns `false`, having written
-/// nothing, where it does not apply: y already on a boundary, n < 2·LANES, or a row of U
-/// whose boundary before it would lie before U's start.
+/// Pass 2's vectors with y read and written on vector boundaries and U shifted into place
+/// (see [`forward_rank`]), for as long as the next boundary of U lies within its row; returns
+/// the first element not yet stored (the caller goes on from there as usual). Returns `None`,
+/// having written nothing, where it does not apply: y already on a boundary, n < 3·LANES
+/// (which leaves the loop at least one vector, so y[head..L) is stored before the held first
+/// vector), or a row of U whose boundary before it would lie before U's start.
 ///
 /// # Safety
 /// `yp` valid for n reads and writes (aliasing nothing read here), `up` for R·n reads, and
@@ -262,14 +266,13 @@ pub(super) unsafe fn realigned<V: Lanes, const R: usize>(
     up: *const f32,
     n: usize,
     cv: &[V; R],
-    next: &mut usize,
-) -> bool {
+) -> Option<usize> {
     let l = V::LANES;
     let size = std::mem::size_of::<f32>();
     let bytes = l * size;
     let misalign = (yp as usize) % bytes;
-    if misalign == 0 || n < 2 * l {
-        return false;
+    if misalign == 0 || n < 3 * l {
+        return None;
     }
     // y + head is on a boundary (`yp` is an f32 pointer: `misalign` is a multiple of 4).
     let head = l - misalign / size;
@@ -281,14 +284,14 @@ pub(super) unsafe fn realigned<V: Lanes, const R: usize>(
         let at = up as usize + (j * n + head) * size;
         let below = at % bytes;
         if below > at - up as usize {
-            return false;
+            return None;
         }
         shift[j] = below / size;
         base[j] = j * n + head - shift[j];
     }
     // SAFETY: l ≤ n.
     let first = unsafe { updated::<V, R>(yp, up, n, cv, 0) };
-    // SAFETY: base[j] + l ≤ j·n + head + l ≤ j·n + n (head < l ≤ n − l): within row j.
+    // SAFETY: base[j] + l ≤ j·n + head + l ≤ j·n + n (head < l, 2·l ≤ n): within row j.
     let mut lo = base.map(|b| unsafe { V::load(up.add(b)) });
     let mut i = head;
     while i + 2 * l <= n {
@@ -309,13 +312,8 @@ pub(super) unsafe fn realigned<V: Lanes, const R: usize>(
         unsafe { yv.store(yp.add(i)) };
         i += l;
     }
-    while i + l <= n {
-        // SAFETY: i + l ≤ n.
-        unsafe { updated::<V, R>(yp, up, n, cv, i).store(yp.add(i)) };
-        i += l;
-    }
-    // SAFETY: l ≤ n; the loops above stored y[head..l) with the same values.
+    // SAFETY: l ≤ n; the loop above ran from i = head (head + 2·l ≤ 3·l ≤ n), so it stored
+    // y[head..l) with the same values.
     unsafe { first.store(yp) };
-    *next = i;
-    true
+    Some(i)
 }

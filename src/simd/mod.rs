@@ -373,31 +373,30 @@ mod tests {
                 let y = placed(&mut yb, &pattern(n, 4.0), y_offset);
                 // SAFETY: `Portable` needs no CPU feature.
                 let cv = unsafe { [V::splat(0.5), V::splat(-1.25)] };
-                let mut next = usize::MAX;
                 // SAFETY: y and U hold n and 2·n elements.
-                let ran = unsafe {
-                    lanes::realigned::<V, 2>(
-                        yb[y.clone()].as_mut_ptr(),
-                        up.as_ptr(),
-                        n,
-                        &cv,
-                        &mut next,
-                    )
+                let next = unsafe {
+                    lanes::realigned::<V, 2>(yb[y.clone()].as_mut_ptr(), up.as_ptr(), n, &cv)
                 };
                 // y + head is on a boundary; row 0 from `head` lies `shift` elements past one,
                 // which must not be before U's start (row 1, n elements on, always fits).
                 let head = (16 - y_offset % 16) % 16;
                 let shift = (u_offset + head) % 16;
                 assert_eq!(
-                    ran,
+                    next.is_some(),
                     head != 0 && shift <= head,
                     "U +{u_offset} y +{y_offset}"
                 );
-                if !ran {
-                    assert_eq!(next, usize::MAX);
+                let Some(next) = next else {
+                    // Declined: nothing written.
+                    assert_eq!(
+                        yb[y.clone()],
+                        pattern(n, 4.0)[..],
+                        "U +{u_offset} y +{y_offset}"
+                    );
                     continue;
-                }
-                assert_eq!(next, head + (n - head) / 16 * 16);
+                };
+                // The loop stops where the next boundary of U would pass its row's end.
+                assert_eq!(next, head + (n - head - 16) / 16 * 16);
                 let w = placed(&mut wb, &pattern(n, 4.0), y_offset);
                 for i in 0..next {
                     let want = 0.5_f32.mul_add(up[i], wb[w.start + i]);
