@@ -260,6 +260,9 @@ fn forward_against_reference<H: Half>() {
         (48, 1030, 16),
         // Rows of X 4 KiB apart once widened: a padded f32 copy.
         (20, 1024, 4),
+        // Above the crossover, W widened in panels: two blocks of rows (4096 + 4), each in
+        // two slices of columns (256 + 44).
+        (4100, 300, 4),
     ] {
         let layer = half_layer::<H>(d, k, r, (d * 1000 + k) as u64);
         let reference = HalfRef::new(&layer);
