@@ -140,6 +140,26 @@ pub fn simd_level() -> SimdLevel {
     Kernel::best().level
 }
 
+/// Whether this is an Intel CPU (CPUID vendor "GenuineIntel"): a few kernel choices that
+/// measured differently on Intel and AMD cores (the skinny product's prefetch) follow it.
+pub(crate) fn cpu_is_intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU. (`__cpuid` is a safe function in
+        // recent Rust, `unsafe` in older releases that `rust-version` still admits.)
+        #[allow(unused_unsafe)]
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        // "GenuineIntel" in EBX, EDX, ECX order.
+        id.ebx == u32::from_le_bytes(*b"Genu")
+            && id.edx == u32::from_le_bytes(*b"ineI")
+            && id.ecx == u32::from_le_bytes(*b"ntel")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The adapter a kernel applies: row-major D (r×n) and U (r×n) as flat slices.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Adapter<'a> {
