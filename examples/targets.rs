@@ -108,6 +108,18 @@ fn compare(title: &str, contenders: &mut [Contender<'_>], ratios: &[(usize, usiz
     report(title, contenders, &rounds, ratios);
 }
 
+/// [`compare`] with every contender called once per round after `flush`
+/// ([`interleaved_cold`]).
+fn compare_cold(
+    title: &str,
+    contenders: &mut [Contender<'_>],
+    flush: &dyn Fn(),
+    ratios: &[(usize, usize, f64, &str)],
+) {
+    let rounds = interleaved_cold(contenders, flush);
+    report(title, contenders, &rounds, ratios);
+}
+
 /// Prints each contender's times over `rounds` and the `ratios` as [`compare`] does.
 fn report(
     title: &str,
@@ -244,11 +256,10 @@ fn decode() {
     let flush = || {
         black_box(stream_read(black_box(&flush_buffer)));
     };
-    let rounds = interleaved_cold(&mut contenders[..3], &flush);
-    report(
+    compare_cold(
         "Decode, n = 1 with W in memory (every cache flushed before each call)",
-        &contenders[..3],
-        &rounds,
+        &mut contenders[..3],
+        &flush,
         &[
             (0, 2, 1.10, "n = 1 / streaming read of W"),
             (0, 1, 1.0, "n = 1 / BLAS sgemv"),
@@ -282,11 +293,10 @@ fn decode() {
             (5, 3, 1.15, "f16 n = 256 / f32 n = 256"),
         ],
     );
-    let rounds = interleaved_cold(&mut contenders[..3], &flush);
-    report(
+    compare_cold(
         "Half precision, n = 1 with W in memory (every cache flushed before each call)",
-        &contenders[..3],
-        &rounds,
+        &mut contenders[..3],
+        &flush,
         &[
             (1, 0, 0.55, "bf16 n = 1 / f32 n = 1"),
             (2, 0, 0.55, "f16 n = 1 / f32 n = 1"),
