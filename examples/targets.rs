@@ -21,10 +21,10 @@
 //! n = 1 comparison is therefore also made with every cache flushed before each call (by
 //! reading a 768 MiB buffer, untimed).
 //!
-//! "One streaming read of W" is a single sequential pass (the sum of W's elements); on the
-//! Intel Xeon it reads memory at about half the rate of a kernel that streams several rows
-//! of W at once, so it is a floor for a simple loop, not for the hardware. On a VM whose
-//! vCPUs see different neighbours, pinning the run to one (`taskset -c 1 …`) steadies it.
+//! "One streaming read of W" sums W as 8 contiguous parts side by side with the widest
+//! vectors the CPU has (`benches/common/baselines.rs`): as fast as one core reads memory (a
+//! single sequential stream took twice as long on the Intel Xeon). On a VM whose vCPUs see
+//! different neighbours, pinning the run to one (`taskset -c 1 …`) steadies it.
 
 use std::hint::black_box;
 use std::time::Instant;
