@@ -48,12 +48,19 @@ const ROUNDS: usize = 21;
 /// One contender: a name and a call that runs it `reps` times.
 type Contender<'a> = (&'static str, Box<dyn FnMut(usize) + 'a>);
 
+/// Bytes read to push W out of every cache level before a cold call.
+const FLUSH_BYTES: usize = 768 << 20;
+
 /// Seconds per call of each contender, one row per round: every round runs each contender
-/// once (as `reps` calls, so a sample lasts ≥ ~2 ms), in turn.
-fn interleaved(contenders: &mut [Contender<'_>]) -> Vec<Vec<f64>> {
+/// in turn. Warm (`flush` is `None`): as `reps` calls, so that a sample lasts ≥ ~2 ms.
+/// Cold: one call, each after `flush()` (untimed).
+fn interleaved(contenders: &mut [Contender<'_>], flush: Option<&dyn Fn()>) -> Vec<Vec<f64>> {
     let reps: Vec<usize> = contenders
         .iter_mut()
         .map(|(_, f)| {
+            if flush.is_some() {
+                return 1;
+            }
             f(1);
             let start = Instant::now();
             f(1);
@@ -67,29 +74,12 @@ fn interleaved(contenders: &mut [Contender<'_>]) -> Vec<Vec<f64>> {
                 .iter_mut()
                 .zip(&reps)
                 .map(|((_, f), &reps)| {
+                    if let Some(flush) = flush {
+                        flush();
+                    }
                     let start = Instant::now();
                     f(reps);
                     start.elapsed().as_secs_f64() / reps as f64
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// Bytes read to push W out of every cache level before a cold call.
-const FLUSH_BYTES: usize = 768 << 20;
-
-/// As [`interleaved`], one call per contender per round, each after `flush` (untimed).
-fn interleaved_cold(contenders: &mut [Contender<'_>], flush: &dyn Fn()) -> Vec<Vec<f64>> {
-    (0..ROUNDS)
-        .map(|_| {
-            contenders
-                .iter_mut()
-                .map(|(_, f)| {
-                    flush();
-                    let start = Instant::now();
-                    f(1);
-                    start.elapsed().as_secs_f64()
                 })
                 .collect()
         })
@@ -101,32 +91,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs `contenders` interleaved and prints each `(numerator, denominator, bound, what)`
-/// ratio: median of per-round ratios, ratio of minima, and whether the bound holds by each.
-fn compare(title: &str, contenders: &mut [Contender<'_>], ratios: &[(usize, usize, f64, &str)]) {
-    let rounds = interleaved(contenders);
-    report(title, contenders, &rounds, ratios);
-}
-
-/// [`compare`] with every contender called once per round after `flush`
-/// ([`interleaved_cold`]).
-fn compare_cold(
+/// Runs `contenders` interleaved (cold with `flush`) and prints each contender's times and
+/// each `(numerator, denominator, bound, what)` ratio: the median of per-round ratios, the
+/// ratio of minima, and whether the bound holds by each.
+fn compare(
     title: &str,
     contenders: &mut [Contender<'_>],
-    flush: &dyn Fn(),
+    flush: Option<&dyn Fn()>,
     ratios: &[(usize, usize, f64, &str)],
 ) {
-    let rounds = interleaved_cold(contenders, flush);
-    report(title, contenders, &rounds, ratios);
-}
-
-/// Prints each contender's times over `rounds` and the `ratios` as [`compare`] does.
-fn report(
-    title: &str,
-    contenders: &[Contender<'_>],
-    rounds: &[Vec<f64>],
-    ratios: &[(usize, usize, f64, &str)],
-) {
+    let rounds = interleaved(contenders, flush);
     println!("\n{title}");
     for (i, (name, _)) in contenders.iter().enumerate() {
         let times: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
@@ -244,6 +218,7 @@ fn decode() {
     compare(
         "Decode: f32, one thread",
         &mut contenders,
+        None,
         &[
             (0, 2, 1.10, "n = 1 / streaming read of W"),
             (0, 1, 1.0, "n = 1 / BLAS sgemv"),
@@ -256,10 +231,10 @@ fn decode() {
     let flush = || {
         black_box(stream_read(black_box(&flush_buffer)));
     };
-    compare_cold(
+    compare(
         "Decode, n = 1 with W in memory (every cache flushed before each call)",
         &mut contenders[..3],
-        &flush,
+        Some(&flush),
         &[
             (0, 2, 1.10, "n = 1 / streaming read of W"),
             (0, 1, 1.0, "n = 1 / BLAS sgemv"),
@@ -286,6 +261,7 @@ fn decode() {
     compare(
         "Half precision forward: one thread",
         &mut contenders,
+        None,
         &[
             (1, 0, 0.55, "bf16 n = 1 / f32 n = 1"),
             (2, 0, 0.55, "f16 n = 1 / f32 n = 1"),
@@ -293,10 +269,10 @@ fn decode() {
             (5, 3, 1.15, "f16 n = 256 / f32 n = 256"),
         ],
     );
-    compare_cold(
+    compare(
         "Half precision, n = 1 with W in memory (every cache flushed before each call)",
         &mut contenders[..3],
-        &flush,
+        Some(&flush),
         &[
             (1, 0, 0.55, "bf16 n = 1 / f32 n = 1"),
             (2, 0, 0.55, "f16 n = 1 / f32 n = 1"),
@@ -313,6 +289,7 @@ fn decode() {
     compare(
         "Half precision merge: 4096², r = 16, one thread",
         &mut contenders,
+        None,
         &[
             (1, 0, 1.2, "bf16 merge / f32 merge"),
             (2, 0, 1.2, "f16 merge / f32 merge"),
@@ -387,8 +364,12 @@ fn micro() {
             Vec::new()
         };
         compare(
-            &format!("MicroLora rank 2, H = {h}: ns per vector; target at H = 256: ≤ 40 ns"),
+            &format!(
+                "MicroLora rank 2, H = {h}: ns per vector{}",
+                if h == 256 { " (target: ≤ 40 ns)" } else { "" }
+            ),
             &mut contenders,
+            None,
             &ratios,
         );
     }
