@@ -145,16 +145,14 @@ fn stream_read_plain(w: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// [`stream_read`] with `L`-lane vectors: `load(p)` reads L floats at p, `add`, `sum`.
-///
-/// # Safety
-/// The CPU runs `load`, `add` and `sum`; `load` reads exactly L floats.
+/// [`stream_read`] with `L`-lane vectors: `load` reads one vector from a slice of L floats,
+/// `add` and `sum` as named.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn stream_read_with<V: Copy, const L: usize>(
+fn stream_read_with<V: Copy, const L: usize>(
     w: &[f32],
     zero: V,
-    load: impl Fn(*const f32) -> V,
+    load: impl Fn(&[f32]) -> V,
     add: impl Fn(V, V) -> V,
     sum: impl Fn(V) -> f32,
 ) -> f32 {
@@ -163,8 +161,8 @@ unsafe fn stream_read_with<V: Copy, const L: usize>(
     let mut i = 0;
     while i < part {
         for (s, acc) in acc.iter_mut().enumerate() {
-            // s·part + i + L ≤ READ_STREAMS·part ≤ w.len(): inside w.
-            *acc = add(*acc, load(w[s * part + i..].as_ptr()));
+            let at = s * part + i;
+            *acc = add(*acc, load(&w[at..at + L]));
         }
         i += L;
     }
@@ -177,16 +175,14 @@ unsafe fn stream_read_with<V: Copy, const L: usize>(
 #[target_feature(enable = "avx512f")]
 unsafe fn stream_read_avx512(w: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    // SAFETY: AVX-512F enabled here; each load reads 16 floats inside `w`.
-    unsafe {
-        stream_read_with::<__m512, 16>(
-            w,
-            _mm512_setzero_ps(),
-            |p| _mm512_loadu_ps(p),
-            |a, b| _mm512_add_ps(a, b),
-            |a| _mm512_reduce_add_ps(a),
-        )
-    }
+    stream_read_with::<__m512, 16>(
+        w,
+        _mm512_setzero_ps(),
+        // SAFETY: AVX-512F is enabled here; the slice holds the 16 floats read.
+        |v| unsafe { _mm512_loadu_ps(v.as_ptr()) },
+        |a, b| _mm512_add_ps(a, b),
+        |a| _mm512_reduce_add_ps(a),
+    )
 }
 
 /// # Safety
@@ -195,18 +191,17 @@ unsafe fn stream_read_avx512(w: &[f32]) -> f32 {
 #[target_feature(enable = "avx2")]
 unsafe fn stream_read_avx2(w: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    // SAFETY: AVX2 enabled here; each load reads 8 floats inside `w`.
-    unsafe {
-        stream_read_with::<__m256, 8>(
-            w,
-            _mm256_setzero_ps(),
-            |p| _mm256_loadu_ps(p),
-            |a, b| _mm256_add_ps(a, b),
-            |a| {
-                let mut lanes = [0.0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), a);
-                lanes.iter().sum()
-            },
-        )
-    }
+    stream_read_with::<__m256, 8>(
+        w,
+        _mm256_setzero_ps(),
+        // SAFETY: AVX2 is enabled here; the slice holds the 8 floats read.
+        |v| unsafe { _mm256_loadu_ps(v.as_ptr()) },
+        |a, b| _mm256_add_ps(a, b),
+        |a| {
+            let mut lanes = [0.0f32; 8];
+            // SAFETY: AVX2 is enabled here; `lanes` holds the 8 floats written.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
+            lanes.iter().sum()
+        },
+    )
 }
