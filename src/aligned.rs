@@ -5,7 +5,7 @@
 //! with its factors aligned). ndarray allocates with the element's own alignment (malloc gives
 //! 16 bytes), so an aligned array is a slice of a slightly larger buffer.
 
-use ndarray::{s, Array1, Array2};
+use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2};
 use num_traits::Zero;
 
 /// The boundary, in bytes.
@@ -13,11 +13,17 @@ const ALIGN: usize = 64;
 
 /// `m` in standard layout with its first element on a 64-byte boundary (unless it is empty):
 /// `m` itself when it already is, else a copy. The copy holds up to 64 bytes more than `m`;
-/// a clone of it is not aligned again (clone with this function where that matters).
+/// a clone of it is not aligned again (clone with this function, or hold an
+/// [`AlignedMatrix`], where that matters).
 pub(crate) fn aligned_standard<A: Copy + Zero>(m: Array2<A>) -> Array2<A> {
     if m.is_empty() || (m.is_standard_layout() && (m.as_ptr() as usize).is_multiple_of(ALIGN)) {
         return m;
     }
+    aligned_copy(m.view())
+}
+
+/// A standard-layout copy of `m` whose first element is on a 64-byte boundary.
+fn aligned_copy<A: Copy + Zero>(m: ArrayView2<'_, A>) -> Array2<A> {
     let (rows, cols) = m.dim();
     let len = rows * cols;
     let pad = ALIGN / std::mem::size_of::<A>().max(1);
@@ -29,6 +35,44 @@ pub(crate) fn aligned_standard<A: Copy + Zero>(m: Array2<A>) -> Array2<A> {
         .expect("a contiguous slice of rows·cols elements");
     out.assign(&m);
     out
+}
+
+/// A matrix ndlora owns (a layer's W) kept in standard layout on a 64-byte boundary, clones
+/// included, so that the kernels' vector loads of its rows never straddle two cache lines
+/// when the row length is a multiple of the lanes. Reads go through `Deref`; writes through
+/// [`view_mut`](Self::view_mut), which cannot move the buffer.
+#[derive(Debug, PartialEq)]
+pub(crate) struct AlignedMatrix<A>(Array2<A>);
+
+impl<A: Copy + Zero> AlignedMatrix<A> {
+    /// `m` itself when already aligned and standard, else an aligned copy (`m` is freed).
+    pub(crate) fn new(m: Array2<A>) -> Self {
+        Self(aligned_standard(m))
+    }
+
+    /// The array, still aligned (a layer built from it keeps it without a copy).
+    pub(crate) fn into_inner(self) -> Array2<A> {
+        self.0
+    }
+
+    /// A mutable view of the elements.
+    pub(crate) fn view_mut(&mut self) -> ArrayViewMut2<'_, A> {
+        self.0.view_mut()
+    }
+}
+
+impl<A: Copy + Zero> Clone for AlignedMatrix<A> {
+    fn clone(&self) -> Self {
+        Self(aligned_copy(self.0.view()))
+    }
+}
+
+impl<A> std::ops::Deref for AlignedMatrix<A> {
+    type Target = Array2<A>;
+
+    fn deref(&self) -> &Array2<A> {
+        &self.0
+    }
 }
 
 #[cfg(test)]
@@ -50,6 +94,36 @@ mod tests {
                 let aligned = (a.as_ptr() as usize).is_multiple_of(ALIGN);
                 assert!(a.is_empty() || aligned, "{rows}×{cols}");
             }
+        }
+    }
+
+    #[test]
+    fn aligned_matrices_stay_aligned_when_cloned_and_written() {
+        for (rows, cols) in [(1, 1), (3, 33), (5, 7)] {
+            let c = Array2::from_shape_fn((rows, cols), |(i, j)| (i * 100 + j) as f64);
+            // Start off the boundary on purpose: a slice one element in.
+            let wide =
+                Array2::from_shape_fn(
+                    (rows, cols + 1),
+                    |(i, j)| {
+                        if j == 0 {
+                            -1.0
+                        } else {
+                            c[[i, j - 1]]
+                        }
+                    },
+                );
+            let shifted = wide.slice_move(s![.., 1..]).to_owned();
+            let mut m = AlignedMatrix::new(shifted);
+            m.view_mut()[[0, 0]] = 42.0;
+            let copy = m.clone();
+            for a in [&m, &copy] {
+                assert!((a.as_ptr() as usize).is_multiple_of(ALIGN));
+                assert!(a.is_standard_layout());
+                assert_eq!(a[[0, 0]], 42.0);
+                assert_eq!(a.slice(s![.., 1..]), c.slice(s![.., 1..]));
+            }
+            assert_eq!(m, copy);
         }
     }
 }

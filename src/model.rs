@@ -2,6 +2,7 @@
 
 use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
 
+use crate::aligned::AlignedMatrix;
 use crate::check::{check_finite, check_input_width, check_weight_dims, max_abs};
 use crate::config::LoraConfig;
 use crate::error::{shape_str, LoraError, Result};
@@ -59,7 +60,8 @@ struct Adapter<A: LoraFloat> {
 /// ```
 #[derive(Debug, Clone)]
 pub struct LoraModel<A: LoraFloat> {
-    base_weight: Array2<A>,
+    /// W, on a 64-byte boundary (see [`AlignedMatrix`]).
+    base_weight: AlignedMatrix<A>,
     /// An upper bound on max |Wᵢⱼ| (a cache, see `update::update_weight`).
     w_abs_bound: f64,
     /// Indexed by id; `None` once removed.
@@ -81,7 +83,9 @@ impl<A: LoraFloat> PartialEq for LoraModel<A> {
 }
 
 impl<A: LoraFloat> LoraModel<A> {
-    /// A model with the frozen weight W (d×k) and no adapters.
+    /// A model with the frozen weight W (d×k) and no adapters. W is kept on a 64-byte
+    /// boundary as a [`LoraLayer`] keeps it (see its *Memory* section): an array that is not
+    /// is copied once.
     ///
     /// Errors: d or k is 0 ([`LoraError::ShapeMismatch`]); a non-finite weight
     /// ([`LoraError::NonFinite`]).
@@ -97,7 +101,7 @@ impl<A: LoraFloat> LoraModel<A> {
         check_finite("base_weight", base_weight.view())?;
         let w_abs_bound = max_abs(base_weight.view());
         Ok(Self {
-            base_weight,
+            base_weight: AlignedMatrix::new(base_weight),
             w_abs_bound,
             slots: Vec::new(),
             active: Vec::new(),
@@ -469,7 +473,7 @@ impl<A: LoraFloat> LoraModel<A> {
         }
         let f = &self.adapter(id).factors;
         let mut layer = LoraLayer::from_parts(
-            self.base_weight.clone(),
+            self.base_weight.clone().into_inner(),
             f.a().to_owned(),
             f.b().to_owned(),
             f.config().clone(),

@@ -495,3 +495,49 @@ fn serde_round_trip_keeps_state_including_merge_and_rng() {
     l.unmerge().unwrap();
     assert_eq!(copy.base_weight(), l.base_weight());
 }
+
+/// W's first element is on a 64-byte boundary and W is row-major, whatever array the layer
+/// was built from (the kernels rely on it for speed, not for results).
+fn assert_w_aligned(w: ndarray::ArrayView2<'_, f32>, what: &str) {
+    assert!(w.is_standard_layout(), "{what}: W not row-major");
+    assert_eq!(
+        w.as_ptr() as usize % 64,
+        0,
+        "{what}: W off a 64-byte boundary"
+    );
+}
+
+#[test]
+fn layers_and_models_keep_w_on_a_cache_line_boundary() {
+    let (d, k, r) = (33, 7, 2);
+    let values: Array2<f32> = random(&mut rng(5), d, k);
+    // A column-major W: not standard layout, and its start is wherever the allocator put it.
+    let mut f = Array2::<f32>::zeros((d, k).f());
+    f.assign(&values);
+    let a: Array2<f32> = random(&mut rng(6), r, k);
+    let b: Array2<f32> = random(&mut rng(7), d, r);
+    let config = LoraConfig {
+        rank: r,
+        alpha: 4.0,
+        ..Default::default()
+    };
+    let mut layer = LoraLayer::from_parts(f.clone(), a, b, config.clone()).unwrap();
+    assert_w_aligned(layer.base_weight(), "from_parts");
+    assert_eq!(layer.base_weight(), values);
+    assert_w_aligned(
+        LoraLayer::new(f.clone(), config).unwrap().base_weight(),
+        "new",
+    );
+    assert_w_aligned(layer.clone().base_weight(), "clone");
+    let text = serde_json::to_string(&layer).unwrap();
+    let loaded: LoraLayer<f32> = serde_json::from_str(&text).unwrap();
+    assert_w_aligned(loaded.base_weight(), "deserialised");
+    layer.merge_exact().unwrap();
+    assert_w_aligned(layer.base_weight(), "merged");
+    layer.unmerge().unwrap();
+    assert_w_aligned(layer.base_weight(), "restored by unmerge");
+    assert_eq!(layer.base_weight(), values);
+    let model = ndlora::LoraModel::new(f).unwrap();
+    assert_w_aligned(model.base_weight(), "LoraModel::new");
+    assert_w_aligned(model.clone().base_weight(), "LoraModel clone");
+}
