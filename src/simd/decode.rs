@@ -17,9 +17,10 @@
 //!   [`PANEL_GROUPS`] groups) runs over it, so W is read from memory once per panel. Per
 //!   vector step a register tile loads `MR` vectors of W and `NX` of X and runs `MR·NX`
 //!   independent FMA chains; its accumulators wait in a stack buffer between chunks;
-//! * prefetches the block's next chunk (after its last chunk, the next block's first) while
-//!   the groups of the current one run, spread over the groups, so that the stream from
-//!   memory overlaps the arithmetic; and each row of X a few lines ahead (from L2);
+//! * prefetches W ahead of the arithmetic, spread over the groups, so that the stream from
+//!   memory overlaps it: on Intel the block's next chunk into L1 (after its last chunk, the
+//!   next block's first), elsewhere 16 chunks ahead into L2 for panels of up to 16 rows
+//!   ([`WPrefetch`]); and each row of X a few lines ahead (from L2);
 //! * forms each output element by **one formula, whatever its place in a tile**: one vector
 //!   accumulator over the whole vectors of every segment in order (chunking only pauses
 //!   it), a fixed pairwise sum of its lanes, scalar FMAs over each segment's tail (kₛ mod
@@ -54,28 +55,66 @@ pub(super) const PANEL_GROUPS: usize = 16;
 /// AVX-512 thread): 2–4 KiB per row is best; 256 B is 20 % slower, 16 KiB 15 % slower.
 pub(super) const CHUNK_BYTES: usize = 2048;
 
-/// The fewest rows of X in a panel for which the tiles prefetch W's next chunk, on CPUs
-/// other than Intel's. With fewer, the arithmetic per chunk is too short to hide a software
-/// prefetch, and the CPU's own stream prefetcher does better alone. Measured (4096², f32,
-/// AVX-512, one thread): on AMD Zen 4 the prefetch made n = 1 27 % slower, n = 2 25 % and
-/// n = 4 10 %, and n = 8 5 % faster.
-pub(super) const W_PREFETCH_MIN_ROWS: usize = 5;
+/// How the tiles prefetch W ahead of the arithmetic, per CPU class. A panel of fewer than
+/// `min_rows` rows of X does not; one of up to `far_max_rows` rows prefetches each row of
+/// the block `far_chunks` column chunks on into L2 (past a row's last chunk, into the next
+/// block's rows); a larger one the next chunk into L1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct WPrefetch {
+    pub(super) min_rows: usize,
+    pub(super) far_max_rows: usize,
+    pub(super) far_chunks: usize,
+}
 
-/// [`W_PREFETCH_MIN_ROWS`] on Intel CPUs: prefetch from the first row. Measured (4096²,
-/// one AVX-512 thread, Intel Xeon family 6 model 207, W flushed from the caches before each
-/// call, best of 40 alternating calls): with the prefetch f32 took 0–4 % less at n = 1–4,
-/// bf16 and f16 3–8 % less (at n = 1 the half forwards went from 0.55–0.56× the f32 one to
-/// 0.53–0.54×); with W in the 300 MiB last-level cache the same or better.
-pub(super) const W_PREFETCH_MIN_ROWS_INTEL: usize = 1;
-
-/// The prefetch threshold for this CPU (looked up once).
-fn w_prefetch_min_rows() -> usize {
-    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        if super::cpu_is_intel() {
-            W_PREFETCH_MIN_ROWS_INTEL
+impl WPrefetch {
+    /// For a panel of `rows` rows of X: how many chunks ahead, and whether into L1.
+    fn for_panel(self, rows: usize) -> Option<(usize, bool)> {
+        if rows < self.min_rows {
+            None
+        } else if rows <= self.far_max_rows {
+            Some((self.far_chunks, false))
         } else {
-            W_PREFETCH_MIN_ROWS
+            Some((1, true))
+        }
+    }
+}
+
+/// Intel: one chunk ahead into L1, from the first row. Measured (4096², one AVX-512
+/// thread, Intel Xeon family 6 model 207, W flushed from the caches before each call, best
+/// of 40 alternating calls): with the prefetch f32 took 0–4 % less at n = 1–4, bf16 and f16
+/// 3–8 % less (at n = 1 the half forwards went from 0.55–0.56× the f32 one to 0.53–0.54×);
+/// with W in the 300 MiB last-level cache the same or better. The far L2 prefetch below is
+/// not measured there.
+pub(super) const W_PREFETCH_INTEL: WPrefetch = WPrefetch {
+    min_rows: 1,
+    far_max_rows: 0,
+    far_chunks: 0,
+};
+
+/// Other CPUs (AMD): none for one or two rows; 16 chunks (32 KiB of each row) ahead into
+/// L2 for 3 to 16 rows; the next chunk into L1 above. Measured on AMD Zen 4 (4096², f32,
+/// one AVX-512 thread, 2026-12-02, best of 100 calls, alternating processes) against the
+/// earlier policy (none below 5 rows, the next chunk into L1 from 5): n = 4 3.4–4.4 ms
+/// against 4.1–4.9, n = 8 4.7–5.1 against 5.8–6.2, n = 16 7.1–7.4 against 7.6–8.4, n = 32
+/// unchanged. At n = 4–16 the arithmetic on a chunk takes about as long as reading it, so a
+/// one-chunk lead left the FMAs waiting on memory. At n = 1–2 the far prefetch measured the
+/// same as none or up to 7 % slower (the CPU's own stream prefetcher keeps up with the
+/// FMAs there), a one-chunk L1 prefetch 25 % slower; at n = 32 the far one was 6–9 % slower
+/// (the panel's 512 KiB of X, read again for every block, shares the 1 MiB L2 with it).
+pub(super) const W_PREFETCH_OTHER: WPrefetch = WPrefetch {
+    min_rows: 3,
+    far_max_rows: 16,
+    far_chunks: 16,
+};
+
+/// The W prefetch for this CPU (looked up once).
+fn w_prefetch() -> WPrefetch {
+    static POLICY: std::sync::OnceLock<WPrefetch> = std::sync::OnceLock::new();
+    *POLICY.get_or_init(|| {
+        if super::cpu_is_intel() {
+            W_PREFETCH_INTEL
+        } else {
+            W_PREFETCH_OTHER
         }
     })
 }
@@ -353,7 +392,9 @@ unsafe fn rows<V, W, const M: usize, const NX: usize>(
     let groups = panel.len().div_ceil(NX);
     let mut acc = [[[MaybeUninit::<V>::uninit(); NX]; M]; PANEL_GROUPS];
     let mut started = false;
-    let prefetch_w = panel.len() >= w_prefetch_min_rows();
+    let prefetch = w_prefetch().for_panel(panel.len());
+    let prefetch_w = prefetch.is_some();
+    let (lead, into_l1) = prefetch.unwrap_or((1, true));
     for seg in o.segments {
         let k = seg.x.ncols();
         let body = k - k % l;
@@ -368,19 +409,21 @@ unsafe fn rows<V, W, const M: usize, const NX: usize>(
                     m,
                     cols: cols.clone(),
                     start: !started,
-                    // Group g prefetches its share of the block's rows, one chunk ahead: the
-                    // next chunk of these rows, or after the last, the first of the next
-                    // block's rows.
+                    // Group g prefetches its share of the block's rows, `lead` chunks
+                    // on: in these rows, or past their last chunk, in the next block's
+                    // rows.
                     prefetch: if prefetch_w {
                         g * M / groups..(g + 1) * M / groups
                     } else {
                         0..0
                     },
-                    ahead: if cols.end < body {
-                        chunk as isize
-                    } else {
-                        M as isize * seg.w.strides()[0] - cols.start as isize
-                    },
+                    ahead: prefetch_offset(
+                        cols.start,
+                        lead * chunk,
+                        body.next_multiple_of(chunk),
+                        M as isize * seg.w.strides()[0],
+                    ),
+                    into_l1,
                 };
                 // SAFETY: (each arm) X rows m..m + that many ≤ panel.end (only the last
                 // group is smaller than NX); columns within the segment's body; the
@@ -434,10 +477,24 @@ unsafe fn rows<V, W, const M: usize, const NX: usize>(
     }
 }
 
+/// How far (elements) a tile at column `start` of a block's rows prefetches: `lead`
+/// columns on in the same row, or when that passes the row's chunks (`span` columns, the
+/// body rounded up to whole chunks), as far into the next block's rows, which start
+/// `next_block` elements after these.
+fn prefetch_offset(start: usize, lead: usize, span: usize, next_block: isize) -> isize {
+    let target = start + lead;
+    if target < span {
+        lead as isize
+    } else {
+        next_block + (target - span) as isize - start as isize
+    }
+}
+
 /// What one register tile runs over: rows i.. of the segment's W and m.. of its X, the
 /// columns `cols` (whole vectors); `start`: begin at 0 rather than the slot's values;
 /// `prefetch`: the rows of the block it prefetches `ahead` elements on from each column
-/// (into the next chunk, or from the last chunk into the next block's rows).
+/// (further along these rows, or from the last chunks into the next block's rows), into L1
+/// if `into_l1`, else into L2.
 struct Tile<'s, 'a, T, W> {
     seg: &'s Segment<'a, T, W>,
     i: usize,
@@ -446,6 +503,7 @@ struct Tile<'s, 'a, T, W> {
     start: bool,
     prefetch: Range<usize>,
     ahead: isize,
+    into_l1: bool,
 }
 
 /// One register tile: rows t.i..t.i + M of W × rows t.m..t.m + N of X over `t.cols`,
@@ -488,7 +546,12 @@ unsafe fn accumulate<V, W, const M: usize, const N: usize, const NX: usize>(
         while j < t.cols.end {
             if !narrow || j % w_line < l {
                 for a in t.prefetch.clone() {
-                    V::prefetch(w[a].wrapping_offset(j as isize + t.ahead).cast());
+                    let p = w[a].wrapping_offset(j as isize + t.ahead).cast();
+                    if t.into_l1 {
+                        V::prefetch(p);
+                    } else {
+                        V::prefetch_l2(p);
+                    }
                 }
             }
             for x in &x {
@@ -539,6 +602,34 @@ mod tests {
     use ndarray::{s, Array1, Array2, ShapeBuilder};
 
     use super::*;
+
+    #[test]
+    fn prefetch_offsets_run_along_the_row_then_into_the_next_block() {
+        // Rows of 10 chunks of 4 columns (body 37 → span 40), the next block 3 rows of 50 on.
+        let (chunk, span, next) = (4, 40, 150);
+        // One chunk ahead: the next chunk, and from the last, the next block's first.
+        assert_eq!(prefetch_offset(0, chunk, span, next), 4);
+        assert_eq!(prefetch_offset(32, chunk, span, next), 4);
+        assert_eq!(prefetch_offset(36, chunk, span, next), 150 - 36);
+        // Three chunks ahead: the same row while it lasts, then as far into the next block.
+        assert_eq!(prefetch_offset(24, 3 * chunk, span, next), 12);
+        assert_eq!(prefetch_offset(28, 3 * chunk, span, next), 150 - 28);
+        assert_eq!(prefetch_offset(36, 3 * chunk, span, next), 150 + 8 - 36);
+        // Whatever the lead, column c prefetches column c of the chunk `lead` further on in
+        // the stream "this block's row, then the next block's".
+        for lead in [chunk, 5 * chunk, 16 * chunk] {
+            for start in (0..span).step_by(chunk) {
+                let at = start as isize + prefetch_offset(start, lead, span, next);
+                let stream = start + lead;
+                let want = if stream < span {
+                    stream as isize
+                } else {
+                    next + (stream - span) as isize
+                };
+                assert_eq!(at, want, "lead {lead}, start {start}");
+            }
+        }
+    }
     use crate::simd::parallel::tests::with_spawn_failing;
     use crate::simd::vector::tests::FromF32;
 

@@ -104,6 +104,18 @@ pub(super) trait Vector: Copy {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = p;
     }
+    /// As [`prefetch`](Vector::prefetch), into L2 (and the levels beyond) but not L1.
+    #[inline(always)]
+    fn prefetch_l2(p: *const Self::Elem) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `prefetcht1` is SSE (x86-64 baseline) and only a hint: it never faults and
+        // has no effect on memory, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast())
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
 }
 
 /// A portable `[T; L]` vector: the merge kernel's one-lane tail and scalar reference
