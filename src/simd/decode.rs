@@ -56,20 +56,28 @@ pub(super) const PANEL_GROUPS: usize = 16;
 pub(super) const CHUNK_BYTES: usize = 2048;
 
 /// How the tiles prefetch W ahead of the arithmetic, per CPU class. A panel of fewer than
-/// `min_rows` rows of X does not; one of up to `far_max_rows` rows prefetches each row of
-/// the block `far_chunks` column chunks on into L2 (past a row's last chunk, into the next
-/// block's rows); a larger one the next chunk into L1.
+/// `min_rows` rows of X (`min_rows_narrow` when W is stored narrower than the compute
+/// type: bf16/f16 in an f32 product) does not; one of up to `far_max_rows` rows prefetches
+/// each row of the block `far_chunks` column chunks on into L2 (past a row's last chunk,
+/// into the next block's rows); a larger one the next chunk into L1.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct WPrefetch {
     pub(super) min_rows: usize,
+    pub(super) min_rows_narrow: usize,
     pub(super) far_max_rows: usize,
     pub(super) far_chunks: usize,
 }
 
 impl WPrefetch {
-    /// For a panel of `rows` rows of X: how many chunks ahead, and whether into L1.
-    fn for_panel(self, rows: usize) -> Option<(usize, bool)> {
-        if rows < self.min_rows {
+    /// For a panel of `rows` rows of X and W narrow or not: how many chunks ahead, and
+    /// whether into L1.
+    fn for_panel(self, rows: usize, narrow: bool) -> Option<(usize, bool)> {
+        let min_rows = if narrow {
+            self.min_rows_narrow
+        } else {
+            self.min_rows
+        };
+        if rows < min_rows {
             None
         } else if rows <= self.far_max_rows {
             Some((self.far_chunks, false))
@@ -87,12 +95,14 @@ impl WPrefetch {
 /// not measured there.
 pub(super) const W_PREFETCH_INTEL: WPrefetch = WPrefetch {
     min_rows: 1,
+    min_rows_narrow: 1,
     far_max_rows: 0,
     far_chunks: 0,
 };
 
-/// Other CPUs (AMD): none for one or two rows; 16 chunks (32 KiB of each row) ahead into
-/// L2 for 3 to 16 rows; the next chunk into L1 above. Measured on AMD Zen 4 (4096², f32,
+/// Other CPUs (AMD): none for one or two rows of X when W is f32/f64 (from the first row
+/// when it is bf16/f16); 16 chunks (32 KiB of each row) ahead into L2 up to 16 rows; the
+/// next chunk into L1 above. Measured on AMD Zen 4 (4096², f32,
 /// one AVX-512 thread, 2026-12-02, best of 100 calls, alternating processes) against the
 /// earlier policy (none below 5 rows, the next chunk into L1 from 5): n = 4 3.4–4.4 ms
 /// against 4.1–4.9, n = 8 4.7–5.1 against 5.8–6.2, n = 16 7.1–7.4 against 7.6–8.4, n = 32
@@ -101,8 +111,12 @@ pub(super) const W_PREFETCH_INTEL: WPrefetch = WPrefetch {
 /// same as none or up to 7 % slower (the CPU's own stream prefetcher keeps up with the
 /// FMAs there), a one-chunk L1 prefetch 25 % slower; at n = 32 the far one was 6–9 % slower
 /// (the panel's 512 KiB of X, read again for every block, shares the 1 MiB L2 with it).
+/// With bf16 W the far prefetch took n = 1 from 1.35–1.45 to 1.11–1.28 ms and n = 2 from
+/// 1.46–1.69 to 1.19–1.49 ms (widening costs each line of W twice the instructions of an
+/// f32 line, and the CPU's prefetcher alone fell behind).
 pub(super) const W_PREFETCH_OTHER: WPrefetch = WPrefetch {
     min_rows: 3,
+    min_rows_narrow: 1,
     far_max_rows: 16,
     far_chunks: 16,
 };
@@ -392,7 +406,8 @@ unsafe fn rows<V, W, const M: usize, const NX: usize>(
     let groups = panel.len().div_ceil(NX);
     let mut acc = [[[MaybeUninit::<V>::uninit(); NX]; M]; PANEL_GROUPS];
     let mut started = false;
-    let prefetch = w_prefetch().for_panel(panel.len());
+    let narrow = std::mem::size_of::<W>() < std::mem::size_of::<V::Elem>();
+    let prefetch = w_prefetch().for_panel(panel.len(), narrow);
     let prefetch_w = prefetch.is_some();
     let (lead, into_l1) = prefetch.unwrap_or((1, true));
     for seg in o.segments {
