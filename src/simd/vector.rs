@@ -95,27 +95,32 @@ pub(super) trait Vector: Copy {
     /// `p` may be any address (form it with `wrapping_add`); a no-op where unsupported.
     #[inline(always)]
     fn prefetch(p: *const Self::Elem) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `prefetcht0` is SSE (x86-64 baseline) and only a hint: it never faults and
-        // has no effect on memory, whatever the address.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = p;
+        prefetch_hint::<0>(p.cast());
     }
     /// As [`prefetch`](Vector::prefetch), into L2 (and the levels beyond) but not L1.
     #[inline(always)]
     fn prefetch_l2(p: *const Self::Elem) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `prefetcht1` is SSE (x86-64 baseline) and only a hint: it never faults and
-        // has no effect on memory, whatever the address.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast())
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = p;
+        prefetch_hint::<1>(p.cast());
     }
+}
+
+/// `prefetcht0` (`LEVEL` 0) or `prefetcht1` (`LEVEL` 1) of the line holding `p` on x86-64;
+/// nothing elsewhere.
+#[inline(always)]
+fn prefetch_hint<const LEVEL: u8>(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0`/`prefetcht1` are SSE (x86-64 baseline) and only hints: they never
+    // fault and have no effect on memory, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        if LEVEL == 0 {
+            _mm_prefetch::<{ _MM_HINT_T0 }>(p.cast());
+        } else {
+            _mm_prefetch::<{ _MM_HINT_T1 }>(p.cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// A portable `[T; L]` vector: the merge kernel's one-lane tail and scalar reference
