@@ -101,19 +101,20 @@ mod tests {
     fn aligned_matrices_stay_aligned_when_cloned_and_written() {
         for (rows, cols) in [(1, 1), (3, 33), (5, 7)] {
             let c = Array2::from_shape_fn((rows, cols), |(i, j)| (i * 100 + j) as f64);
-            // Start off the boundary on purpose: a slice one element in.
-            let wide =
-                Array2::from_shape_fn(
-                    (rows, cols + 1),
-                    |(i, j)| {
-                        if j == 0 {
-                            -1.0
-                        } else {
-                            c[[i, j - 1]]
-                        }
-                    },
-                );
-            let shifted = wide.slice_move(s![.., 1..]).to_owned();
+            // A standard-layout array that starts off the boundary on purpose: a slice of a
+            // larger buffer, one or two elements in.
+            let buf = Array1::<f64>::zeros(rows * cols + 2);
+            let off = if (buf.as_ptr() as usize + 8).is_multiple_of(ALIGN) {
+                2
+            } else {
+                1
+            };
+            let mut shifted = buf
+                .slice_move(s![off..off + rows * cols])
+                .into_shape_with_order((rows, cols))
+                .unwrap();
+            shifted.assign(&c);
+            assert!(!(shifted.as_ptr() as usize).is_multiple_of(ALIGN));
             let mut m = AlignedMatrix::new(shifted);
             m.view_mut()[[0, 0]] = 42.0;
             let copy = m.clone();

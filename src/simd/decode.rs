@@ -102,9 +102,8 @@ pub(super) const W_PREFETCH_INTEL: WPrefetch = WPrefetch {
 
 /// Other CPUs (AMD): none for one or two rows of X when W is f32/f64 (from the first row
 /// when it is bf16/f16); 16 chunks (32 KiB of each row) ahead into L2 up to 16 rows; the
-/// next chunk into L1 above. Measured on AMD Zen 4 (4096², f32,
-/// one AVX-512 thread, 2026-12-02, best of 100 calls, alternating processes) against the
-/// earlier policy (none below 5 rows, the next chunk into L1 from 5): n = 4 3.4–4.4 ms
+/// next chunk into L1 above. Measured on AMD Zen 4 (4096², f32, one AVX-512 thread,
+/// 2026-12-02, best of 100 calls, alternating processes) against the earlier policy (none below 5 rows, the next chunk into L1 from 5): n = 4 3.4–4.4 ms
 /// against 4.1–4.9, n = 8 4.7–5.1 against 5.8–6.2, n = 16 7.1–7.4 against 7.6–8.4, n = 32
 /// unchanged. At n = 4–16 the arithmetic on a chunk takes about as long as reading it, so a
 /// one-chunk lead left the FMAs waiting on memory. At n = 1–2 the far prefetch measured the
@@ -408,8 +407,7 @@ unsafe fn rows<V, W, const M: usize, const NX: usize>(
     let mut started = false;
     let narrow = std::mem::size_of::<W>() < std::mem::size_of::<V::Elem>();
     let prefetch = w_prefetch().for_panel(panel.len(), narrow);
-    let prefetch_w = prefetch.is_some();
-    let (lead, into_l1) = prefetch.unwrap_or((1, true));
+    let (lead, into_l1) = prefetch.unwrap_or((0, true));
     for seg in o.segments {
         let k = seg.x.ncols();
         let body = k - k % l;
@@ -427,7 +425,7 @@ unsafe fn rows<V, W, const M: usize, const NX: usize>(
                     // Group g prefetches its share of the block's rows, `lead` chunks
                     // on: in these rows, or past their last chunk, in the next block's
                     // rows.
-                    prefetch: if prefetch_w {
+                    prefetch: if prefetch.is_some() {
                         g * M / groups..(g + 1) * M / groups
                     } else {
                         0..0
@@ -617,6 +615,8 @@ mod tests {
     use ndarray::{s, Array1, Array2, ShapeBuilder};
 
     use super::*;
+    use crate::simd::parallel::tests::with_spawn_failing;
+    use crate::simd::vector::tests::FromF32;
 
     #[test]
     fn prefetch_offsets_run_along_the_row_then_into_the_next_block() {
@@ -645,8 +645,6 @@ mod tests {
             }
         }
     }
-    use crate::simd::parallel::tests::with_spawn_failing;
-    use crate::simd::vector::tests::FromF32;
 
     fn pattern<T: FromF32>(rows: usize, cols: usize, seed: f32) -> Array2<T> {
         Array2::from_shape_fn((rows, cols), |(i, j)| {
