@@ -4,15 +4,20 @@
 //! Writes a synthetic BF16 checkpoint shaped like TinyLlama-1.1B (hidden 2048, MLP 5632,
 //! 22 layers, 4 KV heads, vocabulary 32000: 2.2 GB in 5 shards) and an r = 16 adapter on all
 //! seven projections (F32, B ≠ 0) into a temporary directory, warms the page cache with a
-//! read of the base and one untimed copy of it, then times, one run each:
+//! read of the base and one untimed copy of it, then times, once per round (3 rounds unless
+//! `--rounds N`), each job in the same order and each ratio within its round:
 //!
 //! * `cp -r base copy` (what a user would otherwise run to get a checkpoint in place), and
 //!   `cp -r` followed by `sync`;
 //! * `ndlora::checkpoint::merge` with 1 and 2 threads, without and with syncing the output,
-//!   each in a child process so that its peak resident memory (`getrusage`) is the merge's.
+//!   each in a child process so that its peak resident memory (`VmHWM`) is the merge's.
+//!
+//! On a VM guest with free page reporting it also prints how much freed memory went back
+//! to the host meanwhile: writing an output into such memory costs a host fault per page,
+//! for `cp` and the merge alike, and is the largest source of noise seen here.
 //!
 //! ```text
-//! cargo run --release --example merge_checkpoint [-- --dir /path/with/7GB/free]
+//! cargo run --release --example merge_checkpoint [-- --dir /path/with/7GB/free] [--rounds N]
 //! ```
 //! Nothing is kept: the directory is removed at the end (unless `--keep`).
 
@@ -196,12 +201,14 @@ fn child(args: &[String]) {
     println!("{seconds} {}", peak_rss_mb());
 }
 
-fn timed(what: &str, f: impl FnOnce()) -> f64 {
-    let start = Instant::now();
-    f();
-    let s = start.elapsed().as_secs_f64();
-    println!("{what:<40} {s:7.2} s");
-    s
+/// KiB of freed memory this VM guest has handed back to its host so far (Linux free page
+/// reporting), if the kernel reports it.
+fn reported_kib() -> Option<u64> {
+    std::fs::read_to_string("/sys/module/page_reporting/parameters/reported_kib")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn main() {
@@ -252,48 +259,102 @@ fn main() {
     cp(&copy);
     std::fs::remove_dir_all(&copy).unwrap();
     sync_all();
-    let t_cp = timed("cp -r base copy", || cp(&copy));
-    std::fs::remove_dir_all(&copy).unwrap();
-    sync_all();
-    let t_cp_sync = timed("cp -r base copy && sync", || {
-        cp(&copy);
-        sync_all();
-    });
-    std::fs::remove_dir_all(&copy).unwrap();
-    sync_all();
 
+    let rounds: usize = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .map_or(3, |i| args[i + 1].parse().expect("--rounds N"));
+    let reported_before = reported_kib();
     let exe = std::env::current_exe().unwrap();
-    for sync in ["no-sync", "sync"] {
-        for threads in [1, 2] {
-            let out = root.join("out");
-            let output = Command::new(&exe)
-                .args(["--child"])
-                .arg(&base)
-                .arg(&adapter)
-                .arg(&out)
-                .args([threads.to_string(), sync.to_owned()])
-                .output()
-                .unwrap();
-            assert!(
-                output.status.success(),
-                "{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            let text = String::from_utf8(output.stdout).unwrap();
-            let mut parts = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
-            let (secs, rss) = (parts.next().unwrap(), parts.next().unwrap());
-            let against = if sync == "sync" { t_cp_sync } else { t_cp };
-            println!(
-                "ndlora merge, {threads} thread(s), {sync:<8} {secs:7.2} s = {:.2}× cp{}, peak RSS {rss:.0} MB \
-                 ({:.2}× largest tensor + adapter)",
-                secs / against,
-                if sync == "sync" { " + sync" } else { "" },
-                rss / (largest + adapter_bytes as f64 / 1e6)
-            );
-            std::io::stdout().flush().unwrap();
-            std::fs::remove_dir_all(&out).unwrap();
+    // Every job once per round, in the same order, each ratio taken within its round: the
+    // host's load and the guest's memory state drift over minutes, so jobs a minute apart
+    // are not comparable, and single runs vary by up to 2×.
+    let jobs: Vec<(usize, &str)> = vec![
+        (0, "no-sync"),
+        (0, "sync"),
+        (1, "no-sync"),
+        (2, "no-sync"),
+        (1, "sync"),
+        (2, "sync"),
+    ];
+    let mut times = vec![Vec::new(); jobs.len()];
+    let mut rss = vec![0.0_f64; jobs.len()];
+    for _ in 0..rounds {
+        for (j, &(threads, sync)) in jobs.iter().enumerate() {
+            let secs = if threads == 0 {
+                let start = Instant::now();
+                cp(&copy);
+                if sync == "sync" {
+                    sync_all();
+                }
+                let secs = start.elapsed().as_secs_f64();
+                std::fs::remove_dir_all(&copy).unwrap();
+                secs
+            } else {
+                let out = root.join("out");
+                let output = Command::new(&exe)
+                    .args(["--child"])
+                    .arg(&base)
+                    .arg(&adapter)
+                    .arg(&out)
+                    .args([threads.to_string(), sync.to_owned()])
+                    .output()
+                    .unwrap();
+                assert!(
+                    output.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                let text = String::from_utf8(output.stdout).unwrap();
+                let mut parts = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+                let secs = parts.next().unwrap();
+                rss[j] = rss[j].max(parts.next().unwrap());
+                std::fs::remove_dir_all(&out).unwrap();
+                secs
+            };
+            times[j].push(secs);
             sync_all();
         }
+    }
+    println!("{rounds} rounds; seconds as min / median / max over the rounds; ratios to the copy of the same round");
+    let spread = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        (v[0], v[v.len() / 2], v[v.len() - 1])
+    };
+    let budget = largest + adapter_bytes as f64 / 1e6;
+    for (j, &(threads, sync)) in jobs.iter().enumerate() {
+        let (lo, mid, hi) = spread(&times[j]);
+        let name = match threads {
+            0 if sync == "sync" => "cp -r base copy && sync".to_owned(),
+            0 => "cp -r base copy".to_owned(),
+            t => format!("ndlora merge, {t} thread(s), {sync}"),
+        };
+        print!("{name:<36} {lo:5.2} / {mid:5.2} / {hi:5.2} s");
+        if threads > 0 {
+            let against = if sync == "sync" { 1 } else { 0 };
+            let ratios: Vec<f64> = times[j]
+                .iter()
+                .zip(&times[against])
+                .map(|(m, c)| m / c)
+                .collect();
+            let (rlo, rmid, rhi) = spread(&ratios);
+            print!(
+                "  = {rlo:.2} / {rmid:.2} / {rhi:.2}× {}, peak RSS {:.0} MB ({:.2}× largest tensor + adapter)",
+                if sync == "sync" { "cp + sync" } else { "cp" },
+                rss[j],
+                rss[j] / budget
+            );
+        }
+        println!();
+        std::io::stdout().flush().unwrap();
+    }
+    if let (Some(before), Some(after)) = (reported_before, reported_kib()) {
+        println!(
+            "free page reporting: the guest handed {:.0} MB of freed memory back to its host during the runs \
+             (memory it must fault in again to write the next output)",
+            (after - before) as f64 / 1024.0
+        );
     }
     if args.iter().any(|a| a == "--keep") {
         println!("kept {}", root.display());
