@@ -789,6 +789,44 @@ mod tests {
         check_half::<half::f16>(f64::from(half::f16::EPSILON.to_f32()));
     }
 
+    /// Rounding into bf16 at its edges: subnormal sums (which AVX512-BF16's
+    /// `vcvtneps2bf16` would read as zero, should a kernel ever use it), ties, overflow to
+    /// ∞, NaN and ±0, in tiles, single vectors and the scalar tail: every kernel gives
+    /// `half::bf16::from_f32` of the f32 sum.
+    #[test]
+    fn every_bf16_kernel_rounds_subnormals_ties_overflow_and_nan_as_half_does() {
+        use half::bf16;
+        let specials = [
+            1e-39_f32,
+            -3e-39,
+            1.003_906_3, // 1 + 2⁻⁸: a tie, to even (down)
+            1.011_718_8, // 1 + 3·2⁻⁸: a tie, to even (up)
+            3.0e38,
+            -0.0,
+            0.0,
+            1.5,
+        ];
+        let (d, k) = (8, 70);
+        let a = Array2::from_shape_fn((1, k), |(_, j)| specials[j % specials.len()]);
+        let b = Array2::<f32>::from_shape_fn((d, 1), |(i, _)| if i % 2 == 0 { 1.0 } else { -1.0 });
+        let w = Array2::from_shape_fn((d, k), |(i, j)| match i {
+            2 => bf16::NAN,
+            3 => bf16::MAX,
+            4 => bf16::from_f32(-1e-39),
+            _ => bf16::from_f32(if j % 3 == 0 { 0.0 } else { 1.0 }),
+        });
+        let want = Array2::from_shape_fn((d, k), |(i, j)| {
+            bf16::from_f32(w[[i, j]].to_f32() + 1.0 * b[[i, 0]].mul_add(a[[0, j]], 0.0))
+        });
+        let bits = |m: &Array2<bf16>| m.mapv(bf16::to_bits);
+        for (name, kernel) in
+            kernels::<f32, bf16>(&[("portable 16", update_portable::<f32, bf16, 16>)])
+        {
+            let got = run_layout(kernel, 1.0, &b, &a, &w, 0, false, 1);
+            assert_eq!(bits(&got), bits(&want), "{name}");
+        }
+    }
+
     #[test]
     fn declines_what_it_cannot_do() {
         let level = crate::simd::simd_level();
