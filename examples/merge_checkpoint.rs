@@ -269,13 +269,14 @@ fn main() {
     // Every job once per round, in the same order, each ratio taken within its round: the
     // host's load and the guest's memory state drift over minutes, so jobs a minute apart
     // are not comparable, and single runs vary by up to 2×.
-    let jobs: Vec<(usize, &str)> = vec![
-        (0, "no-sync"),
-        (0, "sync"),
-        (1, "no-sync"),
-        (2, "no-sync"),
-        (1, "sync"),
-        (2, "sync"),
+    // (threads, sync): 0 threads is `cp -r`.
+    let jobs: [(usize, bool); 6] = [
+        (0, false),
+        (0, true),
+        (1, false),
+        (2, false),
+        (1, true),
+        (2, true),
     ];
     let mut times = vec![Vec::new(); jobs.len()];
     let mut rss = vec![0.0_f64; jobs.len()];
@@ -284,7 +285,7 @@ fn main() {
             let secs = if threads == 0 {
                 let start = Instant::now();
                 cp(&copy);
-                if sync == "sync" {
+                if sync {
                     sync_all();
                 }
                 let secs = start.elapsed().as_secs_f64();
@@ -297,7 +298,10 @@ fn main() {
                     .arg(&base)
                     .arg(&adapter)
                     .arg(&out)
-                    .args([threads.to_string(), sync.to_owned()])
+                    .args([
+                        threads.to_string(),
+                        if sync { "sync" } else { "no-sync" }.to_owned(),
+                    ])
                     .output()
                     .unwrap();
                 assert!(
@@ -326,13 +330,17 @@ fn main() {
     for (j, &(threads, sync)) in jobs.iter().enumerate() {
         let (lo, mid, hi) = spread(&times[j]);
         let name = match threads {
-            0 if sync == "sync" => "cp -r base copy && sync".to_owned(),
+            0 if sync => "cp -r base copy && sync".to_owned(),
             0 => "cp -r base copy".to_owned(),
-            t => format!("ndlora merge, {t} thread(s), {sync}"),
+            t => format!(
+                "ndlora merge, {t} thread(s), {}",
+                if sync { "sync" } else { "no-sync" }
+            ),
         };
         print!("{name:<36} {lo:5.2} / {mid:5.2} / {hi:5.2} s");
         if threads > 0 {
-            let against = if sync == "sync" { 1 } else { 0 };
+            // The copy of the same kind (jobs 0 and 1) in the same round.
+            let against = usize::from(sync);
             let ratios: Vec<f64> = times[j]
                 .iter()
                 .zip(&times[against])
@@ -341,7 +349,7 @@ fn main() {
             let (rlo, rmid, rhi) = spread(&ratios);
             print!(
                 "  = {rlo:.2} / {rmid:.2} / {rhi:.2}× {}, peak RSS {:.0} MB ({:.2}× largest tensor + adapter)",
-                if sync == "sync" { "cp + sync" } else { "cp" },
+                if sync { "cp + sync" } else { "cp" },
                 rss[j],
                 rss[j] / budget
             );

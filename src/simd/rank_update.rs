@@ -815,8 +815,9 @@ mod tests {
             4 => bf16::from_f32(-1e-39),
             _ => bf16::from_f32(if j % 3 == 0 { 0.0 } else { 1.0 }),
         });
+        // r = 1 and α = 1: the sum is w + b·a, rounded once into bf16.
         let want = Array2::from_shape_fn((d, k), |(i, j)| {
-            bf16::from_f32(w[[i, j]].to_f32() + 1.0 * b[[i, 0]].mul_add(a[[0, j]], 0.0))
+            bf16::from_f32(w[[i, j]].to_f32() + b[[i, 0]].mul_add(a[[0, j]], 0.0))
         });
         let bits = |m: &Array2<bf16>| m.mapv(bf16::to_bits);
         for (name, kernel) in
