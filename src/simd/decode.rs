@@ -18,9 +18,10 @@
 //!   vector step a register tile loads `MR` vectors of W and `NX` of X and runs `MR·NX`
 //!   independent FMA chains; its accumulators wait in a stack buffer between chunks;
 //! * prefetches W ahead of the arithmetic, spread over the groups, so that the stream from
-//!   memory overlaps it: on Intel the block's next chunk into L1 (after its last chunk, the
-//!   next block's first), elsewhere 16 chunks ahead into L2 for panels of up to 16 rows
-//!   ([`WPrefetch`]); and each row of X a few lines ahead (from L2);
+//!   memory overlaps it: on Intel and on AMD without AVX-512 the block's next chunk into
+//!   L1 (after its last chunk, the next block's first), elsewhere 16 chunks ahead into L2
+//!   for panels of up to 16 rows ([`WPrefetch`]); and each row of X a few lines ahead
+//!   (from L2);
 //! * forms each output element by **one formula, whatever its place in a tile**: one vector
 //!   accumulator over the whole vectors of every segment in order (chunking only pauses
 //!   it), a fixed pairwise sum of its lanes, scalar FMAs over each segment's tail (kₛ mod
@@ -100,7 +101,7 @@ pub(super) const W_PREFETCH_INTEL: WPrefetch = WPrefetch {
     far_chunks: 0,
 };
 
-/// Other CPUs (AMD): none for one or two rows of X when W is f32/f64 (from the first row
+/// Other CPUs (AMD with AVX-512, aarch64): none for one or two rows of X when W is f32/f64 (from the first row
 /// when it is bf16/f16); 16 chunks (32 KiB of each row) ahead into L2 up to 16 rows; the
 /// next chunk into L1 above. Measured on AMD Zen 4 (4096², f32, one AVX-512 thread,
 /// 2026-12-02, best of 100 calls, alternating processes) against the earlier policy (none below 5 rows, the next chunk into L1 from 5): n = 4 3.4–4.4 ms
@@ -120,12 +121,29 @@ pub(super) const W_PREFETCH_OTHER: WPrefetch = WPrefetch {
     far_chunks: 16,
 };
 
+/// x86-64 CPUs other than Intel's without AVX-512 (AMD Zen 3, where the AVX2 kernel's 4×3
+/// tiles run): none for one or two rows of X, the next chunk into L1 from three. Measured
+/// on AMD EPYC Zen 3 (4096², one thread, 2026-12-02, policies alternating call by call,
+/// median of 15–20 per-round ratios) against [`W_PREFETCH_OTHER`]: f32 n = 4 0.86–0.89×,
+/// n = 8 0.86–0.88×, n = 16 0.85–0.89×, n = 32 0.98–0.99×, n = 1–3 the same within noise;
+/// bf16 / f16 n = 8 0.95 / 0.97×, n = 1 no prefetch 0.97 / 0.90× the far one. The far L2
+/// prefetch that suits Zen 4 (1 MiB L2, AVX-512 tiles) only competed with the stream here;
+/// chunks of 1 KiB or 512 B were 3–25 % slower than 2 KiB, 4 KiB the same.
+pub(super) const W_PREFETCH_AMD_AVX2: WPrefetch = WPrefetch {
+    min_rows: 3,
+    min_rows_narrow: 3,
+    far_max_rows: 0,
+    far_chunks: 0,
+};
+
 /// The W prefetch for this CPU (looked up once).
 fn w_prefetch() -> WPrefetch {
     static POLICY: std::sync::OnceLock<WPrefetch> = std::sync::OnceLock::new();
     *POLICY.get_or_init(|| {
         if super::cpu_is_intel() {
             W_PREFETCH_INTEL
+        } else if cfg!(target_arch = "x86_64") && !SimdLevel::Avx512F.is_available() {
+            W_PREFETCH_AMD_AVX2
         } else {
             W_PREFETCH_OTHER
         }
