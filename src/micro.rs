@@ -597,6 +597,8 @@ impl MicroLora {
         Ok(Self::assemble(down, up, scale))
     }
 
+    // Inlined, with `Kernel::best`: as calls they were ~2 ns of a 44 ns `forward` (AMD Zen 3).
+    #[inline]
     fn adapter(&self) -> Adapter<'_> {
         Adapter {
             down: self.down.as_slice().expect("standard layout"),

@@ -212,6 +212,7 @@ impl Kernel {
     }
 
     /// The widest kernel this CPU runs, detected once.
+    #[inline]
     pub(crate) fn best() -> Kernel {
         static BEST: OnceLock<Kernel> = OnceLock::new();
         *BEST.get_or_init(|| {
