@@ -101,10 +101,11 @@ pub(super) const W_PREFETCH_INTEL: WPrefetch = WPrefetch {
     far_chunks: 0,
 };
 
-/// Other CPUs (AMD with AVX-512, aarch64): none for one or two rows of X when W is f32/f64 (from the first row
-/// when it is bf16/f16); 16 chunks (32 KiB of each row) ahead into L2 up to 16 rows; the
-/// next chunk into L1 above. Measured on AMD Zen 4 (4096², f32, one AVX-512 thread,
-/// 2026-12-02, best of 100 calls, alternating processes) against the earlier policy (none below 5 rows, the next chunk into L1 from 5): n = 4 3.4–4.4 ms
+/// Other CPUs (AMD with AVX-512, aarch64): none for one or two rows of X when W is f32/f64
+/// (from the first row when it is bf16/f16); 16 chunks (32 KiB of each row) ahead into L2
+/// up to 16 rows; the next chunk into L1 above. Measured on AMD Zen 4 (4096², f32, one
+/// AVX-512 thread, 2026-12-02, best of 100 calls, alternating processes) against the
+/// earlier policy (none below 5 rows, the next chunk into L1 from 5): n = 4 3.4–4.4 ms
 /// against 4.1–4.9, n = 8 4.7–5.1 against 5.8–6.2, n = 16 7.1–7.4 against 7.6–8.4, n = 32
 /// unchanged. At n = 4–16 the arithmetic on a chunk takes about as long as reading it, so a
 /// one-chunk lead left the FMAs waiting on memory. At n = 1–2 the far prefetch measured the
@@ -121,8 +122,8 @@ pub(super) const W_PREFETCH_OTHER: WPrefetch = WPrefetch {
     far_chunks: 16,
 };
 
-/// x86-64 CPUs other than Intel's without AVX-512 (AMD Zen 3, where the AVX2 kernel's 4×3
-/// tiles run): none for one or two rows of X, the next chunk into L1 from three. Measured
+/// x86-64 CPUs that are not Intel's and lack AVX-512 (AMD Zen 3, where the AVX2 kernel's
+/// 4×3 tiles run): none for one or two rows of X, the next chunk into L1 from three. Measured
 /// on AMD EPYC Zen 3 (4096², one thread, 2026-12-02, policies alternating call by call,
 /// median of 15–20 per-round ratios) against [`W_PREFETCH_OTHER`]: f32 n = 4 0.86–0.89×,
 /// n = 8 0.86–0.88×, n = 16 0.85–0.89×, n = 32 0.98–0.99×, n = 1–3 the same within noise;
