@@ -7,6 +7,8 @@
 //!   `vpscatter*`): a kernel that streams contiguous rows has no use for them, and their
 //!   presence means the compiler turned lane-wise code into per-element memory accesses;
 //! * an AVX-512 kernel holds FMAs on `zmm` registers, an AVX2 kernel FMAs on `ymm` registers;
+//!   the AVX512_BF16 merge kernel also `vcvtneps2bf16`, and the AVX2 reductions an unsigned
+//!   max on `ymm` registers;
 //! * a kernel that reads a half-precision W widens it in registers with the instruction its
 //!   type needs: `vcvtph2ps` for f16, `vpmovzxwd` and `vpslld` (zero-extend, shift up 16)
 //!   for bf16.
@@ -31,6 +33,12 @@ enum Isa {
     Avx2,
     /// `#[target_feature(enable = "avx512f")]`: FMAs on `zmm` registers.
     Avx512,
+    /// AVX-512F with AVX512_BF16: FMAs on `zmm` registers and the hardware rounding to
+    /// bf16 (`vcvtneps2bf16`) it was written for.
+    Avx512Bf16,
+    /// An AVX2 reduction (the largest magnitude over a slice): no FMA, but the unsigned
+    /// max (`vpmaxuw`/`vpmaxud`) on `ymm` registers that the x86-64 baseline lacks.
+    Reduce,
     /// A conversion kernel (half ↔ f32 over a row), AVX2 or AVX-512F: no arithmetic, so no
     /// FMA expected; the widening instruction is (see [`Storage`]).
     Convert,
@@ -61,6 +69,11 @@ const KERNELS: &[(&str, Isa, Storage)] = &[
     ("ndlora::simd::x86::update_avx2_bf16", Isa::Avx2, Bf16),
     ("ndlora::simd::x86::update_avx2_f16", Isa::Avx2, F16),
     ("ndlora::simd::x86::update_avx512_bf16", Isa::Avx512, Bf16),
+    (
+        "ndlora::simd::x86::update_avx512bf16_bf16",
+        Isa::Avx512Bf16,
+        Bf16,
+    ),
     ("ndlora::simd::x86::update_avx512_f16", Isa::Avx512, F16),
     ("ndlora::simd::x86::product_avx2_f32", Isa::Avx2, Same),
     ("ndlora::simd::x86::product_avx2_f64", Isa::Avx2, Same),
@@ -78,6 +91,16 @@ const KERNELS: &[(&str, Isa, Storage)] = &[
     ("ndlora::simd::x86::round_avx2_f16", Isa::Convert, Same),
     ("ndlora::simd::x86::round_avx512_bf16", Isa::Convert, Same),
     ("ndlora::simd::x86::round_avx512_f16", Isa::Convert, Same),
+    (
+        "ndlora::simd::x86::max_abs_bits_avx2_u16",
+        Isa::Reduce,
+        Same,
+    ),
+    (
+        "ndlora::simd::x86::max_abs_bits_avx2_f32",
+        Isa::Reduce,
+        Same,
+    ),
 ];
 
 /// Functions under this path must all be in [`KERNELS`].
@@ -181,6 +204,10 @@ struct Finding {
     /// `vpmovzxwd` and `vpslld` (bf16 → f32 is both).
     zext_words: usize,
     shifts_left: usize,
+    /// `vcvtneps2bf16` (f32 → bf16 in hardware).
+    cvtneps2bf16: usize,
+    /// Unsigned 16- or 32-bit max on `ymm` registers.
+    ymm_umax: usize,
 }
 
 impl Finding {
@@ -210,6 +237,13 @@ impl Finding {
             cvtph2ps: count("vcvtph2ps"),
             zext_words: count("vpmovzxwd"),
             shifts_left: count("vpslld"),
+            cvtneps2bf16: count("vcvtneps2bf16"),
+            ymm_umax: body
+                .iter()
+                .filter(|i| {
+                    ["vpmaxuw", "vpmaxud"].contains(&mnemonic(i).as_str()) && i.contains("%ymm")
+                })
+                .count(),
         }
     }
 
@@ -226,7 +260,13 @@ impl Finding {
             _ => {}
         }
         match isa {
-            Isa::Avx512 if self.zmm_fmas == 0 => Some("no FMA on zmm registers".to_owned()),
+            Isa::Avx512 | Isa::Avx512Bf16 if self.zmm_fmas == 0 => {
+                Some("no FMA on zmm registers".to_owned())
+            }
+            Isa::Avx512Bf16 if self.cvtneps2bf16 == 0 => Some("no vcvtneps2bf16".to_owned()),
+            Isa::Reduce if self.ymm_umax == 0 => {
+                Some("no unsigned max on ymm registers".to_owned())
+            }
             Isa::Avx2 if self.ymm_fmas == 0 => Some("no FMA on ymm registers".to_owned()),
             _ => None,
         }
@@ -238,7 +278,7 @@ fn simd_kernels_compile_to_the_intended_instructions() {
     link_kernels();
     let functions = disassemble();
     let mut report = vec![format!(
-        "{:<40} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6}  verdict",
+        "{:<42} {:>10} {:>6} {:>8} {:>8} {:>8} {:>6}  verdict",
         "kernel", "isa", "insns", "gathers", "zmm-fma", "ymm-fma", "widen"
     )];
     let mut failures = Vec::new();
@@ -259,7 +299,7 @@ fn simd_kernels_compile_to_the_intended_instructions() {
                 F16 => f.cvtph2ps,
             };
             report.push(format!(
-                "{name:<40} {:>6} {:>6} {:>8} {:>8} {:>8} {:>6}  {}",
+                "{name:<42} {:>10} {:>6} {:>8} {:>8} {:>8} {:>6}  {}",
                 format!("{isa:?}").to_lowercase(),
                 f.instructions,
                 f.gathers,

@@ -116,8 +116,8 @@ macro_rules! impl_half_precision {
         impl Precision for $t {
             const INFINITY_BITS: u64 = <$t>::INFINITY.to_bits() as u64;
             fn max_abs_bits(values: &[Self]) -> u64 {
-                let max = values.iter().map(|v| v.to_bits() & 0x7fff).max();
-                u64::from(max.unwrap_or(0))
+                use half::slice::HalfFloatSliceExt;
+                u64::from(crate::simd::max_abs_bits_u16(values.reinterpret_cast()))
             }
             fn from_abs_bits(bits: u64) -> f64 {
                 <$t>::from_bits(bits as u16).to_f64()

@@ -69,6 +69,18 @@ mod x86;
 
 pub(crate) use scalar::add_term_wide;
 
+/// The largest `bits & 0x7fff` over the bit patterns of 16-bit floats (bf16, f16, whose
+/// sign is bit 15): their largest magnitude as a pattern, 0 when empty (see
+/// [`vector::Element::max_abs_bits`]).
+pub(crate) fn max_abs_bits_u16(bits: &[u16]) -> u16 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, just checked.
+        return unsafe { x86::max_abs_bits_avx2_u16(bits) };
+    }
+    bits.iter().fold(0, |m, &b| m.max(b & 0x7fff))
+}
+
 /// The instruction-set variants of ndlora's own kernels: [`MicroLora`](crate::MicroLora)'s
 /// forward and the fused merge/unmerge update of [`LoraLayer`](crate::LoraLayer) and
 /// [`LoraModel`](crate::LoraModel).
@@ -251,6 +263,49 @@ impl Kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vectorised largest-magnitude passes against a plain loop in u64, over lengths
+    /// around every vector width and unroll, with the largest value placed first, last and
+    /// in the middle, negative, NaN and ∞ patterns among them.
+    #[test]
+    fn max_abs_bits_matches_a_plain_loop() {
+        use super::vector::Element;
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for len in [0, 1, 7, 15, 16, 17, 33, 64, 127, 257, 1000] {
+            for place in 0..3 {
+                let mut bits: Vec<u16> = (0..len).map(|_| (next() % 0x7000) as u16).collect();
+                let mut floats: Vec<f32> = (0..len)
+                    .map(|_| f32::from_bits((next() % 0x7f00_0000) as u32))
+                    .collect();
+                if len > 0 {
+                    let at = [0, len / 2, len - 1][place];
+                    bits[at] = [0xfc00, 0xffff, 0x7f80][place]; // −∞ (f16), NaN, +∞ (bf16)
+                    floats[at] = [-f32::INFINITY, f32::NAN, -1e38][place];
+                }
+                let want16 = bits.iter().map(|&b| u64::from(b & 0x7fff)).max();
+                assert_eq!(
+                    u64::from(max_abs_bits_u16(&bits)),
+                    want16.unwrap_or(0),
+                    "u16, {len}"
+                );
+                let want32 = floats
+                    .iter()
+                    .map(|v| u64::from(v.to_bits() & 0x7fff_ffff))
+                    .max();
+                assert_eq!(
+                    f32::max_abs_bits(&floats),
+                    want32.unwrap_or(0),
+                    "f32, {len}"
+                );
+            }
+        }
+    }
 
     fn pattern(len: usize, seed: f32) -> Vec<f32> {
         (0..len)

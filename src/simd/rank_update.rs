@@ -129,13 +129,23 @@ impl_update_weight!(
     update_avx512_f64,
     Some(super::aarch64::update_neon_f64)
 );
-impl_update_weight!(
-    f32,
-    half::bf16,
-    Some(super::x86::update_avx2_bf16),
-    update_avx512_bf16,
-    Some(super::aarch64::update_neon_bf16)
-);
+// bf16 W on AVX-512 CPUs that also convert to bf16 in hardware takes a kernel that rounds
+// with `vcvtneps2bf16` (the same bits, fewer instructions).
+impl UpdateWeight<f32> for half::bf16 {
+    fn kernel(level: SimdLevel) -> Option<UpdateFn<f32, Self>> {
+        #[cfg(target_arch = "x86_64")]
+        if level == SimdLevel::Avx512F && super::x86::has_avx512_bf16() {
+            return Some(super::x86::update_avx512bf16_bf16);
+        }
+        kernel_for_level!(
+            level,
+            update_scalar::<f32, half::bf16>,
+            Some(super::x86::update_avx2_bf16),
+            update_avx512_bf16,
+            Some(super::aarch64::update_neon_bf16)
+        )
+    }
+}
 // F16C (`vcvtph2ps`, `vcvtps2ph`) is not implied by AVX2+FMA: without it AVX2 declines f16.
 impl_update_weight!(
     f32,
@@ -322,6 +332,10 @@ pub(super) unsafe fn update<V: WideLoad<W>, W: Stored<V::Elem>>(o: &Operands<V::
     let block = ((A_BLOCK_BYTES / per_column) / tile_width).max(1) * tile_width;
     let align = CACHE_LINE / std::mem::size_of::<V::Elem>();
     let mut packed = Vec::with_capacity(o.r * block.min(o.k) + align);
+    // B's rows of a row block, transposed (`pack_b`): allocated once per call, as a
+    // zeroed stack array of MAX_FUSED_RANK entries per row block cost a 6 KiB memset each.
+    let zero = <V::Elem as Element>::ZERO;
+    let (mut b_block, mut b_row) = (vec![[zero; MR]; o.r], vec![[zero; 1]; o.r]);
     let mut j0 = 0;
     while j0 < o.k {
         let j1 = (j0 + block).min(o.k);
@@ -330,13 +344,15 @@ pub(super) unsafe fn update<V: WideLoad<W>, W: Stored<V::Elem>>(o: &Operands<V::
         let packed = &packed[start..];
         let mut i = 0;
         while i + MR <= o.d {
-            // SAFETY: rows i..i + MR ≤ d, columns j0..j1 ≤ k; `packed` holds this block.
-            unsafe { row_block::<V, W, MR>(o, packed, i, j0, j1) };
+            // SAFETY: rows i..i + MR ≤ d, columns j0..j1 ≤ k; `packed` holds this block;
+            // `b_block` has r entries.
+            unsafe { row_block::<V, W, MR>(o, packed, &mut b_block, i, j0, j1) };
             i += MR;
         }
         while i < o.d {
-            // SAFETY: row i < d, columns j0..j1 ≤ k; `packed` holds this block.
-            unsafe { row_block::<V, W, 1>(o, packed, i, j0, j1) };
+            // SAFETY: row i < d, columns j0..j1 ≤ k; `packed` holds this block; `b_row`
+            // has r entries.
+            unsafe { row_block::<V, W, 1>(o, packed, &mut b_row, i, j0, j1) };
             i += 1;
         }
         j0 = j1;
@@ -396,14 +412,10 @@ struct ASource<T> {
 /// kernel). It runs once per row block and column block, next to M·k·r FMAs.
 ///
 /// # Safety
-/// i + M ≤ d; B as in [`UpdateFn`]; r ≤ [`MAX_FUSED_RANK`].
+/// i + M ≤ d; B as in [`UpdateFn`]; `b.len() == r`.
 #[inline(never)]
-unsafe fn pack_b<T: Element, W, const M: usize>(
-    o: &Operands<T, W>,
-    i: usize,
-    b: &mut [[T; M]; MAX_FUSED_RANK],
-) {
-    for (p, b) in b.iter_mut().take(o.r).enumerate() {
+unsafe fn pack_b<T: Element, W, const M: usize>(o: &Operands<T, W>, i: usize, b: &mut [[T; M]]) {
+    for (p, b) in b.iter_mut().enumerate() {
         for (m, b) in b.iter_mut().enumerate() {
             // SAFETY: row i + m < d, column p < r of B, readable by the contract.
             *b = unsafe {
@@ -417,19 +429,20 @@ unsafe fn pack_b<T: Element, W, const M: usize>(
 /// single elements (both from A itself).
 ///
 /// # Safety
-/// i + M ≤ d, j1 ≤ k, `packed` is `pack_a` of columns j0..; as [`update`].
+/// i + M ≤ d, j1 ≤ k, `packed` is `pack_a` of columns j0.., `b.len() == r`; as [`update`].
 #[inline(always)]
 unsafe fn row_block<V: WideLoad<W>, W: Stored<V::Elem>, const M: usize>(
     o: &Operands<V::Elem, W>,
     packed: &[V::Elem],
+    b: &mut [[V::Elem; M]],
     i: usize,
     j0: usize,
     j1: usize,
 ) {
     let l = V::LANES;
-    let mut b = [[<V::Elem as Element>::ZERO; M]; MAX_FUSED_RANK];
-    // SAFETY: i + M ≤ d; B as the contract states.
-    unsafe { pack_b(o, i, &mut b) };
+    // SAFETY: i + M ≤ d; B as the contract states; `b` has r entries.
+    unsafe { pack_b(o, i, b) };
+    let b = &*b;
     let unpacked = |j: usize| ASource {
         // SAFETY: column j < k of A's row 0 (r ≥ 1 here).
         ptr: unsafe { o.a.add(j) },
@@ -443,18 +456,18 @@ unsafe fn row_block<V: WideLoad<W>, W: Stored<V::Elem>, const M: usize>(
             stride: (NR * l) as isize,
         };
         // SAFETY: columns j..j + NR·l ≤ j1 ≤ k; `a` is this tile's packed r × NR·l block.
-        unsafe { tile::<V, W, M, NR>(o, a, &b, i, j) };
+        unsafe { tile::<V, W, M, NR>(o, a, b, i, j) };
         j += NR * l;
         tile_start += o.r * NR * l;
     }
     while j + l <= j1 {
         // SAFETY: columns j..j + l ≤ k, read from A itself.
-        unsafe { tile::<V, W, M, 1>(o, unpacked(j), &b, i, j) };
+        unsafe { tile::<V, W, M, 1>(o, unpacked(j), b, i, j) };
         j += l;
     }
     while j < j1 {
         // SAFETY: column j < k; `Portable` needs no CPU feature.
-        unsafe { tile::<Portable<V::Elem, 1>, W, M, 1>(o, unpacked(j), &b, i, j) };
+        unsafe { tile::<Portable<V::Elem, 1>, W, M, 1>(o, unpacked(j), b, i, j) };
         j += 1;
     }
 }
@@ -462,12 +475,13 @@ unsafe fn row_block<V: WideLoad<W>, W: Stored<V::Elem>, const M: usize>(
 /// One register tile: rows i..i + M, columns j..j + N·LANES.
 ///
 /// # Safety
-/// i + M ≤ d, j + N·LANES ≤ k, `a` readable for r rows of N·LANES; as [`update`].
+/// i + M ≤ d, j + N·LANES ≤ k, `a` readable for r rows of N·LANES, `b.len() == r`; as
+/// [`update`].
 #[inline(always)]
 unsafe fn tile<V: WideLoad<W>, W: Stored<V::Elem>, const M: usize, const N: usize>(
     o: &Operands<V::Elem, W>,
     a: ASource<V::Elem>,
-    b: &[[V::Elem; M]; MAX_FUSED_RANK],
+    b: &[[V::Elem; M]],
     i: usize,
     j: usize,
 ) {
@@ -751,11 +765,15 @@ mod tests {
     /// within one rounding of W's type of the f64 reference, bit for bit equal to the
     /// one-lane kernel, and equal to the formula H(f32(w) + fl(α·acc)) with acc the f32 FMA
     /// chain over p = 0..r, evaluated here element by element.
-    fn check_half<W: UpdateWeight<f32> + FromF32 + PartialEq + std::fmt::Debug>(eps_w: f64) {
-        let extra: Vec<(&'static str, UpdateFn<f32, W>)> = vec![
+    fn check_half<W: UpdateWeight<f32> + FromF32 + PartialEq + std::fmt::Debug>(
+        eps_w: f64,
+        more: &[(&'static str, UpdateFn<f32, W>)],
+    ) {
+        let mut extra: Vec<(&'static str, UpdateFn<f32, W>)> = vec![
             ("portable 4", update_portable::<f32, W, 4>),
             ("portable 16", update_portable::<f32, W, 16>),
         ];
+        extra.extend_from_slice(more);
         check_all::<f32, W>(&extra, f32::EPSILON as f64, eps_w);
         let alpha = 0.375_f32;
         for (d, k, r) in [(7, 37, 3), (13, 130, 16)] {
@@ -781,18 +799,34 @@ mod tests {
 
     #[test]
     fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_bf16_w() {
-        check_half::<half::bf16>(f64::from(half::bf16::EPSILON.to_f32()));
+        check_half::<half::bf16>(
+            f64::from(half::bf16::EPSILON.to_f32()),
+            &bf16_kernels_beside_the_level(),
+        );
     }
 
     #[test]
     fn every_kernel_matches_the_f64_reference_and_the_one_lane_kernel_f16_w() {
-        check_half::<half::f16>(f64::from(half::f16::EPSILON.to_f32()));
+        check_half::<half::f16>(f64::from(half::f16::EPSILON.to_f32()), &[]);
     }
 
-    /// Rounding into bf16 at its edges: subnormal sums (which AVX512-BF16's
-    /// `vcvtneps2bf16` would read as zero, should a kernel ever use it), ties, overflow to
-    /// ∞, NaN and ±0, in tiles, single vectors and the scalar tail: every kernel gives
-    /// `half::bf16::from_f32` of the f32 sum.
+    /// The bf16 kernels `UpdateWeight::kernel` does not return on this host: the AVX-512F
+    /// one with integer rounding where the CPU's AVX512_BF16 kernel takes its place.
+    fn bf16_kernels_beside_the_level() -> Vec<(&'static str, UpdateFn<f32, half::bf16>)> {
+        #[cfg(target_arch = "x86_64")]
+        if SimdLevel::Avx512F.is_available() && super::super::x86::has_avx512_bf16() {
+            return vec![(
+                "avx512f, integer rounding",
+                super::super::x86::update_avx512_bf16 as UpdateFn<f32, half::bf16>,
+            )];
+        }
+        Vec::new()
+    }
+
+    /// Rounding into bf16 at its edges: subnormal sums (which AVX512_BF16's
+    /// `vcvtneps2bf16` reads as zero: its kernel rounds those vectors in integer lanes),
+    /// ties, overflow to ∞, NaN and ±0, in tiles, single vectors and the scalar tail: every
+    /// kernel gives `half::bf16::from_f32` of the f32 sum.
     #[test]
     fn every_bf16_kernel_rounds_subnormals_ties_overflow_and_nan_as_half_does() {
         use half::bf16;
@@ -820,9 +854,9 @@ mod tests {
             bf16::from_f32(w[[i, j]].to_f32() + b[[i, 0]].mul_add(a[[0, j]], 0.0))
         });
         let bits = |m: &Array2<bf16>| m.mapv(bf16::to_bits);
-        for (name, kernel) in
-            kernels::<f32, bf16>(&[("portable 16", update_portable::<f32, bf16, 16>)])
-        {
+        let mut extra = bf16_kernels_beside_the_level();
+        extra.push(("portable 16", update_portable::<f32, bf16, 16>));
+        for (name, kernel) in kernels::<f32, bf16>(&extra) {
             let got = run_layout(kernel, 1.0, &b, &a, &w, 0, false, 1);
             assert_eq!(bits(&got), bits(&want), "{name}");
         }

@@ -25,6 +25,11 @@ impl Element for f32 {
     const ZERO: Self = 0.0;
     const INFINITY_BITS: u64 = f32::INFINITY.to_bits() as u64;
     fn max_abs_bits(values: &[Self]) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, just checked.
+            return u64::from(unsafe { super::x86::max_abs_bits_avx2_f32(values) });
+        }
         let max = values.iter().map(|v| v.to_bits() & 0x7fff_ffff).max();
         u64::from(max.unwrap_or(0))
     }
