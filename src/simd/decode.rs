@@ -357,7 +357,9 @@ pub(super) unsafe fn product<V, W, const MR: usize, const NX: usize>(
 }
 
 /// Panels of at most this many rows of X run the kernels' small-panel tile: more rows of W
-/// per tile (more independent streams from memory, fewer accumulators per row).
+/// per tile (more independent streams from memory, fewer accumulators per row). Only the
+/// x86-64 kernels split so far.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) const SMALL_PANEL: usize = 2;
 
 /// [`product`] with the `MR`×`NX` tile, or when Y has at most [`SMALL_PANEL`] rows, the
@@ -367,6 +369,7 @@ pub(super) const SMALL_PANEL: usize = 2;
 /// # Safety
 /// As [`product`] for both tiles.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) unsafe fn product_small_split<
     V,
     W,

@@ -726,12 +726,12 @@ mod tests {
 
     #[cfg(not(target_arch = "x86_64"))]
     fn wide_f32() -> (&'static str, UpdateFn<f32>, bool) {
-        ("portable 16", update_portable::<f32, 16>, true)
+        ("portable 16", update_portable::<f32, f32, 16>, true)
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     fn wide_f64() -> (&'static str, UpdateFn<f64>, bool) {
-        ("portable 8", update_portable::<f64, 8>, true)
+        ("portable 8", update_portable::<f64, f64, 8>, true)
     }
 
     /// The body at width `L` with no CPU feature (each `mul_add` a libm call; slow, exact).
