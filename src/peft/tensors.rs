@@ -344,7 +344,15 @@ pub(crate) fn decode<A: LoraFloat>(
         });
     }
     let mut values: Vec<A> = Vec::with_capacity(rows * cols);
-    if !for_each_float(dtype, data, |v| values.push(A::from_f64_lossy(v))) {
+    if dtype == Dtype::F32 {
+        // PEFT's own dtype, and most of a merge's adapter: one pass the compiler vectorises
+        // (the general path below pushes one element at a time; 2–3 % of a whole merge).
+        values.extend(
+            data.chunks_exact(4).map(|c| {
+                A::from_f64_lossy(f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            }),
+        );
+    } else if !for_each_float(dtype, data, |v| values.push(A::from_f64_lossy(v))) {
         return Err(LoraError::PeftTensor {
             name: name.to_owned(),
             expected: "dtype F32, F64, F16 or BF16",
