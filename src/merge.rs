@@ -5,7 +5,7 @@
 
 use ndarray::{s, ArrayView2, ArrayViewMut2};
 
-use crate::check::{check_finite, max_abs};
+use crate::check::{all_finite, check_finite, max_abs};
 use crate::error::{LoraError, Result};
 use crate::float::LoraFloat;
 
@@ -61,6 +61,28 @@ pub(crate) fn update_weight_within<A: LoraFloat>(
     )?;
     A::rank_update(alpha, weight_b, weight_a, base_weight.view_mut());
     *w_abs_bound = new_bound;
+    Ok(())
+}
+
+/// [`update_weight_within`] out of place, for a `target` the caller discards on error:
+/// `target` ← W + α·B A with W read from `base_weight` (`target`'s shape, not written),
+/// refused with [`LoraError::WouldOverflow`] when an element of the result is not finite.
+/// That is the criterion of `checked_update_bound`'s exact check (the update computed, every
+/// element finite); its fast path only proves it without computing. Checking the result
+/// after the fact reads W once, in the update, rather than once more before it: the bound's
+/// pass over W costs as much as the update's own reading when W comes from memory.
+pub(crate) fn update_weight_into<A: LoraFloat>(
+    base_weight: ArrayView2<'_, A>,
+    mut target: ArrayViewMut2<'_, A>,
+    weight_a: ArrayView2<'_, A::Factor>,
+    weight_b: ArrayView2<'_, A::Factor>,
+    alpha: A::Factor,
+    operation: &'static str,
+) -> Result<()> {
+    A::rank_update_from(alpha, weight_b, weight_a, base_weight, target.view_mut());
+    if !all_finite(target.view()) {
+        return Err(LoraError::WouldOverflow { operation });
+    }
     Ok(())
 }
 

@@ -7,7 +7,9 @@ use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis, Zip};
 use crate::backend::kernel_threads;
 use crate::blas::{count, GemmScalar};
 use crate::matmul::gemm;
-use crate::simd::rank_update::{fused_rank_update, UpdateElement, UpdateWeight};
+use crate::simd::rank_update::{
+    fused_rank_update, fused_rank_update_from, UpdateElement, UpdateWeight,
+};
 use crate::simd::{simd_level, SimdLevel};
 
 /// W ← W + α·B A (B d×r, A r×k, W d×k) for f32/f64: the merge update. Runs the fused SIMD kernel
@@ -69,6 +71,35 @@ pub(crate) fn rank_update_with<T, W>(
         gemm(alpha, b, a, T::zero(), t.view_mut());
         Zip::from(w).and(&t).for_each(|w, &t| *w = add(*w, t));
     }
+}
+
+/// [`rank_update_with`] out of place: W ← W₀ + α·B A with W₀ read from `src` (W's shape),
+/// the same bits as copying W₀ into W and updating it there. The fused kernel reads W₀ as it
+/// goes (W₀ is read once, W written once); elsewhere W₀ is copied into W first.
+///
+/// # Panics
+/// If the shapes do not chain (an internal bug: callers validate first).
+#[track_caller]
+pub(crate) fn rank_update_with_from<T, W>(
+    alpha: T,
+    b: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    src: ArrayView2<'_, W>,
+    mut w: ArrayViewMut2<'_, W>,
+    add: impl Fn(W, T) -> W,
+) where
+    T: GemmScalar + UpdateElement + num_traits::Float,
+    W: UpdateWeight<T> + Copy,
+{
+    let level = simd_level();
+    if level != SimdLevel::Scalar
+        && fused_rank_update_from(level, alpha, b, a, src, w.view_mut(), kernel_threads())
+    {
+        count(|c| c.fused_updates += 1);
+        return;
+    }
+    w.assign(&src);
+    rank_update_with(alpha, b, a, w, add)
 }
 
 /// Elements of the temporary per band in [`rank_update_with`]'s gemm path (4 MiB of f32)...

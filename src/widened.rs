@@ -25,7 +25,7 @@ use crate::scratch::{grown, LoraScratch};
 use crate::simd::convert::{round_slice, widen_slice, ConvertWeight};
 use crate::simd::decode::ProductWeight;
 use crate::simd::rank_update::UpdateWeight;
-use crate::update::rank_update_with;
+use crate::update::{rank_update_with, rank_update_with_from};
 
 /// f32 elements per cache line.
 const LINE_ELEMENTS: usize = 16;
@@ -268,4 +268,15 @@ pub(crate) fn rank_update<H: HalfElement + UpdateWeight<f32>>(
     w: ArrayViewMut2<'_, H>,
 ) {
     rank_update_with(alpha, b, a, w, |w, t| H::narrow(w.widen() + t))
+}
+
+/// [`rank_update`] out of place: W ← H( f32(W₀) + fl(α·B A) ) with W₀ read from `src`.
+pub(crate) fn rank_update_from<H: HalfElement + UpdateWeight<f32>>(
+    alpha: f32,
+    b: ArrayView2<'_, f32>,
+    a: ArrayView2<'_, f32>,
+    src: ArrayView2<'_, H>,
+    w: ArrayViewMut2<'_, H>,
+) {
+    rank_update_with_from(alpha, b, a, src, w, |w, t| H::narrow(w.widen() + t))
 }

@@ -309,7 +309,7 @@ fn f64_checkpoint_merges_as_the_reference() {
 /// blocks that several threads write at their offsets: the output must match the reference and
 /// be the same bytes for any thread count.
 #[test]
-fn banded_tensors_and_copy_blocks_give_the_same_bytes_on_any_thread_count() {
+fn banded_tensors_and_copy_blocks_give_the_same_bytes_on_any_thread_count_mapped_or_not() {
     let dir = temp_dir("bands");
     let (base, adapter) = (dir.join("base.safetensors"), dir.join("adapter"));
     // 700 rows of 2400 bytes: bands of 436 rows; 1500 rows of 1400 bytes (BF16): 748 rows.
@@ -336,18 +336,25 @@ fn banded_tensors_and_copy_blocks_give_the_same_bytes_on_any_thread_count() {
 
     let mut outputs = Vec::new();
     for threads in [1, 2, 3] {
-        // (The return value says whether a BLAS library took the count too; ndlora's own
-        // workers always do.)
-        ndlora::set_blas_threads(threads.min(ndlora::max_threads()));
-        let out = dir.join(format!("out{threads}"));
-        let summary = merge(&base, &adapter, &out, &options(), &mut no_progress()).unwrap();
-        assert_eq!((summary.merged, summary.copied), (2, 1));
-        outputs.push(std::fs::read(out.join("base.safetensors")).unwrap());
+        // Merged bands read through a map (the default) and with `pread`.
+        for map_inputs in [true, false] {
+            // (The return value says whether a BLAS library took the count too; ndlora's
+            // own workers always do.)
+            ndlora::set_blas_threads(threads.min(ndlora::max_threads()));
+            let out = dir.join(format!("out{threads}{}", if map_inputs { "" } else { "p" }));
+            let options = MergeOptions {
+                map_inputs,
+                ..options()
+            };
+            let summary = merge(&base, &adapter, &out, &options, &mut no_progress()).unwrap();
+            assert_eq!((summary.merged, summary.copied), (2, 1));
+            outputs.push(std::fs::read(out.join("base.safetensors")).unwrap());
+        }
     }
     ndlora::set_blas_threads(1);
     assert!(
         outputs.iter().all(|o| *o == outputs[0]),
-        "thread counts differ"
+        "thread counts or read methods differ"
     );
 
     let o = read_checkpoint(&dir.join("out1").join("base.safetensors"));

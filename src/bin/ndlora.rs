@@ -64,6 +64,10 @@ struct MergeArgs {
     /// Do not sync the output to disk before renaming it into place.
     #[arg(long)]
     no_sync: bool,
+    /// Read the base with pread instead of through a memory map (same output; a map is
+    /// faster and guarded against the base being truncated meanwhile).
+    #[arg(long)]
+    no_mmap: bool,
     /// No progress bar and no summary.
     #[arg(long, short)]
     quiet: bool,
@@ -114,6 +118,7 @@ fn run_merge(args: MergeArgs, operation: Operation) -> Result<ExitCode, LoraErro
         operation,
         force: args.force,
         sync: !args.no_sync,
+        map_inputs: !args.no_mmap,
     };
     let bar = if args.quiet {
         ProgressBar::hidden()

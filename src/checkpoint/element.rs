@@ -13,7 +13,7 @@ use safetensors::Dtype;
 use crate::check::all_finite;
 use crate::error::{LoraError, Result};
 use crate::float::LoraFloat;
-use crate::merge::update_weight_within;
+use crate::merge::{update_weight_into, update_weight_within};
 
 /// A plain float type stored little-endian in safetensors files.
 ///
@@ -181,6 +181,21 @@ pub(crate) fn update<W: Weight>(
     // An infinite bound makes the update measure max|W| itself (one read of W).
     let mut bound = f64::INFINITY;
     update_weight_within(w, &mut bound, a, b, alpha, delta, operation)
+}
+
+/// [`update`] out of place, for a `target` the caller discards on error: `target` ← W +
+/// α·B A with W read from `w` (`target`'s shape, not written), the same bits;
+/// an update that would leave a weight not finite is refused after the fact
+/// (`merge::update_weight_into`).
+pub(crate) fn update_into<W: Weight>(
+    w: ArrayView2<'_, W>,
+    target: ArrayViewMut2<'_, W>,
+    a: ArrayView2<'_, W::Factor>,
+    b: ArrayView2<'_, W::Factor>,
+    alpha: W::Factor,
+    operation: &'static str,
+) -> Result<()> {
+    update_weight_into(w, target, a, b, alpha, operation)
 }
 
 /// W ← W + dtype(α·B A): PEFT's embedding merge (`weight.data += delta_weight.to(orig_dtype)`),

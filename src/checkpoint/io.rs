@@ -1,7 +1,7 @@
-//! Positioned reads, writes and range copies between files: the only system calls of the
-//! checkpoint module. Inputs are read with `pread` (`read_exact_at`) and never memory-mapped,
-//! so a file truncated while it is read gives an error, not a `SIGBUS`; outputs are written
-//! with `pwrite` at their final offsets, so several threads can fill one file.
+//! Positioned reads, writes and range copies between files. Inputs are read with `pread`
+//! (`read_exact_at`; merged bands may come from a guarded map instead, `mapped.rs`), so a
+//! file truncated while it is read gives an error; outputs are written with `pwrite` at
+//! their final offsets, so several threads can fill one file.
 
 use std::fs::File;
 use std::io;

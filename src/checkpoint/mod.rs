@@ -48,9 +48,11 @@
 //! shard, by [`set_blas_threads`](crate::set_blas_threads) worker threads taking the blocks in
 //! order: a tensor the adapter does not touch is copied file to file in ranges of 64 MiB (by
 //! the kernel, `copy_file_range`, on Linux); a merged tensor is done a band of rows at a time
-//! (about 1 MiB): the band is read with `pread` into the worker's own buffer, updated there
-//! while it is in the core's cache, and written at its final offset with `pwrite`. Each byte
-//! is read once and written once, and nothing is allocated per tensor: peak memory is the
+//! (about 1 MiB): the update reads the band from the base file's map (or, with
+//! [`MergeOptions::map_inputs`] off or where maps are not used, from a copy read with
+//! `pread`), writes the result into the worker's own buffer, checks it finite there while it
+//! is in the core's cache, and the buffer is written at its final offset with `pwrite`. Each
+//! byte is read once and written once, and nothing is allocated per tensor: peak memory is the
 //! adapter's file plus about 1 MiB per thread (a replaced tensor, from `modules_to_save`, is
 //! held whole), whatever the checkpoint's size. The bytes written do not depend on the thread
 //! count.
@@ -64,10 +66,17 @@
 //! [`LoraError`] naming the file and, where there is one, the tensor
 //! ([`LoraError::InTensor`]); no input makes it panic.
 //!
-//! Inputs are read with `pread`, never memory-mapped: a file that another process truncates
-//! while it is read gives an I/O error naming it (a mapped file would raise `SIGBUS` and kill
-//! the process). A file that is rewritten in place (not truncated) while it is read may give
-//! a mix of old and new bytes, as with any reader.
+//! A base file that another process truncates while it is read gives an I/O error naming it,
+//! and the process lives on. Read with `pread`, that is the short read; read through a map
+//! (the default on Linux) it would be a `SIGBUS`, which ends a plain mmap reader: ndlora
+//! registers its maps with a `SIGBUS` handler it installs once per process, which maps zeros
+//! over the vanished pages and marks the map, and the band is refused before it is written
+//! ("the file was truncated while it was read"). Faults outside ndlora's maps go to the
+//! handler installed before it, as if it were not there. A program that replaces the
+//! `SIGBUS` handler after ndlora's without chaining to it takes the guard away; it should set
+//! [`MergeOptions::map_inputs`] to `false`. A file that is rewritten in place (not truncated)
+//! while it is read may give a mix of old and new bytes, as with any reader. The adapter and
+//! the tensors copied unchanged are never mapped.
 //!
 //! ## Output
 //!
@@ -103,6 +112,8 @@
 mod adapter;
 mod element;
 mod io;
+#[cfg(target_os = "linux")]
+mod mapped;
 mod plan;
 mod reader;
 mod stream;
@@ -118,6 +129,25 @@ pub use reader::{Checkpoint, TensorInfo, INDEX_FILE, MAX_INDEX_SIZE, SINGLE_FILE
 
 use crate::error::{LoraError, Result};
 use crate::peft::open_regular;
+
+/// Where maps are not used: every read is a `pread`.
+#[cfg(not(target_os = "linux"))]
+mod mapped {
+    /// Never made: [`open`](MappedFile::open) declines.
+    pub(crate) struct MappedFile(std::convert::Infallible);
+
+    impl MappedFile {
+        pub(crate) fn open(_: &std::fs::File, _: u64) -> Option<Self> {
+            None
+        }
+        pub(crate) fn bytes(&self) -> &[u8] {
+            match self.0 {}
+        }
+        pub(crate) fn check(&self) -> std::io::Result<()> {
+            match self.0 {}
+        }
+    }
+}
 
 /// Whether [`merge`] adds the adapter's update to the base or subtracts it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -152,6 +182,11 @@ pub struct MergeOptions {
     /// place (default `true`), so that a complete-looking output is complete after a power
     /// failure too.
     pub sync: bool,
+    /// Read the base's merged tensors through a memory map (default `true`; Linux on a
+    /// little-endian CPU, elsewhere always `pread`): the update reads the page cache itself
+    /// instead of a copy of it, and a base file truncated meanwhile is caught (see *Files
+    /// from elsewhere*). `false` reads them with `pread`; the output is the same.
+    pub map_inputs: bool,
 }
 
 impl Default for MergeOptions {
@@ -160,6 +195,7 @@ impl Default for MergeOptions {
             operation: Operation::Merge,
             force: false,
             sync: true,
+            map_inputs: true,
         }
     }
 }

@@ -1,10 +1,11 @@
 //! The merge's engine: each output shard is cut into blocks — byte ranges of tensors copied
 //! unchanged, bands of rows of a merged tensor, whole replaced tensors — which worker threads
-//! take in order. A worker reads its block with `pread` into a buffer it keeps (a band is about
-//! [`BAND_BYTES`], small enough to stay in the core's cache while it is updated), updates it
-//! and writes it at its final offset with `pwrite`: each byte of the base is read once from the
-//! page cache and written once into the output's, whatever the checkpoint's size, and no
-//! memory is allocated per tensor.
+//! take in order. A worker computes a band (about [`BAND_BYTES`], small enough to stay in the
+//! core's cache) into a buffer it keeps — the update reading the base from the shard's map
+//! (`mapped.rs`), or from the buffer itself after a `pread` — and writes it at its final
+//! offset with `pwrite`: each byte of the base is read once from the page cache and written
+//! once into the output's, whatever the checkpoint's size, and no memory is allocated per
+//! tensor.
 
 use std::fs::File;
 use std::ops::Range;
@@ -13,12 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::Mutex;
 
-use ndarray::{s, Array2, ArrayViewMut2};
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2};
 use safetensors::Dtype;
 
 use super::adapter::{AdapterModule, AdapterTensor, CheckpointAdapter, ModuleKind};
 use super::element::{self, bytes_of, elements_mut, read_elements, to_little_endian, Weight};
 use super::io::{copy_range_at, start_writeback, write_all_at};
+use super::mapped::MappedFile;
 use super::plan::{self, Plan};
 use super::reader::{Checkpoint, Entry, Shard};
 use super::{writer, MergeOptions, MergeSummary, Operation, Progress};
@@ -114,6 +116,7 @@ pub(super) fn write_shards(
         };
         let mut remaining = vec![0usize; shard.entries.len()];
         blocks.iter().for_each(|b| remaining[b.entry] += 1);
+        let mapped = map_for_updates(shard, &works, options);
         let job = Job {
             shard,
             adapter,
@@ -121,6 +124,7 @@ pub(super) fn write_shards(
             works: &works,
             blocks: &blocks,
             out,
+            mapped: mapped.as_ref(),
         };
         run(&job, kernel_threads(), &mut buffer, &mut |entry| {
             remaining[entry] -= 1;
@@ -264,6 +268,29 @@ fn update_for(
     }
 }
 
+/// `shard`'s file mapped for reading its merged tensors, where `options` want maps, the
+/// host is little-endian (the data is used as it lies) and some tensor is updated.
+fn map_for_updates(
+    shard: &Shard,
+    works: &[Work<'_>],
+    options: &MergeOptions,
+) -> Option<MappedFile> {
+    let updates = works.iter().any(|w| {
+        matches!(
+            w,
+            Work::New {
+                replacement: None,
+                update: Some(_)
+            }
+        )
+    });
+    if !(options.map_inputs && updates && cfg!(target_endian = "little")) {
+        return None;
+    }
+    let end = shard.entries.iter().map(|e| e.end).max().unwrap_or(0);
+    MappedFile::open(&shard.file, shard.data_start.checked_add(end)?)
+}
+
 /// An output shard being written.
 struct Output<'a> {
     file: &'a File,
@@ -280,6 +307,8 @@ struct Job<'a> {
     works: &'a [Work<'a>],
     blocks: &'a [Block],
     out: Output<'a>,
+    /// The shard's file, mapped ([`map_for_updates`]).
+    mapped: Option<&'a MappedFile>,
 }
 
 /// Runs `job`'s blocks on `threads` workers — the calling thread, with `buffer` as its
@@ -428,6 +457,24 @@ impl NewBlock<'_> {
         };
         let data: &mut [W] = elements_mut(buffer, count, &shard.path)?;
         let offset = entry.begin + (first * std::mem::size_of::<W>()) as u64;
+        let source = match (self.replacement, factors) {
+            (None, Some(f)) if !f.rounded_first => self.mapped::<W>(offset, count),
+            _ => None,
+        };
+        if let (Some((map, source, range)), Some(f)) = (source, factors) {
+            // The band is read from the map by the update itself and written into `data`.
+            let rows = self.rows.clone().unwrap_or(0..entry.shape[0]);
+            let shape = (rows.len(), cols);
+            let bad_shape = |_| plan::unsupported_weight(entry.dtype, &entry.shape);
+            let w = ArrayView2::from_shape(shape, source).map_err(bad_shape)?;
+            let target = ArrayViewMut2::from_shape(shape, &mut *data).map_err(bad_shape)?;
+            let b = f.b.slice(s![rows, ..]);
+            element::update_into::<W>(w, target, f.a.view(), b, f.alpha, operation)?;
+            map.check().map_err(|e| LoraError::io(&shard.path, &e))?;
+            map.release(range);
+            return write_all_at(out.file, bytes_of(data), out.data_start + offset)
+                .map_err(|e| LoraError::io(out.path, &e));
+        }
         match self.replacement {
             Some(t) => {
                 data.fill(W::default());
@@ -453,5 +500,28 @@ impl NewBlock<'_> {
         to_little_endian(data);
         write_all_at(out.file, bytes_of(data), out.data_start + offset)
             .map_err(|e| LoraError::io(out.path, &e))
+    }
+
+    /// The `count` elements at `offset` in the tensor data, in the shard's map, if it has one
+    /// that holds them with W's alignment (a file may place a tensor anywhere; such a
+    /// tensor is read with `pread`).
+    /// Also returns the elements' byte range in the map.
+    fn mapped<W: Weight>(
+        &self,
+        offset: u64,
+        count: usize,
+    ) -> Option<(&MappedFile, &[W], Range<usize>)> {
+        let map = self.job.mapped?;
+        let start = usize::try_from(self.job.shard.data_start.checked_add(offset)?).ok()?;
+        let range = start..start.checked_add(count.checked_mul(std::mem::size_of::<W>())?)?;
+        let bytes = map.bytes().get(range.clone())?;
+        if !bytes.as_ptr().cast::<W>().is_aligned() {
+            return None;
+        }
+        // SAFETY: `bytes` holds `count` elements' bytes, aligned for W, borrowed from the map
+        // for as long as the result; every bit pattern is a valid W (`Element`'s contract).
+        // The map is read-only and ndlora never writes the file.
+        let elements = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<W>(), count) };
+        Some((map, elements, range))
     }
 }

@@ -13,7 +13,7 @@ use super::LoraFloat;
 use crate::matmul::{add_terms_same, forward_same, LoraTerm};
 use crate::scratch::LoraScratch;
 use crate::simd::vector::Element;
-use crate::update::rank_update_same;
+use crate::update::{rank_update_same, rank_update_with_from};
 use crate::widened;
 
 /// The factor type of `A`.
@@ -64,6 +64,17 @@ pub trait Precision: Sized + Copy {
         w: ArrayViewMut2<'_, Self>,
     ) where
         Self: LoraFloat;
+
+    /// W ← W₀ + α·B A with W₀ read from `src` (W's shape): [`rank_update`](Self::rank_update)
+    /// of a copy of W₀, with the same bits, without the copy where the fused kernel runs.
+    fn rank_update_from(
+        alpha: F<Self>,
+        b: ArrayView2<'_, F<Self>>,
+        a: ArrayView2<'_, F<Self>>,
+        src: ArrayView2<'_, Self>,
+        w: ArrayViewMut2<'_, Self>,
+    ) where
+        Self: LoraFloat;
 }
 
 macro_rules! impl_same_precision {
@@ -104,6 +115,15 @@ macro_rules! impl_same_precision {
                 w: ArrayViewMut2<'_, $t>,
             ) {
                 rank_update_same(alpha, b, a, w)
+            }
+            fn rank_update_from(
+                alpha: $t,
+                b: ArrayView2<'_, $t>,
+                a: ArrayView2<'_, $t>,
+                src: ArrayView2<'_, $t>,
+                w: ArrayViewMut2<'_, $t>,
+            ) {
+                rank_update_with_from(alpha, b, a, src, w, |w, t| w + t)
             }
         }
     };
@@ -150,6 +170,15 @@ macro_rules! impl_half_precision {
                 w: ArrayViewMut2<'_, $t>,
             ) {
                 widened::rank_update(alpha, b, a, w)
+            }
+            fn rank_update_from(
+                alpha: f32,
+                b: ArrayView2<'_, f32>,
+                a: ArrayView2<'_, f32>,
+                src: ArrayView2<'_, $t>,
+                w: ArrayViewMut2<'_, $t>,
+            ) {
+                widened::rank_update_from(alpha, b, a, src, w)
             }
         }
     };

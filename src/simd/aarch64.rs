@@ -66,9 +66,9 @@ impl WideLoad<f32> for Neon {
         unsafe { self.store(p) }
     }
     #[inline(always)]
-    unsafe fn add_scaled(p: *mut f32, alpha: Self, acc: Self) {
-        // SAFETY: forwarded: 4 readable and writable floats at `p`.
-        unsafe { Self::load(p).mul_add(alpha, acc).store(p) }
+    unsafe fn add_scaled(src: *const f32, dst: *mut f32, alpha: Self, acc: Self) {
+        // SAFETY: forwarded: 4 readable floats at `src`, 4 writable at `dst`.
+        unsafe { Self::load(src).mul_add(alpha, acc).store(dst) }
     }
 }
 
@@ -80,11 +80,11 @@ impl WideLoad<bf16> for Neon {
         Self(unsafe { vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p.cast::<u16>()))) })
     }
     #[inline(always)]
-    unsafe fn add_scaled(p: *mut bf16, alpha: Self, acc: Self) {
-        // SAFETY: NEON present; 4 readable and writable halves at `p`.
+    unsafe fn add_scaled(src: *const bf16, dst: *mut bf16, alpha: Self, acc: Self) {
+        // SAFETY: NEON present; 4 readable halves at `src`, 4 writable at `dst`.
         unsafe {
-            let v = vaddq_f32(Self::load_wide(p).0, vmulq_f32(alpha.0, acc.0));
-            Self(v).store_narrow(p)
+            let v = vaddq_f32(Self::load_wide(src).0, vmulq_f32(alpha.0, acc.0));
+            Self(v).store_narrow(dst)
         }
     }
     #[inline(always)]

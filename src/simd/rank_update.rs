@@ -67,13 +67,18 @@ const A_BLOCK_BYTES: usize = 2048 * 1024;
 /// ```
 pub const MAX_FUSED_RANK: usize = 256;
 
-/// Raw operands of W ← W + α·B A. W and A have unit column stride; B any strides. W is
-/// stored as `W`: the compute type `T` itself, or a half type (`bf16`, `f16` with f32
-/// factors) that the kernel widens as it loads and rounds once as it stores.
+/// Raw operands of W ← W₀ + α·B A, where W₀ is W itself (in place) or another matrix of
+/// W's shape (`src`: the update reads W₀ there and writes the sum into W, so a caller that
+/// holds the base in memory it cannot write, e.g. a mapped file, does not copy it first).
+/// W, W₀ and A have unit column stride; B any strides. W is stored as `W`: the compute type
+/// `T` itself, or a half type (`bf16`, `f16` with f32 factors) that the kernel widens as it
+/// loads and rounds once as it stores.
 #[derive(Clone, Copy)]
 pub struct Operands<T, W = T> {
     w: *mut W,
     w_row: isize,
+    src: *const W,
+    src_row: isize,
     a: *const T,
     a_row: isize,
     b: *const T,
@@ -85,11 +90,12 @@ pub struct Operands<T, W = T> {
     alpha: T,
 }
 
-/// W ← W + α·B A over `o`.
+/// W ← W₀ + α·B A over `o`.
 ///
 /// # Safety
 /// `o` describes valid memory: Wᵢⱼ at `w + i·w_row + j` (writable, aliasing nothing else
-/// read here) for i < d, j < k; Aₚⱼ at `a + p·a_row + j` and Bᵢₚ at `b + i·b_row + p·b_col`
+/// read here but W₀ᵢⱼ) and W₀ᵢⱼ at `src + i·src_row + j` (readable; the same element as Wᵢⱼ
+/// or one no Wᵢ'ⱼ' overlaps) for i < d, j < k; Aₚⱼ at `a + p·a_row + j` and Bᵢₚ at `b + i·b_row + p·b_col`
 /// readable for p < r. The CPU supports the kernel's instructions.
 pub type UpdateFn<T, W = T> = unsafe fn(o: &Operands<T, W>);
 
@@ -186,6 +192,45 @@ pub(crate) fn fused_rank_update<T: UpdateElement, W: UpdateWeight<T>>(
     w: ArrayViewMut2<'_, W>,
     threads: usize,
 ) -> bool {
+    fused(level, alpha, b, a, None, w, threads)
+}
+
+/// [`fused_rank_update`] out of place: W ← W₀ + α·B A, reading W₀ from `src` (W's shape)
+/// and writing only W, with the same bits as the update in place would leave. Returns
+/// `false` (W untouched) where the in-place one would, or when `src` lacks a unit stride
+/// along the axis W has one.
+///
+/// # Panics
+/// If the shapes do not chain (an internal bug: callers validate first).
+#[track_caller]
+pub(crate) fn fused_rank_update_from<T: UpdateElement, W: UpdateWeight<T>>(
+    level: SimdLevel,
+    alpha: T,
+    b: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    src: ArrayView2<'_, W>,
+    w: ArrayViewMut2<'_, W>,
+    threads: usize,
+) -> bool {
+    assert_eq!(
+        src.dim(),
+        w.dim(),
+        "rank update source and target differ in shape"
+    );
+    fused(level, alpha, b, a, Some(src), w, threads)
+}
+
+/// The two above: W ← W₀ + α·B A with W₀ = `src`, or W itself when `None`.
+#[track_caller]
+fn fused<T: UpdateElement, W: UpdateWeight<T>>(
+    level: SimdLevel,
+    alpha: T,
+    b: ArrayView2<'_, T>,
+    a: ArrayView2<'_, T>,
+    src: Option<ArrayView2<'_, W>>,
+    w: ArrayViewMut2<'_, W>,
+    threads: usize,
+) -> bool {
     let ((d, r), (r2, k)) = (b.dim(), a.dim());
     assert!(
         r == r2 && w.dim() == (d, k),
@@ -204,32 +249,37 @@ pub(crate) fn fused_rank_update<T: UpdateElement, W: UpdateWeight<T>>(
     };
     match W::kernel(level) {
         // SAFETY: `level` runs on this CPU (checked above), r ≤ MAX_FUSED_RANK.
-        Some(kernel) => unsafe { apply(kernel, alpha, b, a, w, threads) },
+        Some(kernel) => unsafe { apply(kernel, alpha, b, a, src, w, threads) },
         None => false,
     }
 }
 
-/// [`fused_rank_update`] with a given kernel on up to `threads` threads: picks the
-/// orientation in which W has unit column stride, or returns `false` when W has no unit
-/// stride.
+/// [`fused`] with a given kernel on up to `threads` threads: picks the orientation in which
+/// W (and W₀) has unit column stride, or returns `false` when there is none.
 ///
 /// # Safety
-/// The CPU supports `kernel`'s instructions; r ≤ [`MAX_FUSED_RANK`]; shapes chain.
+/// The CPU supports `kernel`'s instructions; r ≤ [`MAX_FUSED_RANK`]; shapes chain; `src`,
+/// if any, has W's shape.
 unsafe fn apply<T: Element, W: Stored<T>>(
     kernel: UpdateFn<T, W>,
     alpha: T,
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
+    src: Option<ArrayView2<'_, W>>,
     w: ArrayViewMut2<'_, W>,
     threads: usize,
 ) -> bool {
     let (d, k) = w.dim();
     let unit = |extent: usize, stride: isize| extent <= 1 || stride == 1;
-    if unit(k, w.strides()[1]) {
+    let unit_both = |axis: usize, extent: usize| {
+        unit(extent, w.strides()[axis])
+            && src.as_ref().is_none_or(|s| unit(extent, s.strides()[axis]))
+    };
+    if unit_both(1, k) {
         // SAFETY: forwarded.
-        unsafe { run(kernel, alpha, b, a, w, threads) };
+        unsafe { run(kernel, alpha, b, a, src, w, threads) };
         true
-    } else if unit(d, w.strides()[0]) {
+    } else if unit_both(0, d) {
         // Column-major W: Wᵀ (k×d, unit column stride) ← Wᵀ + α·Aᵀ Bᵀ. Every element is
         // still the FMA chain Σₚ Bᵢₚ·Aₚⱼ in order p = 0..r (products commute exactly).
         // SAFETY: forwarded.
@@ -239,6 +289,7 @@ unsafe fn apply<T: Element, W: Stored<T>>(
                 alpha,
                 a.reversed_axes(),
                 b.reversed_axes(),
+                src.map(|s| s.reversed_axes()),
                 w.reversed_axes(),
                 threads,
             )
@@ -249,17 +300,19 @@ unsafe fn apply<T: Element, W: Stored<T>>(
     }
 }
 
-/// W ← W + α·B A with W of unit column stride, its rows split over up to `threads`
-/// threads (each takes a band of whole `MR`-row blocks, so every element is still computed
-/// by the same formula; a band whose thread cannot start runs on the calling thread).
+/// W ← W₀ + α·B A with W (and W₀) of unit column stride, its rows split over up to
+/// `threads` threads (each takes a band of whole `MR`-row blocks, so every element is still
+/// computed by the same formula; a band whose thread cannot start runs on the calling
+/// thread).
 ///
 /// # Safety
-/// As [`apply`], and W has unit column stride (or k ≤ 1).
+/// As [`apply`], and W and `src` have unit column stride (or k ≤ 1).
 unsafe fn run<T: Element, W: Stored<T>>(
     kernel: UpdateFn<T, W>,
     alpha: T,
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
+    src: Option<ArrayView2<'_, W>>,
     w: ArrayViewMut2<'_, W>,
     threads: usize,
 ) {
@@ -276,33 +329,50 @@ unsafe fn run<T: Element, W: Stored<T>>(
         a_owned.view()
     };
     let mut parts = Vec::new();
-    let (mut w, mut b) = (w, b);
+    let (mut w, mut b, mut src) = (w, b, src);
     for (_, len) in row_bands(d, threads, MR) {
         let (w_band, w_rest) = w.split_at(Axis(0), len);
         let (b_band, b_rest) = b.split_at(Axis(0), len);
-        parts.push((w_band, b_band));
-        (w, b) = (w_rest, b_rest);
+        let (src_band, src_rest) = match src {
+            Some(s) => {
+                let (band, rest) = s.split_at(Axis(0), len);
+                (Some(band), Some(rest))
+            }
+            None => (None, None),
+        };
+        parts.push((w_band, b_band, src_band));
+        (w, b, src) = (w_rest, b_rest, src_rest);
     }
     // SAFETY: forwarded for each band of rows, which no other part touches; A now has unit
     // column stride.
-    run_parts(parts, |(w, b)| unsafe { run_rows(kernel, alpha, b, a, w) });
+    run_parts(parts, |(w, b, src)| unsafe {
+        run_rows(kernel, alpha, b, a, src, w)
+    });
 }
 
-/// W ← W + α·B A on the calling thread.
+/// W ← W₀ + α·B A on the calling thread.
 ///
 /// # Safety
-/// As [`apply`], W and A have unit column stride (or k ≤ 1), and d, k, r ≥ 1.
+/// As [`apply`], W, `src` and A have unit column stride (or k ≤ 1), and d, k, r ≥ 1.
 unsafe fn run_rows<T: Element, W: Stored<T>>(
     kernel: UpdateFn<T, W>,
     alpha: T,
     b: ArrayView2<'_, T>,
     a: ArrayView2<'_, T>,
+    src: Option<ArrayView2<'_, W>>,
     mut w: ArrayViewMut2<'_, W>,
 ) {
     let (d, k) = w.dim();
+    let w_ptr = w.as_mut_ptr();
+    let (src, src_row) = match src {
+        Some(s) => (s.as_ptr(), s.strides()[0]),
+        None => (w_ptr.cast_const(), w.strides()[0]),
+    };
     let o = Operands {
-        w: w.as_mut_ptr(),
+        w: w_ptr,
         w_row: w.strides()[0],
+        src,
+        src_row,
         a: a.as_ptr(),
         a_row: a.strides()[0],
         b: b.as_ptr(),
@@ -316,7 +386,7 @@ unsafe fn run_rows<T: Element, W: Stored<T>>(
     // SAFETY: the pointers and strides are those of live views of the stated shapes (for an
     // axis of extent 1 the stride is never multiplied by a non-zero index); W's and A's
     // column strides are 1 (or k = 1); `w` is a unique borrow, so W aliases neither A nor
-    // B. The CPU supports `kernel` and r ≤ MAX_FUSED_RANK, by this function's contract.
+    // B, nor a separate `src` (a shared view, which a unique borrow cannot overlap). The CPU supports `kernel` and r ≤ MAX_FUSED_RANK, by this function's contract.
     unsafe { kernel(&o) }
 }
 
@@ -491,8 +561,8 @@ unsafe fn tile<V: WideLoad<W>, W: Stored<V::Elem>, const M: usize, const N: usiz
     // states: rows i..i + M ≤ d, columns j..j + N·l ≤ k, p < r ≤ MAX_FUSED_RANK.
     unsafe {
         for m in 0..M {
-            let ahead = (i + m) as isize * o.w_row + (j + PREFETCH_AHEAD) as isize;
-            V::prefetch(o.w.wrapping_offset(ahead).cast());
+            let ahead = (i + m) as isize * o.src_row + (j + PREFETCH_AHEAD) as isize;
+            V::prefetch(o.src.wrapping_offset(ahead).cast());
         }
         let mut acc = [[V::zero(); N]; M];
         for p in 0..o.r {
@@ -509,8 +579,9 @@ unsafe fn tile<V: WideLoad<W>, W: Stored<V::Elem>, const M: usize, const N: usiz
         let alpha = V::splat(o.alpha);
         for (m, acc) in acc.iter().enumerate() {
             let w_row = o.w.offset((i + m) as isize * o.w_row).add(j);
+            let src_row = o.src.offset((i + m) as isize * o.src_row).add(j);
             for (n, acc) in acc.iter().enumerate() {
-                V::add_scaled(w_row.add(n * l), alpha, *acc);
+                V::add_scaled(src_row.add(n * l), w_row.add(n * l), alpha, *acc);
             }
         }
     }
@@ -559,7 +630,9 @@ mod tests {
     }
 
     /// Runs `kernel` on W laid out as `w_layout` (0 C, 1 F, 2 sub-view of a wider array, 3
-    /// rows reversed) with B and A in C or F order; returns W as a standard array.
+    /// rows reversed; 4 and 5 out of place: W₀ read from a sub-view of a wider array, or
+    /// from an F-order array, the sum written into a fresh array of the same order) with B
+    /// and A in C or F order; returns W as a standard array.
     #[allow(clippy::too_many_arguments)]
     fn run_layout<T: Element + FromF32, W: Stored<T> + FromF32>(
         kernel: UpdateFn<T, W>,
@@ -583,7 +656,44 @@ mod tests {
         let (d, k) = w.dim();
         // SAFETY (all `apply` calls): every kernel passed here runs on this host (checked
         // when the list was built), r ≤ MAX_FUSED_RANK in every case, shapes chain.
+        let nan = || W::from_f32(f32::NAN);
         match w_layout {
+            4 | 5 => {
+                let mut wide = Array2::from_elem((d, k + 5), nan());
+                wide.slice_mut(s![.., 2..k + 2]).assign(w);
+                let mut wf = Array2::from_elem((d, k).f(), nan());
+                wf.assign(w);
+                let src = if w_layout == 4 {
+                    wide.slice(s![.., 2..k + 2])
+                } else {
+                    wf.view()
+                };
+                let mut target = if w_layout == 4 {
+                    Array2::from_elem((d, k), nan())
+                } else {
+                    Array2::from_elem((d, k).f(), nan())
+                };
+                // SAFETY: as stated above the match; `src` has W's shape.
+                assert!(unsafe {
+                    apply(
+                        kernel,
+                        alpha,
+                        b.view(),
+                        a.view(),
+                        Some(src),
+                        target.view_mut(),
+                        threads,
+                    )
+                });
+                let same = |x: &W, y: &W| {
+                    Into::<f64>::into(*x).to_bits() == Into::<f64>::into(*y).to_bits()
+                };
+                assert!(
+                    src.iter().zip(w.iter()).all(|(x, y)| same(x, y)),
+                    "source written"
+                );
+                target.as_standard_layout().into_owned()
+            }
             0 | 1 => {
                 let mut wl = if w_layout == 0 {
                     w.clone()
@@ -594,16 +704,24 @@ mod tests {
                 };
                 // SAFETY: as stated above the match.
                 assert!(unsafe {
-                    apply(kernel, alpha, b.view(), a.view(), wl.view_mut(), threads)
+                    apply(
+                        kernel,
+                        alpha,
+                        b.view(),
+                        a.view(),
+                        None,
+                        wl.view_mut(),
+                        threads,
+                    )
                 });
                 wl.as_standard_layout().into_owned()
             }
             2 => {
-                let mut wide = Array2::from_elem((d, k + 5), W::from_f32(f32::NAN));
+                let mut wide = Array2::from_elem((d, k + 5), nan());
                 wide.slice_mut(s![.., 2..k + 2]).assign(w);
                 let view = wide.slice_mut(s![.., 2..k + 2]);
                 // SAFETY: as stated above the match.
-                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view, threads) });
+                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), None, view, threads) });
                 let untouched = |v: &W| Into::<f64>::into(*v).is_nan();
                 assert!(
                     wide.slice(s![.., ..2]).iter().all(untouched),
@@ -621,7 +739,7 @@ mod tests {
                 let mut rev = w.slice(s![..;-1, ..]).to_owned();
                 let view = rev.slice_mut(s![..;-1, ..]);
                 // SAFETY: as stated above the match.
-                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), view, threads) });
+                assert!(unsafe { apply(kernel, alpha, b.view(), a.view(), None, view, threads) });
                 rev.slice(s![..;-1, ..]).to_owned()
             }
         }
@@ -656,7 +774,7 @@ mod tests {
                 let want = reference(alpha, &b, &a, &w);
                 let scalar = run_layout(update_scalar::<T, W>, alpha, &b, &a, &w, 0, false, 1);
                 for &(name, kernel) in &kernels::<T, W>(extra) {
-                    for w_layout in 0..4 {
+                    for w_layout in 0..6 {
                         for f_order in [false, true] {
                             // Rows split over threads too (bands of whole tiles); for
                             // layout 3 no thread can start, so the calling thread runs every

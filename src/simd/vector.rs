@@ -256,11 +256,13 @@ pub(super) trait WideLoad<S: Stored<Self::Elem>>: Vector {
     /// # Safety
     /// As [`load_wide`](WideLoad::load_wide), and `p..p + LANES` is writable.
     unsafe fn store_narrow(self, p: *mut S);
-    /// `p[l] ← p[l].add_scaled(alpha[l], acc[l])` for every lane l, with the same roundings.
+    /// `dst[l] ← src[l].add_scaled(alpha[l], acc[l])` for every lane l, with the same
+    /// roundings (`src == dst` updates in place).
     ///
     /// # Safety
-    /// As [`load_wide`](WideLoad::load_wide), and `p..p + LANES` is writable.
-    unsafe fn add_scaled(p: *mut S, alpha: Self, acc: Self);
+    /// As [`load_wide`](WideLoad::load_wide) for `src`, and `dst..dst + LANES` is writable
+    /// (the same elements as `src`, or elements overlapping none of them).
+    unsafe fn add_scaled(src: *const S, dst: *mut S, alpha: Self, acc: Self);
 }
 
 impl<T: Element, S: Stored<T>, const L: usize> WideLoad<S> for Portable<T, L> {
@@ -276,14 +278,14 @@ impl<T: Element, S: Stored<T>, const L: usize> WideLoad<S> for Portable<T, L> {
         unsafe { p.cast::<[S; L]>().write_unaligned(self.0.map(S::narrow)) }
     }
     #[inline(always)]
-    unsafe fn add_scaled(p: *mut S, alpha: Self, acc: Self) {
+    unsafe fn add_scaled(src: *const S, dst: *mut S, alpha: Self, acc: Self) {
         // SAFETY: readable and writable by this method's contract; unaligned access.
         unsafe {
-            let mut s = p.cast::<[S; L]>().read_unaligned();
+            let mut s = src.cast::<[S; L]>().read_unaligned();
             for ((s, a), c) in s.iter_mut().zip(alpha.0).zip(acc.0) {
                 *s = s.add_scaled(a, c);
             }
-            p.cast::<[S; L]>().write_unaligned(s);
+            dst.cast::<[S; L]>().write_unaligned(s);
         }
     }
 }

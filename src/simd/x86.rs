@@ -98,9 +98,9 @@ macro_rules! register_vector {
                 unsafe { self.store(p) }
             }
             #[inline(always)]
-            unsafe fn add_scaled(p: *mut $elem, alpha: Self, acc: Self) {
-                // SAFETY: forwarded: `LANES` readable and writable elements at `p`.
-                unsafe { Self::load(p).mul_add(alpha, acc).store(p) }
+            unsafe fn add_scaled(src: *const $elem, dst: *mut $elem, alpha: Self, acc: Self) {
+                // SAFETY: forwarded: `LANES` readable elements at `src`, writable at `dst`.
+                unsafe { Self::load(src).mul_add(alpha, acc).store(dst) }
             }
         }
     };
@@ -158,11 +158,12 @@ macro_rules! half_vector {
                 unsafe { $narrow(self.0, p) }
             }
             #[inline(always)]
-            unsafe fn add_scaled(p: *mut $half, alpha: Self, acc: Self) {
-                // SAFETY: as `load_wide`; `LANES` writable halves at `p` (the contract).
+            unsafe fn add_scaled(src: *const $half, dst: *mut $half, alpha: Self, acc: Self) {
+                // SAFETY: as `load_wide`; `LANES` readable halves at `src`, writable at
+                // `dst` (the contract).
                 unsafe {
                     let t = $mul(alpha.0, acc.0);
-                    $narrow($add($load(p), t), p);
+                    $narrow($add($load(src), t), dst);
                 }
             }
         }
