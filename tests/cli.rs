@@ -65,18 +65,24 @@ fn merge_then_unmerge_on_the_fixture() {
         "{summary}"
     );
     assert!(summary.contains("peak resident memory"), "{summary}");
-    // The same bytes as the library writes (tests/checkpoint.rs checks those against PEFT).
+    // The same bytes as the library writes (tests/checkpoint.rs checks those against PEFT),
+    // and with --no-mmap (the base read with pread).
     let lib = dir.join("lib");
     let options = ndlora::checkpoint::MergeOptions {
         sync: false,
         ..Default::default()
     };
     ndlora::checkpoint::merge(&base, &adapter, &lib, &options, &mut |_| {}).unwrap();
+    let pread = dir.join("pread");
+    let merged = run(args("merge", &base, &pread)
+        .into_iter()
+        .chain(["--no-mmap".to_owned()])
+        .collect());
+    assert!(merged.status.success(), "{}", text(&merged.stderr));
     for file in ndlora::checkpoint::Checkpoint::open(&lib).unwrap().files() {
-        assert_eq!(
-            std::fs::read(out.join(file)).unwrap(),
-            std::fs::read(lib.join(file)).unwrap()
-        );
+        let expected = std::fs::read(lib.join(file)).unwrap();
+        assert_eq!(std::fs::read(out.join(file)).unwrap(), expected);
+        assert_eq!(std::fs::read(pread.join(file)).unwrap(), expected);
     }
     // A second merge into the same output is refused, in one line naming it.
     let err = one_line_error(&run(args("merge", &base, &out)));
