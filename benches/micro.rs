@@ -35,6 +35,10 @@ fn input(n: usize, h: usize) -> Array2<f32> {
 
 fn forward(c: &mut Criterion) {
     ndlora::set_blas_threads(1);
+    // SAFETY: criterion runs benches one after another on this thread; no BLAS call is live.
+    if let Some(core) = unsafe { ndlora::use_native_openblas_kernel() } {
+        eprintln!("switched OpenBLAS to its {core} kernel");
+    }
     eprintln!(
         "micro bench: simd = {}, backend = {}",
         ndlora::simd_level(),

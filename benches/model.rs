@@ -72,6 +72,10 @@ fn per_adapter(
 
 fn forward_mixed(c: &mut Criterion) {
     ndlora::set_blas_threads(1);
+    // SAFETY: criterion runs benches one after another on this thread; no BLAS call is live.
+    if let Some(core) = unsafe { ndlora::use_native_openblas_kernel() } {
+        eprintln!("switched OpenBLAS to its {core} kernel");
+    }
     eprintln!("backend: {}", ndlora::backend());
     let (n, d, k, r) = (256, 2048, 2048, 16);
     let mut g = ChaCha8Rng::seed_from_u64(11);

@@ -86,6 +86,11 @@ struct InspectArgs {
 }
 
 fn main() -> ExitCode {
+    // Merges of a rank above the fused kernel's go through BLAS gemm: on a CPU that Debian's
+    // OpenBLAS 0.3.21 does not recognise, make it run its AVX2/AVX-512 kernel rather than the
+    // generic one (README, "The OpenBLAS core trap").
+    // SAFETY: the start of the program, on its only thread; nothing has called BLAS yet.
+    unsafe { ndlora::use_native_openblas_kernel() };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Merge(args) => run_merge(args, Operation::Merge),
