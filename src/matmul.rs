@@ -101,9 +101,10 @@ pub struct LoraTerm<'a, T> {
 /// len = n·Σr elements that hold C = s·X Aᵀ per term; it is called only when the kernel
 /// runs.
 ///
-/// Each C is this same kernel on A's rows, then scaled by s; a C whose scaling overflows
-/// (s·h = ±∞ from a finite h: a huge s) declines the kernel, so that the gemm applies s to
-/// the finished product instead.
+/// Each C is this same kernel on A's rows, then scaled by s; a C whose scaling leaves T's
+/// normal range (s·h = ±∞ from a finite h: a huge s; or s·h below the smallest normal from
+/// non-zero s and h: a tiny s, which keeps few significant bits that a large B would then
+/// scale up) declines the kernel, so that the gemm applies s to the finished product.
 ///
 /// # Panics
 /// If the shapes do not chain (an internal bug: callers validate first).
@@ -227,8 +228,8 @@ fn skinny_threads(n: usize, d: usize, k: usize) -> usize {
 
 /// The segments (Bⱼ, Cⱼ) of the LoRA branches, Cⱼ = sⱼ·X Aⱼᵀ (n×rⱼ) computed by the skinny
 /// kernel into `buf` (n·Σr elements), written to the first `terms.len()` of `segments`.
-/// Returns `false` when a scaling overflows (s·h = ±∞ from a finite h: a huge s), so that
-/// the caller's gemm applies s to the finished product instead.
+/// Returns `false` when a scaling leaves T's normal range (overflow, or underflow from
+/// non-zero s and h), so that the caller's gemm applies s to the finished product instead.
 ///
 /// # Panics
 /// If the shapes do not chain, `buf` or `segments` is too short or `level` does not run
@@ -262,9 +263,14 @@ where
             1
         ));
         let s = term.scale;
+        let zero = T::zero();
         for h in c.iter_mut() {
             let v = s * *h;
-            if !v.is_finite() && h.is_finite() {
+            // Out of the normal range although the exact product is not (overflow, or an
+            // underflow that keeps few or no significant bits, which Bᵀ could scale up).
+            let overflow = !v.is_finite() && h.is_finite();
+            let underflow = v.abs() < T::min_positive_value() && *h != zero && s != zero;
+            if overflow || underflow {
                 return false;
             }
             *h = v;

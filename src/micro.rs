@@ -10,7 +10,7 @@ use crate::check::{
 };
 use crate::error::{LoraError, Result};
 use crate::matmul::gemm;
-use crate::simd::{add_term_wide, Adapter, Kernel, SimdLevel};
+use crate::simd::{add_term_wide, needs_wide_term, Adapter, Kernel, SimdLevel};
 
 /// One piece of feedback for [`MicroLora::accumulate_gradient`]: for the input
 /// x = `query_embedding`, the adapter's output y(x) should move along g = `gradient_estimate`,
@@ -273,9 +273,9 @@ impl MicroLora {
         // operand h), and with a huge s the latter gives s·h = ∞ and then ∞·0 = NaN.
         let s = self.scale;
         for (mut h, mut y) in hidden.rows_mut().into_iter().zip(output.rows_mut()) {
-            if h.iter().any(|&h| h.is_finite() && !(s * h).is_finite()) {
-                // s·hⱼ overflows f32: add this row's terms in f64, as `forward` does (rare,
-                // slow path), and leave the gemm nothing to add for it.
+            if h.iter().any(|&h| needs_wide_term(s, h, s * h)) {
+                // s·hⱼ overflows or underflows f32: add this row's terms in f64, as `forward`
+                // does (rare, slow path), and leave the gemm nothing to add for it.
                 for (&hj, u) in h.iter().zip(self.up.rows()) {
                     add_term_wide(s, hj, u, y.iter_mut());
                 }

@@ -887,6 +887,45 @@ fn apply_accumulated_panics_on_bad_lr_before_touching_weights() {
 }
 
 #[test]
+fn tiny_scale_with_large_up_entries_keeps_precision() {
+    // s·h underflows f32 into a subnormal of a few significant bits (s = 1e-44, h = 1.3)
+    // while s·h·Uᵢ with Uᵢ = 1e37 is an ordinary number: every kernel and forward_batch must
+    // give it to f32 precision (the f64 path), not off by the subnormal's rounding (~5 %).
+    let h = 37;
+    let mut lora = MicroLora::new(h, 1);
+    let mut down = ndarray::Array2::<f32>::zeros((1, h));
+    down[[0, 3]] = 1.3;
+    let mut up = ndarray::Array2::<f32>::zeros((1, h));
+    up[[0, 5]] = 1.0e37;
+    up[[0, 6]] = -3.0e36;
+    lora.set_weights(down.view(), up.view()).unwrap();
+    lora.set_scale(1.0e-44);
+    let s = f64::from(lora.scale());
+    let x = vec![1.0f32; h];
+    let expected = |i: usize| s * f64::from(1.3f32) * f64::from(up[[0, i]]);
+    let check = |what: &str, y: &[f32]| {
+        for (i, &v) in y.iter().enumerate() {
+            let want = expected(i);
+            assert!(
+                (f64::from(v) - want).abs() <= 1e-6 * want.abs(),
+                "{what}: y[{i}] = {v:e}, expected {want:e}"
+            );
+        }
+    };
+    for level in SimdLevel::ALL.into_iter().filter(|l| l.is_available()) {
+        let mut y = vec![0.0f32; h];
+        lora.forward_with(level, &x, &mut y).unwrap();
+        check(level.as_str(), &y);
+    }
+    let xb = ndarray::Array2::<f32>::ones((2, h));
+    let mut yb = ndarray::Array2::<f32>::zeros((2, h));
+    lora.forward_batch(xb.view(), yb.view_mut()).unwrap();
+    for row in yb.rows() {
+        check("forward_batch", row.as_slice().unwrap());
+    }
+}
+
+#[test]
 fn huge_scale_with_zero_up_entries_adds_exactly_zero() {
     // s·h overflows f32 (s = 1e34, h ≈ 1e6) though every weight and input is finite; entries
     // with Uᵢ = 0 must stay exactly y₀ (not ∞·0 = NaN), small Uᵢ give finite values.

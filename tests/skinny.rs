@@ -1,6 +1,7 @@
 //! Forwards of at most `N_SKINNY` rows (ndlora's own kernel, one pass over W): the same bits
 //! for any thread count, every adapter of a model folded in (and the gemm beyond
-//! `MAX_SKINNY_ADAPTERS`), and a scaling so large that s·(X Aᵀ) overflows left to the gemm.
+//! `MAX_SKINNY_ADAPTERS`), and a scaling so large that s·(X Aᵀ) overflows, or so small that
+//! it underflows, left to the gemm.
 //! One test function: it changes the process-wide thread count.
 
 mod common;
@@ -109,6 +110,43 @@ fn huge_scaling() {
     }
 }
 
+/// s·(X Aᵀ) underflows to a few significant bits (a subnormal s) although the result, scaled
+/// up by a huge B, is a normal number: the kernel declines, and the gemm applies s to the
+/// finished product, so the branch keeps its precision. W is zero, so the branch is all of
+/// Y; the reference forms s·((X Aᵀ) Bᵀ) in f64.
+fn tiny_scaling<A: LoraFloat<Factor = A>>(scaling: f64, b_value: f64) {
+    let (d, k, r) = (5, 8, 2);
+    let mut layer = random_layer::<A>(d, k, r, 9);
+    layer.set_scaling(scaling).unwrap();
+    let s = A::from_f64_lossy(scaling).into_f64();
+    assert!(
+        s != 0.0 && s < A::min_positive_value().into_f64(),
+        "s must be subnormal"
+    );
+    let zero = Array2::from_elem((d, k), A::from_f64_lossy(0.0));
+    let mut layer = ndlora::LoraLayer::from_parts(
+        zero,
+        layer.weight_a().to_owned(),
+        layer.weight_b().mapv(|_| A::from_f64_lossy(b_value)),
+        layer.config().clone(),
+    )
+    .unwrap();
+    layer.set_scaling(scaling).unwrap();
+    let x = Array2::from_shape_fn((2, k), |(m, j)| {
+        A::from_f64_lossy(1.0 + 0.37 * (m + j) as f64)
+    });
+    let (y, own) = skinny(|| layer.forward(x.view()).unwrap());
+    assert!(!own, "the kernel must decline an underflowing s·(X Aᵀ)");
+    let h = matmul_t(&to_f64(x.view()), &to_f64(layer.weight_a()));
+    let expected = matmul_t(&h, &to_f64(layer.weight_b())) * s;
+    for (got, want) in to_f64(y.view()).iter().zip(expected.iter()) {
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs() && want.abs() > 1e-30,
+            "{got:e} vs {want:e}"
+        );
+    }
+}
+
 /// Rows of X a multiple of 4 KiB apart (f32 k = 1024 or 2048, f64 k = 512; C, every other
 /// row, reversed): the kernel reads a padded copy of X. The result is the reference's and
 /// bit for bit the result for the same X stored with a stride that needs no copy.
@@ -169,4 +207,6 @@ fn skinny_forwards() {
     model_adapters::<f32>();
     model_adapters::<f64>();
     huge_scaling();
+    tiny_scaling::<f32>(1e-44, 1e37);
+    tiny_scaling::<f64>(1e-320, 1e300);
 }

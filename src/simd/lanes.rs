@@ -192,9 +192,10 @@ unsafe fn forward_rank<V: Lanes, const R: usize, const ACC: usize>(
     let c = h.map(|h| a.scale * h);
     if c.iter()
         .zip(&h)
-        .any(|(c, h)| !c.is_finite() && h.is_finite())
+        .any(|(&c, &h)| super::scalar::needs_wide_term(a.scale, h, c))
     {
-        // s·hⱼ overflows f32 (a huge scale): form the terms in f64 instead (rare, slow path).
+        // s·hⱼ overflows f32 (a huge scale) or underflows it (a tiny one): form the terms in
+        // f64 instead (rare, slow path).
         for (j, &h) in h.iter().enumerate() {
             super::scalar::add_term_wide(a.scale, h, &a.up[j * n..(j + 1) * n], y.iter_mut());
         }

@@ -67,7 +67,7 @@ pub(crate) mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub(crate) use scalar::add_term_wide;
+pub(crate) use scalar::{add_term_wide, needs_wide_term};
 
 /// The largest `bits & 0x7fff` over the bit patterns of 16-bit floats (bf16, f16, whose
 /// sign is bit 15): their largest magnitude as a pattern, 0 when empty (see

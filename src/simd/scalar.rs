@@ -14,7 +14,7 @@ pub(super) fn forward(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
         let row = j * n..(j + 1) * n;
         let h: f32 = a.down[row.clone()].iter().zip(x).map(|(d, x)| d * x).sum();
         let c = a.scale * h;
-        if !c.is_finite() && h.is_finite() {
+        if needs_wide_term(a.scale, h, c) {
             add_term_wide(a.scale, h, &a.up[row], y.iter_mut());
             continue;
         }
@@ -24,9 +24,20 @@ pub(super) fn forward(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// y ← y + s·h·u with each product formed in f64: the path for s·h overflowing f32 although
-/// s and h are finite. Then uᵢ = 0 still adds exactly 0 (not ∞·0 = NaN), and a small uᵢ can
-/// still give a finite result; an element that truly overflows becomes ±∞.
+/// Whether c = fl(s·h) has left f32's normal range although the exact product has not: it
+/// overflowed (s, h finite) or fell below the smallest normal (s, h non-zero), where it
+/// keeps fewer than 24 significant bits, or none. Either way a term c·uᵢ with a large uᵢ
+/// would come out wrong by far more than a rounding, so the caller forms it in f64
+/// ([`add_term_wide`]) instead.
+#[inline(always)]
+pub(crate) fn needs_wide_term(scale: f32, h: f32, c: f32) -> bool {
+    (!c.is_finite() && h.is_finite()) || (c.abs() < f32::MIN_POSITIVE && h != 0.0 && scale != 0.0)
+}
+
+/// y ← y + s·h·u with each product formed in f64 (s·h exactly): the path for s·h leaving
+/// f32's normal range although s and h are finite ([`needs_wide_term`]). Then uᵢ = 0 still
+/// adds exactly 0 (not ∞·0 = NaN), a small uᵢ can still give a finite result and a large one
+/// a full-precision one; an element that truly overflows becomes ±∞.
 pub(crate) fn add_term_wide<'y, 'u>(
     scale: f32,
     h: f32,
