@@ -580,8 +580,15 @@ unsafe fn tile<V: WideLoad<W>, W: Stored<V::Elem>, const M: usize, const N: usiz
         for (m, acc) in acc.iter().enumerate() {
             let w_row = o.w.offset((i + m) as isize * o.w_row).add(j);
             let src_row = o.src.offset((i + m) as isize * o.src_row).add(j);
-            for (n, acc) in acc.iter().enumerate() {
-                V::add_scaled(src_row.add(n * l), w_row.add(n * l), alpha, *acc);
+            // Adjacent vectors in pairs (one store for both where the type packs).
+            let mut n = 0;
+            while n + 2 <= N {
+                let (src, dst) = (src_row.add(n * l), w_row.add(n * l));
+                V::add_scaled_pair(src, dst, alpha, [acc[n], acc[n + 1]]);
+                n += 2;
+            }
+            if n < N {
+                V::add_scaled(src_row.add(n * l), w_row.add(n * l), alpha, acc[n]);
             }
         }
     }
@@ -943,8 +950,9 @@ mod tests {
 
     /// Rounding into bf16 at its edges: subnormal sums (which AVX512_BF16's
     /// `vcvtneps2bf16` reads as zero: its kernel rounds those vectors in integer lanes),
-    /// ties, overflow to ∞, NaN and ±0, in tiles, single vectors and the scalar tail: every
-    /// kernel gives `half::bf16::from_f32` of the f32 sum.
+    /// ties, overflow to ∞, NaN (whole rows, and single elements in one vector of a pair) and
+    /// ±0, in tiles, single vectors and the scalar tail: every kernel gives
+    /// `half::bf16::from_f32` of the f32 sum.
     #[test]
     fn every_bf16_kernel_rounds_subnormals_ties_overflow_and_nan_as_half_does() {
         use half::bf16;
@@ -963,6 +971,8 @@ mod tests {
         let b = Array2::<f32>::from_shape_fn((d, 1), |(i, _)| if i % 2 == 0 { 1.0 } else { -1.0 });
         let w = Array2::from_shape_fn((d, k), |(i, j)| match i {
             2 => bf16::NAN,
+            // NaN in one vector of a pair only (AVX2 tiles: columns 16–31, 32–47).
+            5 if j == 20 || j == 35 => bf16::NAN,
             3 => bf16::MAX,
             4 => bf16::from_f32(-1e-39),
             _ => bf16::from_f32(if j % 3 == 0 { 0.0 } else { 1.0 }),

@@ -263,6 +263,21 @@ pub(super) trait WideLoad<S: Stored<Self::Elem>>: Vector {
     /// As [`load_wide`](WideLoad::load_wide) for `src`, and `dst..dst + LANES` is writable
     /// (the same elements as `src`, or elements overlapping none of them).
     unsafe fn add_scaled(src: *const S, dst: *mut S, alpha: Self, acc: Self);
+    /// [`add_scaled`](WideLoad::add_scaled) of two adjacent vectors: `acc[0]` for the
+    /// `LANES` elements at `src`/`dst`, `acc[1]` for the `LANES` after them, with the same
+    /// bits. A type whose rounding to `S` ends in a pack can round both and store once.
+    ///
+    /// # Safety
+    /// As [`add_scaled`](WideLoad::add_scaled), for `2·LANES` elements.
+    #[inline(always)]
+    unsafe fn add_scaled_pair(src: *const S, dst: *mut S, alpha: Self, acc: [Self; 2]) {
+        // SAFETY: forwarded: each half is `LANES` of the `2·LANES` elements the contract
+        // makes readable at `src` and writable at `dst`.
+        unsafe {
+            Self::add_scaled(src, dst, alpha, acc[0]);
+            Self::add_scaled(src.add(Self::LANES), dst.add(Self::LANES), alpha, acc[1]);
+        }
+    }
 }
 
 impl<T: Element, S: Stored<T>, const L: usize> WideLoad<S> for Portable<T, L> {

@@ -10,14 +10,15 @@
 use std::arch::x86_64::{
     __m128i, __m256, __m256bh, __m256d, __m256i, __m512, __m512d, _mm256_add_epi32, _mm256_add_ps,
     _mm256_and_si256, _mm256_blendv_epi8, _mm256_castpd_ps, _mm256_castps256_ps128,
-    _mm256_castps_si256, _mm256_castsi256_ps, _mm256_castsi256_si128, _mm256_cmpgt_epi32,
-    _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_extractf128_ps,
-    _mm256_extracti128_si256, _mm256_fmadd_pd, _mm256_fmadd_ps, _mm256_loadu_pd, _mm256_loadu_ps,
-    _mm256_loadu_si256, _mm256_max_epu16, _mm256_max_epu32, _mm256_mul_ps, _mm256_or_si256,
-    _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_pd, _mm256_set1_ps, _mm256_setzero_pd,
-    _mm256_setzero_ps, _mm256_setzero_si256, _mm256_slli_epi32, _mm256_srli_epi32,
-    _mm256_storeu_pd, _mm256_storeu_ps, _mm256_storeu_si256, _mm512_add_epi32, _mm512_add_ps,
-    _mm512_and_si512, _mm512_castps512_ps256, _mm512_castps_pd, _mm512_castps_si512,
+    _mm256_castps_si256, _mm256_castsi256_ps, _mm256_castsi256_si128, _mm256_cmp_ps,
+    _mm256_cmpgt_epi32, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph,
+    _mm256_extractf128_ps, _mm256_extracti128_si256, _mm256_fmadd_pd, _mm256_fmadd_ps,
+    _mm256_loadu_pd, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_max_epu16, _mm256_max_epu32,
+    _mm256_movemask_ps, _mm256_mul_ps, _mm256_or_ps, _mm256_or_si256, _mm256_packus_epi32,
+    _mm256_permute4x64_epi64, _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_pd, _mm256_set1_ps,
+    _mm256_setzero_pd, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_slli_epi32,
+    _mm256_srli_epi32, _mm256_storeu_pd, _mm256_storeu_ps, _mm256_storeu_si256, _mm512_add_epi32,
+    _mm512_add_ps, _mm512_and_si512, _mm512_castps512_ps256, _mm512_castps_pd, _mm512_castps_si512,
     _mm512_castsi512_ps, _mm512_cmp_ps_mask, _mm512_cvtepi32_epi16, _mm512_cvtepu16_epi32,
     _mm512_cvtneps_pbh, _mm512_cvtph_ps, _mm512_cvtps_ph, _mm512_extractf64x4_pd, _mm512_fmadd_pd,
     _mm512_fmadd_ps, _mm512_fpclass_ps_mask, _mm512_loadu_pd, _mm512_loadu_ps,
@@ -143,7 +144,10 @@ register_vector! {
 /// stores them; the update is H(f32(w) + fl(α·acc)) with `$mul` and `$add` (no FMA: the
 /// product is rounded to f32 first, as PyTorch forms ΔW before adding it).
 macro_rules! half_vector {
-    ($name:ident, $half:ty, needs $isa:literal; $load:ident, $narrow:ident, $mul:ident, $add:ident) => {
+    (
+        $name:ident, $half:ty, needs $isa:literal; $load:ident, $narrow:ident, $mul:ident, $add:ident
+        $(; pairs $narrow_pair:ident)?
+    ) => {
         #[doc = concat!("Methods need ", $isa, ".")]
         impl WideLoad<$half> for $name {
             #[inline(always)]
@@ -166,6 +170,18 @@ macro_rules! half_vector {
                     $narrow($add($load(src), t), dst);
                 }
             }
+            $(
+            #[inline(always)]
+            unsafe fn add_scaled_pair(src: *const $half, dst: *mut $half, alpha: Self, acc: [Self; 2]) {
+                // SAFETY: as `load_wide`; `2·LANES` readable halves at `src`, writable at
+                // `dst` (the contract).
+                unsafe {
+                    let v0 = $add($load(src), $mul(alpha.0, acc[0].0));
+                    let v1 = $add($load(src.add(Self::LANES)), $mul(alpha.0, acc[1].0));
+                    $narrow_pair(v0, v1, dst);
+                }
+            }
+            )?
         }
     };
 }
@@ -173,7 +189,7 @@ macro_rules! half_vector {
 half_vector!(Avx512, bf16, needs "AVX-512F"; load_bf16_zmm, store_bf16_zmm, _mm512_mul_ps, _mm512_add_ps);
 half_vector!(Avx512, f16, needs "AVX-512F"; load_f16_zmm, store_f16_zmm, _mm512_mul_ps, _mm512_add_ps);
 half_vector!(Avx512Bf16, bf16, needs "AVX-512F, AVX512DQ and AVX512_BF16"; load_bf16_zmm, store_bf16_zmm_ne, _mm512_mul_ps, _mm512_add_ps);
-half_vector!(Avx2, bf16, needs "AVX2 and FMA"; load_bf16_ymm, store_bf16_ymm, _mm256_mul_ps, _mm256_add_ps);
+half_vector!(Avx2, bf16, needs "AVX2 and FMA"; load_bf16_ymm, store_bf16_ymm, _mm256_mul_ps, _mm256_add_ps; pairs store_bf16_ymm_pair);
 half_vector!(Avx2, f16, needs "AVX2, FMA and F16C"; load_f16_ymm, store_f16_ymm, _mm256_mul_ps, _mm256_add_ps);
 
 /// Sixteen bf16 at `p` widened: zero-extended to 32 bits (`vpmovzxwd`), shifted up 16.
@@ -317,6 +333,47 @@ unsafe fn store_bf16_ymm(v: __m256, p: *mut bf16) {
         // Lanes hold values < 2¹⁶, so the unsigned-saturating pack keeps them exactly.
         let h = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
         _mm_storeu_si128(p.cast::<__m128i>(), h);
+    }
+}
+
+/// [`store_bf16_ymm`] of `lo` at `p` and `hi` at `p + 8`, with the same bits in fewer
+/// instructions: when neither holds a NaN (otherwise it stores each as that function does),
+/// both are rounded to nearest even in 32-bit lanes, packed into one register
+/// (`vpackusdw`, which interleaves 128-bit halves, then `vpermq` to restore the order) and
+/// stored once. With the widening and the update, 24 vector instructions per 16 weights
+/// (besides the store) against 32. Measured on an Intel Xeon running the AVX2 kernel (bf16
+/// merge, r = 16, one thread, best of 200 / 30): 1024² 0.85 → 0.76 ms, 4096² 14.1–14.3 →
+/// 12.8–13.2 ms; the f32 merge beside it unchanged.
+///
+/// # Safety
+/// AVX2; 16 writable halves at `p` (any alignment).
+#[inline(always)]
+unsafe fn store_bf16_ymm_pair(lo: __m256, hi: __m256, p: *mut bf16) {
+    // SAFETY: by this function's contract; `storeu` needs no alignment; the fallback is
+    // `store_bf16_ymm` on the two 8-lane halves of the 16 writable halves.
+    unsafe {
+        let nan = _mm256_or_ps(
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(lo, lo),
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(hi, hi),
+        );
+        if _mm256_movemask_ps(nan) != 0 {
+            store_bf16_ymm(lo, p);
+            store_bf16_ymm(hi, p.add(8));
+            return;
+        }
+        // To nearest even: add 0x7fff plus the kept part's lowest bit, keep the upper 16
+        // bits (overflow carries into ∞; no NaN here, so nothing carries past bit 31).
+        let round = |v: __m256| {
+            let bits = _mm256_castps_si256(v);
+            let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+            let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
+            _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias))
+        };
+        // Lanes hold values < 2¹⁶, so the unsigned-saturating pack keeps them exactly; it
+        // packs per 128-bit half (lo₀ hi₀ lo₁ hi₁ in 64-bit units), hence the permute.
+        let packed = _mm256_packus_epi32(round(lo), round(hi));
+        let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+        _mm256_storeu_si256(p.cast::<__m256i>(), ordered);
     }
 }
 
