@@ -17,7 +17,7 @@ use crate::blas::{blas_layout, BlasLayout};
 use crate::blas::{count, fallback, GemmScalar};
 use crate::scratch::{buffer_of, grown, LoraScratch};
 use crate::simd::decode::{skinny_product, DecodeElement, ProductWeight, Segment};
-use crate::simd::{simd_level, SimdLevel};
+use crate::simd::{needs_wide_term, simd_level, SimdLevel};
 
 /// The largest batch (rows n of X) whose forward runs ndlora's own skinny kernel instead of
 /// BLAS `?gemm`; larger batches use the gemm, whose packing pays off there.
@@ -263,14 +263,11 @@ where
             1
         ));
         let s = term.scale;
-        let zero = T::zero();
         for h in c.iter_mut() {
             let v = s * *h;
             // Out of the normal range although the exact product is not (overflow, or an
             // underflow that keeps few or no significant bits, which Bᵀ could scale up).
-            let overflow = !v.is_finite() && h.is_finite();
-            let underflow = v.abs() < T::min_positive_value() && *h != zero && s != zero;
-            if overflow || underflow {
+            if needs_wide_term(s, *h, v) {
                 return false;
             }
             *h = v;

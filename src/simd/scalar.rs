@@ -24,14 +24,17 @@ pub(super) fn forward(a: Adapter<'_>, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Whether c = fl(s·h) has left f32's normal range although the exact product has not: it
+/// Whether c = fl(s·h) has left the type's normal range although the exact product has not: it
 /// overflowed (s, h finite) or fell below the smallest normal (s, h non-zero), where it
-/// keeps fewer than 24 significant bits, or none. Either way a term c·uᵢ with a large uᵢ
+/// keeps fewer significant bits than the type's, or none. Either way a term c·uᵢ with a large uᵢ
 /// would come out wrong by far more than a rounding, so the caller forms it in f64
 /// ([`add_term_wide`]) instead.
+/// Generic over the float type: the skinny forward asks the same of its f32/f64 s·(X Aᵀ).
 #[inline(always)]
-pub(crate) fn needs_wide_term(scale: f32, h: f32, c: f32) -> bool {
-    (!c.is_finite() && h.is_finite()) || (c.abs() < f32::MIN_POSITIVE && h != 0.0 && scale != 0.0)
+pub(crate) fn needs_wide_term<T: num_traits::Float>(scale: T, h: T, c: T) -> bool {
+    let zero = T::zero();
+    (!c.is_finite() && h.is_finite())
+        || (c.abs() < T::min_positive_value() && h != zero && scale != zero)
 }
 
 /// y ← y + s·h·u with each product formed in f64 (s·h exactly): the path for s·h leaving

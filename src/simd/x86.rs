@@ -361,13 +361,18 @@ unsafe fn store_bf16_ymm_pair(lo: __m256, hi: __m256, p: *mut bf16) {
             store_bf16_ymm(hi, p.add(8));
             return;
         }
-        // To nearest even: add 0x7fff plus the kept part's lowest bit, keep the upper 16
-        // bits (overflow carries into ∞; no NaN here, so nothing carries past bit 31).
+        // To nearest even, as `store_bf16_ymm` (no NaN here, so nothing carries past bit 31).
+        // (The NaN parts of `bf16_bits!` go unused here, and the compiler drops them.)
         let round = |v: __m256| {
-            let bits = _mm256_castps_si256(v);
-            let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
-            let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
-            _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias))
+            let (rounded, _, _) = bf16_bits!(
+                _mm256_castps_si256(v),
+                _mm256_set1_epi32,
+                _mm256_and_si256,
+                _mm256_or_si256,
+                _mm256_add_epi32,
+                _mm256_srli_epi32
+            );
+            rounded
         };
         // Lanes hold values < 2¹⁶, so the unsigned-saturating pack keeps them exactly; it
         // packs per 128-bit half (lo₀ hi₀ lo₁ hi₁ in 64-bit units), hence the permute.
