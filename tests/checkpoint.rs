@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::checkpoint::{
-    layout, random_tensor, read_checkpoint, temp_dir, write_adapter, write_sharded, Raw,
+    layout, random_tensor, read_checkpoint, write_adapter, write_sharded, Raw,
 };
+use common::temp_dir;
 use ndlora::checkpoint::{merge, plan, Checkpoint, CheckpointAdapter, MergeOptions, Operation};
 use ndlora::LoraError;
 use safetensors::Dtype;

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{random, rng, ulp_stats, Half, Laid, LAYOUTS};
+use common::{random, rng, temp_dir, ulp_stats, Half, Laid, LAYOUTS};
 use half::{bf16, f16};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use ndlora::peft::PeftAdapter;
@@ -582,12 +582,6 @@ fn half_model_matches_its_layers() {
 }
 
 /// A fresh, empty directory under the system temp dir.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ndlora-half-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 #[test]
 fn half_layers_save_f32_factors_and_round_trip() {

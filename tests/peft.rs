@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::{random_layer_with, rng, to_f64};
+use common::{random_layer_with, rng, temp_dir, to_f64};
 use ndarray::{Array1, Array2, Axis};
 use ndlora::peft::{PeftAdapter, TargetModules, CONFIG_FILE, WEIGHTS_FILE};
 use ndlora::{LoraConfig, LoraError, LoraFloat, LoraLayer};
@@ -28,14 +28,6 @@ const TOL: f64 = 1e-5;
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/f32_r8")
-}
-
-/// A fresh, empty directory under the system temp dir.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ndlora-peft-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Every tensor of a safetensors file as f64 (1-D tensors as 1×n).

@@ -7,7 +7,8 @@
 
 mod common;
 
-use common::checkpoint::{random_tensor, safetensors_bytes, temp_dir, write_adapter};
+use common::checkpoint::{random_tensor, safetensors_bytes, write_adapter};
+use common::temp_dir;
 use ndlora::checkpoint::{merge, MergeOptions};
 use safetensors::Dtype;
 use serde_json::json;

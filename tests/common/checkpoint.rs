@@ -166,11 +166,3 @@ pub fn layout(file: &Path) -> (Vec<String>, Option<BTreeMap<String, String>>) {
         .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
     (names.into_iter().map(|(_, n)| n).collect(), meta)
 }
-
-/// A fresh, empty directory under the system temp dir (`name` unique per test).
-pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ndlora-ckpt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}

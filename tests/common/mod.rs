@@ -8,6 +8,7 @@
 
 pub mod alloc;
 pub mod checkpoint;
+pub mod dirs;
 pub mod fixtures;
 pub mod half;
 pub mod layout;
@@ -18,6 +19,7 @@ pub mod state;
 
 #[allow(unused_imports)]
 pub use self::{
+    dirs::temp_dir,
     half::{ulp_stats, ulps, Half},
     layout::{Laid, Layout, LAYOUTS},
     random::{random, random_layer, random_layer_with, rng},

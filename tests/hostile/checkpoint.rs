@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::common::checkpoint::{
     random_tensor, safetensors_bytes, write_adapter, write_sharded, Raw,
 };
+use crate::common::temp_dir;
 use crate::Tally;
 use ndlora::checkpoint::{merge, MergeOptions, Operation};
 use ndlora::LoraError;
@@ -23,14 +24,6 @@ use serde_json::{json, Value};
 pub(crate) const CASES: usize = 33;
 #[cfg(not(unix))]
 pub(crate) const CASES: usize = 32;
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("ndlora-hostile-ckpt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn options() -> MergeOptions {
     MergeOptions {

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{random, rng};
+use crate::common::{random, rng, temp_dir};
 use crate::Tally;
 use half::{bf16, f16};
 use ndarray::Array2;
@@ -101,17 +101,6 @@ fn chained_header(dtype: &str, len: u64, bytes_each: u64, count: u64) -> String 
         })
         .collect();
     format!("{{{}}}", entries.join(","))
-}
-
-/// A fresh, empty directory under the system temp dir.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "ndlora-hostile-files-{}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// A valid adapter directory (config and tensors as above).
