@@ -222,6 +222,7 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
         .map_err(|_| parse_error(&shown, format!("{size} bytes do not fit in memory")))?;
     let rest = total - bytes.len();
     reserve(&mut bytes, rest, path)?;
+    advise_huge_pages(&bytes);
     file.read_to_end(&mut bytes).map_err(io)?;
     if bytes.len() != total {
         return Err(parse_error(
@@ -239,6 +240,36 @@ fn reserve(bytes: &mut Vec<u8>, extra: usize, path: &Path) -> Result<()> {
         kind: std::io::ErrorKind::OutOfMemory,
         message: format!("cannot allocate {extra} bytes: {e}"),
     })
+}
+
+/// Asks Linux to back the whole 2 MiB pages of `bytes`' spare capacity with huge pages
+/// (`MADV_HUGEPAGE`; a hint, failures ignored) before `read` first touches them: one fault a
+/// 2 MiB page instead of 512. Measured (Intel Xeon, KVM, a 50 MB adapter,
+/// `ndlora inspect --base`): 50–62 ms → 36–42 ms, most of it the faults of the buffer read
+/// into. Elsewhere, or where the spare capacity spans no whole huge page, it does nothing.
+fn advise_huge_pages(bytes: &Vec<u8>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = bytes.as_ptr() as usize + bytes.len();
+        let end = bytes.as_ptr() as usize + bytes.capacity();
+        let first = start.next_multiple_of(HUGE);
+        let last = end & !(HUGE - 1);
+        if last > first {
+            // SAFETY: first..last lies inside the capacity `bytes` owns (allocated, not yet
+            // written); the advice changes how the kernel backs those pages, not their
+            // contents or the mapping's access, and no pointer is dereferenced.
+            unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
 }
 
 /// A module's (A, B) while a file is read: either may be missing so far.
