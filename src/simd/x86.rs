@@ -312,6 +312,26 @@ unsafe fn store_f16_zmm(v: __m512, p: *mut f16) {
     }
 }
 
+/// [`bf16_bits!`] on 8 AVX2 lanes: (rounded, quiet NaN, (|bits|, the ∞ pattern)). Parts a
+/// caller leaves unused are dropped by the compiler (it is inlined).
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+unsafe fn bf16_bits_ymm(v: __m256) -> (__m256i, __m256i, (__m256i, __m256i)) {
+    // SAFETY: AVX2 by this function's contract; lane arithmetic only, no memory access.
+    unsafe {
+        bf16_bits!(
+            _mm256_castps_si256(v),
+            _mm256_set1_epi32,
+            _mm256_and_si256,
+            _mm256_or_si256,
+            _mm256_add_epi32,
+            _mm256_srli_epi32
+        )
+    }
+}
+
 /// Rounds 8 f32 lanes to bf16 (as `half::bf16::from_f32`) and stores them at `p`.
 ///
 /// # Safety
@@ -320,14 +340,7 @@ unsafe fn store_f16_zmm(v: __m512, p: *mut f16) {
 unsafe fn store_bf16_ymm(v: __m256, p: *mut bf16) {
     // SAFETY: by this function's contract; `storeu` needs no alignment.
     unsafe {
-        let (rounded, quiet, (abs, inf)) = bf16_bits!(
-            _mm256_castps_si256(v),
-            _mm256_set1_epi32,
-            _mm256_and_si256,
-            _mm256_or_si256,
-            _mm256_add_epi32,
-            _mm256_srli_epi32
-        );
+        let (rounded, quiet, (abs, inf)) = bf16_bits_ymm(v);
         let nan = _mm256_cmpgt_epi32(abs, inf);
         let h = _mm256_blendv_epi8(rounded, quiet, nan);
         // Lanes hold values < 2¹⁶, so the unsigned-saturating pack keeps them exactly.
@@ -363,17 +376,7 @@ unsafe fn store_bf16_ymm_pair(lo: __m256, hi: __m256, p: *mut bf16) {
         }
         // To nearest even, as `store_bf16_ymm` (no NaN here, so nothing carries past bit 31).
         // (The NaN parts of `bf16_bits!` go unused here, and the compiler drops them.)
-        let round = |v: __m256| {
-            let (rounded, _, _) = bf16_bits!(
-                _mm256_castps_si256(v),
-                _mm256_set1_epi32,
-                _mm256_and_si256,
-                _mm256_or_si256,
-                _mm256_add_epi32,
-                _mm256_srli_epi32
-            );
-            rounded
-        };
+        let round = |v: __m256| bf16_bits_ymm(v).0;
         // Lanes hold values < 2¹⁶, so the unsigned-saturating pack keeps them exactly; it
         // packs per 128-bit half (lo₀ hi₀ lo₁ hi₁ in 64-bit units), hence the permute.
         let packed = _mm256_packus_epi32(round(lo), round(hi));
