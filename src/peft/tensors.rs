@@ -245,10 +245,11 @@ fn reserve(bytes: &mut Vec<u8>, extra: usize, path: &Path) -> Result<()> {
 /// Asks Linux to back the whole 2 MiB pages of `bytes`' spare capacity with huge pages
 /// (`MADV_HUGEPAGE`; a hint, failures ignored) before `read` first touches them: one fault a
 /// 2 MiB page instead of 512. Measured (Intel Xeon, KVM, a 50 MB adapter,
-/// `ndlora inspect --base`): 50–62 ms → 36–42 ms, most of it the faults of the buffer read
-/// into. Elsewhere, or where the spare capacity spans no whole huge page, it does nothing;
-/// with `transparent_hugepage` off the kernel ignores it, and where memory is fragmented it
-/// may first compact some (its `defrag` setting) or fall back to 4 KiB pages.
+/// `ndlora inspect --base`, ten alternated runs): 49–64 ms → 31–45 ms, most of it the faults
+/// of the buffer read into. Elsewhere, or where the spare capacity spans no whole huge page,
+/// it does nothing; with `transparent_hugepage` off the kernel ignores it, and where memory
+/// is fragmented it may first compact some (its `defrag` setting) or fall back to 4 KiB
+/// pages.
 fn advise_huge_pages(bytes: &Vec<u8>) {
     #[cfg(target_os = "linux")]
     {
