@@ -32,6 +32,12 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
     println!("cargo:rerun-if-env-changed=OPENBLAS_LIB_DIR");
     println!("cargo::rustc-check-cfg=cfg(ndlora_blas)");
+    println!("cargo::rustc-check-cfg=cfg(ndlora_optimized)");
+    // The codegen audit (tests/codegen.rs) checks register use only where the optimiser
+    // ran: at the dev profile's opt-level every kernel keeps values on the stack.
+    if matches!(env::var("OPT_LEVEL").as_deref(), Ok("2" | "3")) {
+        println!("cargo:rustc-cfg=ndlora_optimized");
+    }
     println!(
         "cargo::rustc-check-cfg=cfg(ndlora_backend, values(\"openblas\", \"blis\", \"netlib\", \"intel-mkl\", \"accelerate\"))"
     );

@@ -370,8 +370,7 @@ unsafe fn store_bf16_ymm_pair(lo: __m256, hi: __m256, p: *mut bf16) {
             _mm256_cmp_ps::<_CMP_UNORD_Q>(hi, hi),
         );
         if _mm256_movemask_ps(nan) != 0 {
-            store_bf16_ymm(lo, p);
-            store_bf16_ymm(hi, p.add(8));
+            store_bf16_ymm_pair_nan(lo, hi, p);
             return;
         }
         // To nearest even, as `store_bf16_ymm` (no NaN here, so nothing carries past bit 31).
@@ -382,6 +381,24 @@ unsafe fn store_bf16_ymm_pair(lo: __m256, hi: __m256, p: *mut bf16) {
         let packed = _mm256_packus_epi32(round(lo), round(hi));
         let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
         _mm256_storeu_si256(p.cast::<__m256i>(), ordered);
+    }
+}
+
+/// [`store_bf16_ymm`] of `lo` at `p` and `hi` at `p + 8`: the rare path of
+/// [`store_bf16_ymm_pair`] (a NaN among the 16 lanes), kept out of line so that the
+/// kernel's epilogue stays small enough to unroll. Inlined, this path left the AVX2 bf16
+/// kernel's accumulators in memory, stored back on every step of its FMA loop.
+///
+/// # Safety
+/// AVX2; 16 writable halves at `p` (any alignment).
+#[cold]
+#[inline(never)]
+#[target_feature(enable = "avx2")]
+unsafe fn store_bf16_ymm_pair_nan(lo: __m256, hi: __m256, p: *mut bf16) {
+    // SAFETY: by this function's contract, 8 writable halves at `p` and 8 at `p + 8`.
+    unsafe {
+        store_bf16_ymm(lo, p);
+        store_bf16_ymm(hi, p.add(8));
     }
 }
 
