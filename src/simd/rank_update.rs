@@ -967,12 +967,27 @@ mod tests {
             1.5,
         ];
         let (d, k) = (8, 70);
-        let a = Array2::from_shape_fn((1, k), |(_, j)| specials[j % specials.len()]);
+        // Column 44 of A: a NaN whose payload fills the low half of its bits. Rounding its
+        // f32 sums as finite values would carry into the sign (0x7fff_ffff → −0.0), so the
+        // kernels must take their NaN path for it; a NaN widened from a bf16 W (low half
+        // zero) rounds right either way. 44 lies in the upper vector of an AVX2 pair of
+        // columns (40–47 of 32–47).
+        const PAYLOAD_NAN_COLUMN: usize = 44;
+        let a = Array2::from_shape_fn((1, k), |(_, j)| {
+            if j == PAYLOAD_NAN_COLUMN {
+                f32::from_bits(0x7fbf_ffff)
+            } else {
+                specials[j % specials.len()]
+            }
+        });
         let b = Array2::<f32>::from_shape_fn((d, 1), |(i, _)| if i % 2 == 0 { 1.0 } else { -1.0 });
         let w = Array2::from_shape_fn((d, k), |(i, j)| match i {
-            2 => bf16::NAN,
-            // NaN in one vector of a pair only (AVX2 tiles: columns 16–31, 32–47).
-            5 if j == 20 || j == 35 => bf16::NAN,
+            // Never NaN in both W and A: which operand's payload a sum of two NaNs keeps
+            // is the compiler's choice.
+            2 if j != PAYLOAD_NAN_COLUMN => bf16::NAN,
+            // NaN in one vector of a pair only: the lower one (AVX2 tiles: columns 16–23
+            // of 16–31), then the upper one (40–47 of 32–47).
+            5 if j == 20 || j == 45 => bf16::NAN,
             3 => bf16::MAX,
             4 => bf16::from_f32(-1e-39),
             _ => bf16::from_f32(if j % 3 == 0 { 0.0 } else { 1.0 }),

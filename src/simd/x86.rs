@@ -14,7 +14,7 @@ use std::arch::x86_64::{
     _mm256_cmpgt_epi32, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph,
     _mm256_extractf128_ps, _mm256_extracti128_si256, _mm256_fmadd_pd, _mm256_fmadd_ps,
     _mm256_loadu_pd, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_max_epu16, _mm256_max_epu32,
-    _mm256_movemask_ps, _mm256_mul_ps, _mm256_or_ps, _mm256_or_si256, _mm256_packus_epi32,
+    _mm256_movemask_ps, _mm256_mul_ps, _mm256_or_si256, _mm256_packus_epi32,
     _mm256_permute4x64_epi64, _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_pd, _mm256_set1_ps,
     _mm256_setzero_pd, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_slli_epi32,
     _mm256_srli_epi32, _mm256_storeu_pd, _mm256_storeu_ps, _mm256_storeu_si256, _mm512_add_epi32,
@@ -365,10 +365,8 @@ unsafe fn store_bf16_ymm_pair(lo: __m256, hi: __m256, p: *mut bf16) {
     // SAFETY: by this function's contract; `storeu` needs no alignment; the fallback is
     // `store_bf16_ymm` on the two 8-lane halves of the 16 writable halves.
     unsafe {
-        let nan = _mm256_or_ps(
-            _mm256_cmp_ps::<_CMP_UNORD_Q>(lo, lo),
-            _mm256_cmp_ps::<_CMP_UNORD_Q>(hi, hi),
-        );
+        // Unordered in a lane where `lo` or `hi` is NaN: one compare tests both.
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(lo, hi);
         if _mm256_movemask_ps(nan) != 0 {
             store_bf16_ymm_pair_nan(lo, hi, p);
             return;
