@@ -353,10 +353,11 @@ unsafe fn store_bf16_ymm(v: __m256, p: *mut bf16) {
 /// instructions: when neither holds a NaN (otherwise it stores each as that function does),
 /// both are rounded to nearest even in 32-bit lanes, packed into one register
 /// (`vpackusdw`, which interleaves 128-bit halves, then `vpermq` to restore the order) and
-/// stored once. With the widening and the update, 24 vector instructions per 16 weights
-/// (besides the store) against 32. Measured on an Intel Xeon running the AVX2 kernel (bf16
-/// merge, r = 16, one thread, best of 200 / 30): 1024² 0.85 → 0.76 ms, 4096² 14.1–14.3 →
-/// 12.8–13.2 ms; the f32 merge beside it unchanged.
+/// stored once. With the widening and the update, 22 vector instructions per 16 weights
+/// (besides the store) against 32 for two single stores. Measured on an Intel Xeon running
+/// the AVX2 kernel (bf16 merge, r = 16, one thread, best of 200 / 30): 1024² 0.85 → 0.76 ms,
+/// 4096² 14.1–14.3 → 12.8–13.2 ms; the f32 merge beside it unchanged (then with 24
+/// instructions: two compares and an OR where one compare now tests both vectors).
 ///
 /// # Safety
 /// AVX2; 16 writable halves at `p` (any alignment).
