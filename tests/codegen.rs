@@ -237,7 +237,8 @@ fn is_fma(m: &str) -> bool {
 }
 
 /// Over the innermost loops of `body` that hold FMAs, the one storing the most vector
-/// registers to the stack: (its stores, its FMAs), or (0, 0) without such a loop.
+/// registers to the stack per FMA (the most stores among equals): (its stores, its FMAs),
+/// or (0, 0) without such a loop.
 fn worst_loop_spills(body: &[Insn]) -> (usize, usize) {
     let Some(&(first, _)) = body.first() else {
         return (0, 0);
@@ -279,7 +280,8 @@ fn worst_loop_spills(body: &[Insn]) -> (usize, usize) {
             (stores, fmas)
         })
         .filter(|&(_, fmas)| fmas > 0)
-        .max()
+        // stores / fmas compared across loops without division.
+        .max_by(|&(s1, f1), &(s2, f2)| (s1 * f2).cmp(&(s2 * f1)).then(s1.cmp(&s2)))
         .unwrap_or((0, 0))
 }
 
