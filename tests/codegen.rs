@@ -101,7 +101,7 @@ const KERNELS: &[(&str, Isa, Storage)] = &[
     ("ndlora::simd::x86::round_avx512_bf16", Isa::Convert, Same),
     ("ndlora::simd::x86::round_avx512_f16", Isa::Convert, Same),
     (
-        "ndlora::simd::x86::store_bf16_ymm_pair_nan",
+        "ndlora::simd::x86::store_bf16_ymm_deinterleaved_nan",
         Isa::Convert,
         Same,
     ),

@@ -410,7 +410,16 @@ pub(super) unsafe fn update<V: WideLoad<W>, W: Stored<V::Elem>>(o: &Operands<V::
     while j0 < o.k {
         let j1 = (j0 + block).min(o.k);
         // SAFETY: columns j0..j1 ≤ k; the rest is forwarded.
-        let start = unsafe { pack_a(o, j0, (j1 - j0) / tile_width, tile_width, &mut packed) };
+        let start = unsafe {
+            pack_a(
+                o,
+                j0,
+                (j1 - j0) / tile_width,
+                tile_width,
+                V::PAIRS_DEINTERLEAVED.then_some(2 * V::LANES),
+                &mut packed,
+            )
+        };
         let packed = &packed[start..];
         let mut i = 0;
         while i + MR <= o.d {
@@ -431,17 +440,21 @@ pub(super) unsafe fn update<V: WideLoad<W>, W: Stored<V::Elem>>(o: &Operands<V::
 
 /// Copies A's columns j0..j0 + tiles·width into `packed`, tile after tile, each tile as r
 /// contiguous rows of `width`: the tile loop then reads A sequentially instead of r rows a
-/// large power-of-two stride apart, which would all map to one L1 set. The copy starts at
-/// the returned index, the first cache-line boundary, so no vector load splits a line.
+/// large power-of-two stride apart, which would all map to one L1 set. With `pairs` =
+/// Some(2·LANES) (a kernel whose pairs of vectors are deinterleaved,
+/// [`WideLoad::PAIRS_DEINTERLEAVED`]) each run of 2·LANES columns is copied as its even
+/// columns, then its odd ones. The copy starts at the returned index, the first
+/// cache-line boundary, so no vector load splits a line.
 ///
 /// # Safety
-/// j0 + tiles·width ≤ k; A as in [`UpdateFn`].
+/// j0 + tiles·width ≤ k; A as in [`UpdateFn`]; `pairs` divides `width`.
 #[inline(always)]
 unsafe fn pack_a<T: Element, W>(
     o: &Operands<T, W>,
     j0: usize,
     tiles: usize,
     width: usize,
+    pairs: Option<usize>,
     packed: &mut Vec<T>,
 ) -> usize {
     packed.clear();
@@ -462,7 +475,15 @@ unsafe fn pack_a<T: Element, W>(
                     width,
                 )
             };
-            packed.extend_from_slice(row);
+            match pairs {
+                Some(pair) => {
+                    for run in row.chunks_exact(pair) {
+                        packed.extend(run.iter().step_by(2));
+                        packed.extend(run.iter().skip(1).step_by(2));
+                    }
+                }
+                None => packed.extend_from_slice(row),
+            }
         }
     }
     start
@@ -967,14 +988,16 @@ mod tests {
             1.5,
         ];
         let (d, k) = (8, 70);
-        // Column 44 of A: a NaN whose payload fills the low half of its bits. Rounding its
-        // f32 sums as finite values would carry into the sign (0x7fff_ffff → −0.0), so the
-        // kernels must take their NaN path for it; a NaN widened from a bf16 W (low half
-        // zero) rounds right either way. 44 lies in the upper vector of an AVX2 pair of
-        // columns (40–47 of 32–47).
-        const PAYLOAD_NAN_COLUMN: usize = 44;
+        // Columns 44 and 51 of A: a NaN whose payload fills the low half of its bits.
+        // Rounding its f32 sums as finite values would carry into the sign (0x7fff_ffff →
+        // −0.0), so the kernels must take their NaN path for it; a NaN widened from a bf16 W
+        // (low half zero) rounds right either way. In AVX2 pairs of vectors (columns 32–47,
+        // 48–63), 44 lies in the upper vector (40–47) in memory order and among the even
+        // columns deinterleaved; 51 in the lower one (48–55) and among the odd columns: a
+        // kernel that tests only one of its two vectors fails on one of them.
+        const PAYLOAD_NAN_COLUMNS: [usize; 2] = [44, 51];
         let a = Array2::from_shape_fn((1, k), |(_, j)| {
-            if j == PAYLOAD_NAN_COLUMN {
+            if PAYLOAD_NAN_COLUMNS.contains(&j) {
                 f32::from_bits(0x7fbf_ffff)
             } else {
                 specials[j % specials.len()]
@@ -984,9 +1007,10 @@ mod tests {
         let w = Array2::from_shape_fn((d, k), |(i, j)| match i {
             // Never NaN in both W and A: which operand's payload a sum of two NaNs keeps
             // is the compiler's choice.
-            2 if j != PAYLOAD_NAN_COLUMN => bf16::NAN,
-            // NaN in one vector of a pair only: the lower one (AVX2 tiles: columns 16–23
-            // of 16–31), then the upper one (40–47 of 32–47).
+            2 if !PAYLOAD_NAN_COLUMNS.contains(&j) => bf16::NAN,
+            // NaN in one vector of a pair only: the lower one in memory order, the even
+            // columns deinterleaved (AVX2 tiles: column 20 of 16–31), then the upper one,
+            // the odd columns (column 45 of 32–47).
             5 if j == 20 || j == 45 => bf16::NAN,
             3 => bf16::MAX,
             4 => bf16::from_f32(-1e-39),

@@ -263,9 +263,15 @@ pub(super) trait WideLoad<S: Stored<Self::Elem>>: Vector {
     /// As [`load_wide`](WideLoad::load_wide) for `src`, and `dst..dst + LANES` is writable
     /// (the same elements as `src`, or elements overlapping none of them).
     unsafe fn add_scaled(src: *const S, dst: *mut S, alpha: Self, acc: Self);
+    /// Whether [`add_scaled_pair`](WideLoad::add_scaled_pair) takes its accumulators
+    /// *deinterleaved*: `acc[0]` for the even elements of its `2·LANES` (0, 2, …) and
+    /// `acc[1]` for the odd ones, rather than the first and the second `LANES`. The fused
+    /// update packs A's columns in that order to match (`rank_update::pack_a`).
+    const PAIRS_DEINTERLEAVED: bool = false;
     /// [`add_scaled`](WideLoad::add_scaled) of two adjacent vectors: `acc[0]` for the
-    /// `LANES` elements at `src`/`dst`, `acc[1]` for the `LANES` after them, with the same
-    /// bits. A type whose rounding to `S` ends in a pack can round both and store once.
+    /// `LANES` elements at `src`/`dst`, `acc[1]` for the `LANES` after them (or the even and
+    /// the odd ones, see [`PAIRS_DEINTERLEAVED`](WideLoad::PAIRS_DEINTERLEAVED)), with the
+    /// same bits. A type whose rounding to `S` ends in a pack can round both and store once.
     ///
     /// # Safety
     /// As [`add_scaled`](WideLoad::add_scaled), for `2·LANES` elements.
