@@ -410,16 +410,7 @@ pub(super) unsafe fn update<V: WideLoad<W>, W: Stored<V::Elem>>(o: &Operands<V::
     while j0 < o.k {
         let j1 = (j0 + block).min(o.k);
         // SAFETY: columns j0..j1 ≤ k; the rest is forwarded.
-        let start = unsafe {
-            pack_a(
-                o,
-                j0,
-                (j1 - j0) / tile_width,
-                tile_width,
-                V::PAIRS_DEINTERLEAVED.then_some(2 * V::LANES),
-                &mut packed,
-            )
-        };
+        let start = unsafe { pack_a::<V, W>(o, j0, (j1 - j0) / tile_width, &mut packed) };
         let packed = &packed[start..];
         let mut i = 0;
         while i + MR <= o.d {
@@ -438,33 +429,42 @@ pub(super) unsafe fn update<V: WideLoad<W>, W: Stored<V::Elem>>(o: &Operands<V::
     }
 }
 
-/// Copies A's columns j0..j0 + tiles·width into `packed`, tile after tile, each tile as r
-/// contiguous rows of `width`: the tile loop then reads A sequentially instead of r rows a
-/// large power-of-two stride apart, which would all map to one L1 set. With `pairs` =
-/// Some(2·LANES) (a kernel whose pairs of vectors are deinterleaved,
-/// [`WideLoad::PAIRS_DEINTERLEAVED`]) each run of 2·LANES columns is copied as its even
-/// columns, then its odd ones. The copy starts at the returned index, the first
-/// cache-line boundary, so no vector load splits a line.
+/// Copies A's columns j0..j0 + tiles·width (width = `NR·LANES`, one tile) into `packed`,
+/// tile after tile, each tile as r contiguous rows of `width`: the tile loop then reads A
+/// sequentially instead of r rows a large power-of-two stride apart, which would all map to
+/// one L1 set. For a vector type whose pairs are deinterleaved
+/// ([`WideLoad::PAIRS_DEINTERLEAVED`]) each run of 2·LANES columns is copied as its even
+/// columns, then its odd ones. The copy starts at the returned index, the first cache-line
+/// boundary, so no vector load splits a line.
+///
+/// It runs once per column block and call — in a checkpoint merge once per band of about
+/// 256 rows — so its copies have sizes fixed at compile time (the width is `V`'s) and the
+/// deinterleaving is `V`'s own shuffles: with a run-time width each row's copy was a
+/// `memmove` call, and a deinterleaving loop compiled to scalar moves (3 % of a one-thread
+/// checkpoint merge, as much as the faster store saved).
 ///
 /// # Safety
-/// j0 + tiles·width ≤ k; A as in [`UpdateFn`]; `pairs` divides `width`.
+/// j0 + tiles·width ≤ k; A as in [`UpdateFn`]; the CPU supports `V`.
 #[inline(always)]
-unsafe fn pack_a<T: Element, W>(
-    o: &Operands<T, W>,
+unsafe fn pack_a<V: WideLoad<W>, W: Stored<V::Elem>>(
+    o: &Operands<V::Elem, W>,
     j0: usize,
     tiles: usize,
-    width: usize,
-    pairs: Option<usize>,
-    packed: &mut Vec<T>,
+    packed: &mut Vec<V::Elem>,
 ) -> usize {
+    const { assert!(!V::PAIRS_DEINTERLEAVED || (2 * V::LANES <= MAX_PAIR && NR.is_multiple_of(2))) };
+    let width = NR * V::LANES;
+    let zero = <V::Elem as Element>::ZERO;
     packed.clear();
-    let misaligned = (packed.as_ptr() as usize % CACHE_LINE) / std::mem::size_of::<T>();
+    let size = std::mem::size_of::<V::Elem>();
+    let misaligned = (packed.as_ptr() as usize % CACHE_LINE) / size;
     let start = if misaligned == 0 {
         0
     } else {
-        CACHE_LINE / std::mem::size_of::<T>() - misaligned
+        CACHE_LINE / size - misaligned
     };
-    packed.resize(start, T::ZERO);
+    packed.resize(start, zero);
+    packed.reserve(tiles * o.r * width);
     for t in 0..tiles {
         for p in 0..o.r {
             // SAFETY: row p < r of A, columns j0 + t·width .. + width ≤ k, readable by the
@@ -475,19 +475,24 @@ unsafe fn pack_a<T: Element, W>(
                     width,
                 )
             };
-            match pairs {
-                Some(pair) => {
-                    for run in row.chunks_exact(pair) {
-                        packed.extend(run.iter().step_by(2));
-                        packed.extend(run.iter().skip(1).step_by(2));
-                    }
+            if V::PAIRS_DEINTERLEAVED {
+                let mut buf = [zero; MAX_PAIR];
+                for run in row.chunks_exact(2 * V::LANES) {
+                    // SAFETY: `run` holds 2·LANES elements, `buf` MAX_PAIR ≥ 2·LANES
+                    // (asserted above); the CPU supports `V` (this function's contract).
+                    unsafe { V::deinterleave_pair(run.as_ptr(), buf.as_mut_ptr()) };
+                    packed.extend_from_slice(&buf[..2 * V::LANES]);
                 }
-                None => packed.extend_from_slice(row),
+            } else {
+                packed.extend_from_slice(row);
             }
         }
     }
     start
 }
+
+/// The widest pair of vectors whose columns [`pack_a`] deinterleaves (2 × 16 lanes).
+const MAX_PAIR: usize = 32;
 
 /// Where a tile reads A: row p's vectors start at `ptr + p·stride`.
 #[derive(Clone, Copy)]

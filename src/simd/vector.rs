@@ -268,6 +268,24 @@ pub(super) trait WideLoad<S: Stored<Self::Elem>>: Vector {
     /// `acc[1]` for the odd ones, rather than the first and the second `LANES`. The fused
     /// update packs A's columns in that order to match (`rank_update::pack_a`).
     const PAIRS_DEINTERLEAVED: bool = false;
+    /// Copies the `2·LANES` elements at `src` to `dst` deinterleaved: the even ones, then
+    /// the odd ones (how the fused update packs A for a type with
+    /// [`PAIRS_DEINTERLEAVED`](WideLoad::PAIRS_DEINTERLEAVED)). A type that sets it
+    /// overrides this with its shuffles; this default is the plain loop.
+    ///
+    /// # Safety
+    /// As [`load_wide`](WideLoad::load_wide); `src..src + 2·LANES` readable, `dst..dst +
+    /// 2·LANES` writable, not overlapping.
+    #[inline(always)]
+    unsafe fn deinterleave_pair(src: *const Self::Elem, dst: *mut Self::Elem) {
+        for e in 0..Self::LANES {
+            // SAFETY: 2e + 1 < 2·LANES and LANES + e < 2·LANES, inside both ranges.
+            unsafe {
+                *dst.add(e) = *src.add(2 * e);
+                *dst.add(Self::LANES + e) = *src.add(2 * e + 1);
+            }
+        }
+    }
     /// [`add_scaled`](WideLoad::add_scaled) of two adjacent vectors: `acc[0]` for the
     /// `LANES` elements at `src`/`dst`, `acc[1]` for the `LANES` after them (or the even and
     /// the odd ones, see [`PAIRS_DEINTERLEAVED`](WideLoad::PAIRS_DEINTERLEAVED)), with the

@@ -10,13 +10,14 @@
 use std::arch::x86_64::{
     __m128i, __m256, __m256bh, __m256d, __m256i, __m512, __m512d, _mm256_add_epi32, _mm256_add_ps,
     _mm256_and_si256, _mm256_blend_epi16, _mm256_blendv_epi8, _mm256_castpd_ps,
-    _mm256_castps256_ps128, _mm256_castps_si256, _mm256_castsi256_ps, _mm256_castsi256_si128,
-    _mm256_cmp_ps, _mm256_cmpgt_epi32, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph,
-    _mm256_extractf128_ps, _mm256_extracti128_si256, _mm256_fmadd_pd, _mm256_fmadd_ps,
-    _mm256_loadu_pd, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_max_epu16, _mm256_max_epu32,
-    _mm256_movemask_ps, _mm256_mul_ps, _mm256_or_si256, _mm256_permute2f128_ps, _mm256_set1_epi16,
-    _mm256_set1_epi32, _mm256_set1_pd, _mm256_set1_ps, _mm256_setzero_pd, _mm256_setzero_ps,
-    _mm256_setzero_si256, _mm256_slli_epi32, _mm256_srli_epi32, _mm256_storeu_pd, _mm256_storeu_ps,
+    _mm256_castps256_ps128, _mm256_castps_pd, _mm256_castps_si256, _mm256_castsi256_ps,
+    _mm256_castsi256_si128, _mm256_cmp_ps, _mm256_cmpgt_epi32, _mm256_cvtepu16_epi32,
+    _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_extractf128_ps, _mm256_extracti128_si256,
+    _mm256_fmadd_pd, _mm256_fmadd_ps, _mm256_loadu_pd, _mm256_loadu_ps, _mm256_loadu_si256,
+    _mm256_max_epu16, _mm256_max_epu32, _mm256_movemask_ps, _mm256_mul_ps, _mm256_or_si256,
+    _mm256_permute2f128_ps, _mm256_permute4x64_pd, _mm256_set1_epi16, _mm256_set1_epi32,
+    _mm256_set1_pd, _mm256_set1_ps, _mm256_setzero_pd, _mm256_setzero_ps, _mm256_setzero_si256,
+    _mm256_shuffle_ps, _mm256_slli_epi32, _mm256_srli_epi32, _mm256_storeu_pd, _mm256_storeu_ps,
     _mm256_storeu_si256, _mm256_unpackhi_ps, _mm256_unpacklo_ps, _mm512_add_epi32, _mm512_add_ps,
     _mm512_and_si512, _mm512_castps512_ps256, _mm512_castps_pd, _mm512_castps_si512,
     _mm512_castsi512_ps, _mm512_cmp_ps_mask, _mm512_cvtepi32_epi16, _mm512_cvtepu16_epi32,
@@ -172,6 +173,11 @@ macro_rules! half_vector {
             }
             $(
             const PAIRS_DEINTERLEAVED: bool = true;
+            #[inline(always)]
+            unsafe fn deinterleave_pair(src: *const f32, dst: *mut f32) {
+                // SAFETY: as `load_wide`; `2·LANES` readable at `src`, writable at `dst`.
+                unsafe { deinterleave_ymm_pair(src, dst) }
+            }
             #[inline(always)]
             unsafe fn add_scaled_pair(src: *const $half, dst: *mut $half, alpha: Self, acc: [Self; 2]) {
                 // SAFETY: as `load_wide`; `2·LANES` readable halves at `src`, writable at
@@ -357,9 +363,10 @@ unsafe fn store_bf16_ymm(v: __m256, p: *mut bf16) {
 /// store (load, widening, update, NaN test, rounding, blend) against 22 with the elements
 /// in order, which needed two `vpmovzxwd`, a `vpackusdw` and a `vpermq`; 4 shifts instead
 /// of 6. Measured on AMD EPYC Zen 3 (bf16 merge of a layer, r = 16, one thread, processes
-/// alternated, best of 10 per round, three rounds, 2026-12-03): 1024² 0.537–0.557 →
-/// 0.500–0.511 ms, 4096² 9.4–10.0 → 8.6–9.0 ms, the f32 merge beside it unchanged (bf16 /
-/// f32 1.18–1.21× → 1.10–1.13× and 1.19–1.20× → 1.03–1.04×).
+/// alternated, best of 10 per round, three rounds, 2026-12-03, with A packed by
+/// [`deinterleave_ymm_pair`]): 1024² 0.535–0.543 → 0.479–0.484 ms, 4096² 9.46–9.61 →
+/// 8.44–8.53 ms, the f32 merge beside it unchanged (bf16 / f32 1.19–1.21× → 1.08–1.09× and
+/// 1.19–1.25× → 1.09–1.10×).
 ///
 /// # Safety
 /// AVX2; 16 readable halves at `src` and 16 writable at `dst` (the same, or not
@@ -396,6 +403,28 @@ unsafe fn add_scaled_bf16_ymm_pair(
         // Low words (even elements) from `even`, high words (odd elements) from `odd`.
         let h = _mm256_blend_epi16::<0b1010_1010>(even, round(odd));
         _mm256_storeu_si256(dst.cast::<__m256i>(), h);
+    }
+}
+
+/// The 16 f32 at `src` copied to `dst` as the 8 even ones, then the 8 odd ones: two loads,
+/// two in-lane shuffles, two 64-bit permutes, two stores.
+///
+/// # Safety
+/// AVX2; 16 readable f32 at `src`, 16 writable at `dst` (any alignment).
+#[inline(always)]
+unsafe fn deinterleave_ymm_pair(src: *const f32, dst: *mut f32) {
+    // SAFETY: by this function's contract; `loadu`/`storeu` need no alignment.
+    unsafe {
+        let (a, b) = (_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(8)));
+        // Per 128-bit half: a's and b's even (odd) elements: 0 2 8 10 | 4 6 12 14.
+        let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+        // 64-bit units 0 2 1 3 put them in order.
+        let order = |v: __m256| {
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+        };
+        _mm256_storeu_ps(dst, order(even));
+        _mm256_storeu_ps(dst.add(8), order(odd));
     }
 }
 
